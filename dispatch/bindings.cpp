@@ -1,0 +1,55 @@
+// Python bindings of the op functions. The public Python API (spqt_mlx/ops.py) wraps these.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "ops.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+using namespace nb::literals;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "spqt_mlx C++ ops: zigzag GEMV and active-column collection.";
+
+  m.def(
+      "zigzag_gemv",
+      [](const mx::array& x,
+         const mx::array& w,
+         const mx::array& scales,
+         const mx::array& biases,
+         const std::optional<mx::array>& active,
+         int kind,
+         int group_size,
+         int bits,
+         mx::StreamOrDevice s) {
+        if (kind < 0 || kind > 3) {
+          throw std::invalid_argument("[zigzag_gemv] unknown kind of active set.");
+        }
+        if (kind != 0 && !active) {
+          throw std::invalid_argument("[zigzag_gemv] this kind of active set needs an array.");
+        }
+        return spqt::zigzag_gemv(
+            x, w, scales, biases, active, static_cast<spqt::ActiveKind>(kind), group_size, bits, s);
+      },
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "active"_a.none(),
+      "kind"_a,
+      "group_size"_a,
+      "bits"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "collect_active",
+      &spqt::collect_active,
+      "x"_a,
+      "threshold"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+}

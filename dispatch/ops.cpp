@@ -1,0 +1,184 @@
+#include "ops.h"
+
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/backend/cuda/cuda.h"
+#include "mlx/ops.h"
+
+#include "cuda.h"
+#include "primitives.h"
+
+namespace spqt {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& where, const std::string& what) {
+  throw std::invalid_argument("[" + where + "] " + what);
+}
+
+std::string shape_str(const mx::Shape& shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    os << (i ? ", " : "") << shape[i];
+  }
+  os << (shape.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string dtype_str(mx::Dtype t) {
+  std::ostringstream os;
+  os << t;
+  return os.str();
+}
+
+bool is_float_dtype(mx::Dtype t) {
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+}
+
+void check_bits_group_size(const std::string& where, int group_size, int bits) {
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
+    fail(where, "bits must be one of 2, 3, 4, 5, 6, 8, got " + std::to_string(bits) + ".");
+  }
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    fail(where, "group_size must be one of 32, 64, 128, got " + std::to_string(group_size) + ".");
+  }
+}
+
+// Checks one single-token activation and its threshold; returns the threshold as float32.
+mx::array check_threshold(
+    const std::string& where,
+    const mx::array& x,
+    const mx::array& threshold,
+    mx::StreamOrDevice s) {
+  const int K = x.shape(-1);
+  if (x.size() != static_cast<size_t>(K)) {
+    fail(where, "active columns are collected for a single token: x must hold one row, got shape " +
+                    shape_str(x.shape()) + ".");
+  }
+  if (!(threshold.ndim() == 0 || (threshold.ndim() == 1 && threshold.shape(0) == K))) {
+    fail(where, "threshold must be a scalar or have shape (" + std::to_string(K) + ",), got " +
+                    shape_str(threshold.shape()) + ".");
+  }
+  if (!mx::issubdtype(threshold.dtype(), mx::floating) &&
+      !mx::issubdtype(threshold.dtype(), mx::integer)) {
+    fail(where, "threshold must be a real number, got dtype " + dtype_str(threshold.dtype()) + ".");
+  }
+  return mx::astype(threshold, mx::float32, s);
+}
+
+} // namespace
+
+mx::array zigzag_gemv(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const std::optional<mx::array>& active,
+    ActiveKind kind,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  const std::string where = "zigzag_gemv";
+  check_bits_group_size(where, group_size, bits);
+  if (!is_float_dtype(x.dtype())) {
+    fail(where, "x must be float32, float16 or bfloat16, got " + dtype_str(x.dtype()) + ".");
+  }
+  if (x.ndim() < 1) {
+    fail(where, "x must have at least one dimension (..., K).");
+  }
+  if (w.dtype() != mx::uint32 || w.ndim() != 3) {
+    fail(where, "the packed weight must be uint32 of shape (N/group_size, K, group_size*bits/32), got " +
+                    dtype_str(w.dtype()) + " " + shape_str(w.shape()) + ".");
+  }
+  const int bands = w.shape(0);
+  const int K = w.shape(1);
+  const int N = bands * group_size;
+  if (w.shape(2) != group_size * bits / 32) {
+    fail(where, "the packed weight's last dimension is " + std::to_string(w.shape(2)) +
+                    " words, but group_size=" + std::to_string(group_size) + " and bits=" +
+                    std::to_string(bits) + " need " + std::to_string(group_size * bits / 32) + ".");
+  }
+  const mx::Shape sb_shape{bands, K};
+  if (scales.shape() != sb_shape || biases.shape() != sb_shape) {
+    fail(where, "scales and biases must have shape " + shape_str(sb_shape) + ", got " +
+                    shape_str(scales.shape()) + " and " + shape_str(biases.shape()) + ".");
+  }
+  if (scales.dtype() != biases.dtype() || !is_float_dtype(scales.dtype())) {
+    fail(where, "scales and biases must share one float dtype, got " + dtype_str(scales.dtype()) +
+                    " and " + dtype_str(biases.dtype()) + ".");
+  }
+  if (x.shape(-1) != K) {
+    fail(where, "x has " + std::to_string(x.shape(-1)) + " input features but the weight has K=" +
+                    std::to_string(K) + ".");
+  }
+  if (x.dtype() != scales.dtype()) {
+    fail(where, "x is " + dtype_str(x.dtype()) + " but the weight's scales are " +
+                    dtype_str(scales.dtype()) + "; convert one to the other.");
+  }
+
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs{x, w, scales, biases};
+  switch (kind) {
+    case ActiveKind::Dense:
+      break;
+    case ActiveKind::Indices: {
+      const auto& idx = active.value();
+      if (!mx::issubdtype(idx.dtype(), mx::integer)) {
+        fail(where, "indices must be an integer array, got " + dtype_str(idx.dtype()) + ".");
+      }
+      if (idx.ndim() != 1) {
+        fail(where, "indices must be one-dimensional, got shape " + shape_str(idx.shape()) + ".");
+      }
+      inputs.push_back(idx.dtype() == mx::int32 ? idx : mx::astype(idx, mx::int32, stream));
+      break;
+    }
+    case ActiveKind::Packed: {
+      const auto& packed = active.value();
+      if (packed.dtype() != mx::int32 || packed.shape() != mx::Shape{K + 1}) {
+        fail(where, "a packed active list must be int32 of shape (" + std::to_string(K + 1) +
+                        ",), got " + dtype_str(packed.dtype()) + " " + shape_str(packed.shape()) + ".");
+      }
+      inputs.push_back(packed);
+      break;
+    }
+    case ActiveKind::Threshold:
+      inputs.push_back(check_threshold(where, x, active.value(), stream));
+      break;
+    default:
+      fail(where, "unknown kind of active set.");
+  }
+
+  auto out_shape = x.shape();
+  out_shape.back() = N;
+  if (stream.device == mx::Device::gpu && mx::cu::is_available()) {
+    return cuda::zigzag_gemv(inputs, out_shape, group_size, bits, kind, stream);
+  }
+  return mx::array(
+      std::move(out_shape),
+      x.dtype(),
+      std::make_shared<ZigzagGemv>(stream, group_size, bits, kind),
+      std::move(inputs));
+}
+
+mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::StreamOrDevice s) {
+  const std::string where = "collect_active";
+  if (!is_float_dtype(x.dtype())) {
+    fail(where, "x must be float32, float16 or bfloat16, got " + dtype_str(x.dtype()) + ".");
+  }
+  if (x.ndim() < 1 || x.size() == 0) {
+    fail(where, "x must be a non-empty activation of shape (..., K).");
+  }
+  auto stream = mx::to_stream(s);
+  auto t = check_threshold(where, x, threshold, stream);
+  const int K = x.shape(-1);
+  auto flat = mx::reshape(x, {K}, stream);
+  if (stream.device == mx::Device::gpu && mx::cu::is_available()) {
+    return cuda::collect_active(flat, t, stream);
+  }
+  return mx::array(
+      mx::Shape{K + 1}, mx::int32, std::make_shared<CollectActive>(stream), {flat, t});
+}
+
+} // namespace spqt

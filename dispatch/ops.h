@@ -1,0 +1,40 @@
+// Op functions of spqt_mlx, in the style of mlx/ops.h: they validate, build the graph node and pick
+// the backend. Nothing is computed here.
+#pragma once
+
+#include <optional>
+
+#include "mlx/array.h"
+#include "mlx/utils.h"
+
+namespace spqt {
+
+namespace mx = mlx::core;
+
+// How the active input columns of a zigzag GEMV are given.
+enum class ActiveKind : int {
+  Dense = 0,      // every column
+  Indices = 1,    // int32 list of column indices; its length is the count
+  Packed = 2,     // int32 (K + 1,): [n, idx_0, ..., idx_{n-1}, unspecified...]
+  Threshold = 3,  // float32 () or (K,): columns with |x| > threshold, collected inside the kernel
+};
+
+// y = x @ W.T for the zigzag-quantized W = (w, scales, biases), restricted to the active columns.
+mx::array zigzag_gemv(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const std::optional<mx::array>& active,
+    ActiveKind kind,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+// Count-prefixed, ascending list of the columns k with |x[k]| > threshold[k] (threshold: () or (K,)).
+mx::array collect_active(
+    const mx::array& x,
+    const mx::array& threshold,
+    mx::StreamOrDevice s = {});
+
+} // namespace spqt

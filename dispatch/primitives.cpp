@@ -1,0 +1,200 @@
+#include "primitives.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+
+#include "../kernels/cpu/zigzag_gemv.h"
+#include "metal.h"
+#include "templates.h"
+
+namespace spqt {
+
+namespace {
+
+// A row-contiguous stand-in for `a`: `a` itself, or a fresh buffer that copy_strided fills.
+mx::array contiguous_like(const mx::array& a, bool& needs_copy) {
+  needs_copy = !a.flags().row_contiguous;
+  if (!needs_copy) {
+    return a;
+  }
+  mx::array out(a.shape(), a.dtype(), nullptr, {});
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  return out;
+}
+
+// Copies a strided array (broadcast strides included) into a row-contiguous one of the same shape.
+void copy_strided(const mx::array& src, mx::array& dst) {
+  const size_t item = src.itemsize();
+  const auto& shape = src.shape();
+  const auto& strides = src.strides();
+  const int nd = src.ndim();
+  const char* in = src.data<char>();
+  char* out = dst.data<char>();
+  std::vector<int> pos(nd, 0);
+  for (size_t i = 0; i < dst.size(); ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) {
+      off += int64_t(pos[d]) * strides[d];
+    }
+    std::memcpy(out + i * item, in + off * item, item);
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++pos[d] < shape[d]) {
+        break;
+      }
+      pos[d] = 0;
+    }
+  }
+}
+
+template <typename F>
+void dispatch_float(mx::Dtype t, F&& f) {
+  if (t == mx::float32) {
+    f.template operator()<float>();
+  } else if (t == mx::float16) {
+    f.template operator()<mx::float16_t>();
+  } else if (t == mx::bfloat16) {
+    f.template operator()<mx::bfloat16_t>();
+  } else {
+    throw std::invalid_argument("[spqt] unsupported activation dtype.");
+  }
+}
+
+} // namespace
+
+bool ZigzagGemv::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const ZigzagGemv*>(&other);
+  return o && o->state() == state();
+}
+
+std::vector<mx::Shape> ZigzagGemv::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0) * group_size_;
+  return {shape};
+}
+
+void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  std::vector<mx::array> src, dst;
+  std::vector<bool> copy;
+  for (const auto& in : inputs) {
+    bool needs_copy;
+    src.push_back(mx::array::unsafe_weak_copy(in));
+    dst.push_back(contiguous_like(in, needs_copy));
+    copy.push_back(needs_copy);
+    encoder.set_input_array(in);
+    if (needs_copy) {
+      encoder.add_temporary(dst.back());
+    }
+  }
+  encoder.set_output_array(out);
+  for (auto& d : dst) {
+    d = mx::array::unsafe_weak_copy(d);
+  }
+  encoder.dispatch([src = std::move(src),
+                    dst = std::move(dst),
+                    copy = std::move(copy),
+                    out = mx::array::unsafe_weak_copy(out),
+                    gs = group_size_,
+                    bits = bits_,
+                    kind = kind_]() mutable {
+    for (size_t i = 0; i < src.size(); ++i) {
+      if (copy[i]) {
+        copy_strided(src[i], dst[i]);
+      }
+    }
+    const auto& x = dst[0];
+    const int K = x.shape(-1);
+    const int M = K ? int(x.size() / K) : 0;
+    const int N = out.shape(-1);
+    if (out.size() == 0) {
+      return;
+    }
+    std::vector<int32_t> collected;
+    const int32_t* cols = nullptr;
+    int64_t n = K;
+    if (kind == ActiveKind::Indices) {
+      cols = dst[4].data<int32_t>();
+      n = dst[4].size();
+    } else if (kind == ActiveKind::Packed) {
+      cols = dst[4].data<int32_t>() + 1;
+      n = std::clamp<int64_t>(dst[4].data<int32_t>()[0], 0, K);
+    }
+    dispatch_float(x.dtype(), [&]<typename T>() {
+      if (kind == ActiveKind::Threshold) {
+        const auto& t = dst[4];
+        collected.resize(K + 1);
+        cpu::collect_active<T>(x.data<T>(), t.data<float>(), t.ndim() ? 1 : 0, K, collected.data());
+        cols = collected.data() + 1;
+        n = collected[0];
+      }
+      dispatch_bits_group_size(bits, gs, [&]<int BITS, int GS>() {
+        cpu::zigzag_gemv<T, BITS, GS>(
+            x.data<T>(),
+            dst[1].data<uint32_t>(),
+            dst[2].data<T>(),
+            dst[3].data<T>(),
+            cols,
+            n,
+            out.data<T>(),
+            M,
+            N,
+            K);
+      });
+    });
+  });
+}
+
+void ZigzagGemv::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  metal::zigzag_gemv(*this, inputs, out);
+}
+
+std::vector<mx::Shape> CollectActive::output_shapes(const std::vector<mx::array>& inputs) {
+  return {mx::Shape{inputs[0].shape(-1) + 1}};
+}
+
+void CollectActive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  bool copy_x, copy_t;
+  auto x = contiguous_like(inputs[0], copy_x);
+  auto t = contiguous_like(inputs[1], copy_t);
+  for (const auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  if (copy_x) {
+    encoder.add_temporary(x);
+  }
+  if (copy_t) {
+    encoder.add_temporary(t);
+  }
+  encoder.set_output_array(out);
+  encoder.dispatch([x_src = mx::array::unsafe_weak_copy(inputs[0]),
+                    t_src = mx::array::unsafe_weak_copy(inputs[1]),
+                    x = mx::array::unsafe_weak_copy(x),
+                    t = mx::array::unsafe_weak_copy(t),
+                    copy_x,
+                    copy_t,
+                    out = mx::array::unsafe_weak_copy(out)]() mutable {
+    if (copy_x) {
+      copy_strided(x_src, x);
+    }
+    if (copy_t) {
+      copy_strided(t_src, t);
+    }
+    const int K = x.shape(-1);
+    dispatch_float(x.dtype(), [&]<typename T>() {
+      cpu::collect_active<T>(x.data<T>(), t.data<float>(), t.ndim() ? 1 : 0, K, out.data<int32_t>());
+    });
+  });
+}
+
+void CollectActive::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  metal::collect_active(*this, inputs, out);
+}
+
+} // namespace spqt

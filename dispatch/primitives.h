@@ -1,0 +1,64 @@
+// The primitives behind the op functions in ops.h. eval_cpu runs the reference kernels in
+// kernels/cpu; eval_gpu dispatches to the Metal kernels (kernels/metal) on Apple GPUs. On CUDA the
+// op functions emit MLX's precompiled-kernel node instead (see cuda.h), so these never run there.
+#pragma once
+
+#include "mlx/primitives.h"
+
+#include "ops.h"
+
+namespace spqt {
+
+class ZigzagGemv : public mx::UnaryPrimitive {
+ public:
+  ZigzagGemv(mx::Stream stream, int group_size, int bits, ActiveKind kind)
+      : mx::UnaryPrimitive(stream),
+        group_size_(group_size),
+        bits_(bits),
+        kind_(kind) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override {
+    return "ZigzagGemv";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  auto state() const {
+    return std::make_tuple(group_size_, bits_, kind_);
+  }
+
+  int group_size() const {
+    return group_size_;
+  }
+  int bits() const {
+    return bits_;
+  }
+  ActiveKind kind() const {
+    return kind_;
+  }
+
+ private:
+  int group_size_;
+  int bits_;
+  ActiveKind kind_;
+};
+
+class CollectActive : public mx::UnaryPrimitive {
+ public:
+  explicit CollectActive(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override {
+    return "CollectActive";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const CollectActive*>(&other) != nullptr;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+};
+
+} // namespace spqt

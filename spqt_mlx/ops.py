@@ -1,0 +1,125 @@
+"""Zigzag GEMV and active-column collection: thin wrappers over the C++ ops in dispatch/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from . import _ext
+from .layout import ZigzagWeight, check_weight
+
+_DENSE, _INDICES, _PACKED, _THRESHOLD = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ActiveColumns:
+    """The active input columns of one token, as collected on the device.
+
+    ``packed`` is int32 of shape (K + 1,): ``packed[0]`` is the count n, ``packed[1:n+1]`` the
+    active columns in ascending order. Nothing is computed until something reads it; handed to
+    ``zigzag_gemv`` together with the ``x`` it came from, the collection is fused into the GEMV.
+    """
+
+    packed: mx.array
+    x: mx.array
+    threshold: mx.array
+
+    @property
+    def count(self) -> mx.array:
+        """Number of active columns, as a lazy int32 scalar."""
+        return self.packed[0]
+
+    def indices(self) -> mx.array:
+        """The active columns as an int32 array of length n (evaluates, so it syncs with the device)."""
+        n = self.count.item()
+        return self.packed[1 : n + 1]
+
+
+def collect_active(x: mx.array, threshold, *, stream=None) -> ActiveColumns:
+    """Columns k of a single-token activation ``x`` (shape (..., K), one row) with |x[k]| > threshold.
+
+    ``threshold`` is a scalar or an array of one threshold per column. Computed inside the graph,
+    with no host round-trip.
+    """
+    if not isinstance(x, mx.array):
+        raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
+    if not isinstance(threshold, mx.array):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a number or an mx.array, got {type(threshold).__name__}.")
+        threshold = mx.array(threshold, dtype=mx.float32)
+    packed = _ext.collect_active(x, threshold, stream=stream)
+    return ActiveColumns(packed, x, threshold)
+
+
+def zigzag_gemv(
+    x: mx.array,
+    qweight: ZigzagWeight,
+    *,
+    indices: mx.array | ActiveColumns | None = None,
+    validate: bool = False,
+    stream=None,
+) -> mx.array:
+    """``x @ W.T`` for the zigzag-quantized W, over the active columns only.
+
+    Args:
+        x: activations of shape (..., K), in the dtype of ``qweight.scales``.
+        qweight: the ``ZigzagWeight`` from ``zigzag_quantize``.
+        indices: ``None`` for every column; an integer array of active columns (any count, any
+            order; an index listed twice counts twice); or the ``ActiveColumns`` of
+            ``collect_active``. The result equals ``x[..., idx] @ W[:, idx].T``. Kernels skip
+            entries outside [0, K) instead of reading out of bounds.
+        validate: evaluate a plain ``indices`` array now and raise ``IndexError`` for entries
+            outside [0, K) instead of skipping them (this syncs with the device).
+    """
+    if not isinstance(x, mx.array):
+        raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
+    check_weight(qweight)
+    args = (x, qweight.weight, qweight.scales, qweight.biases)
+    meta = dict(group_size=qweight.group_size, bits=qweight.bits, stream=stream)
+    if indices is None:
+        return _ext.zigzag_gemv(*args, None, _DENSE, **meta)
+    if isinstance(indices, ActiveColumns):
+        if indices.x is x:
+            return _ext.zigzag_gemv(*args, indices.threshold, _THRESHOLD, **meta)
+        return _ext.zigzag_gemv(*args, indices.packed, _PACKED, **meta)
+    if not isinstance(indices, mx.array):
+        raise TypeError(f"indices must be an mx.array or ActiveColumns, got {type(indices).__name__}.")
+    if not mx.issubdtype(indices.dtype, mx.integer):
+        raise TypeError(f"indices must be an integer array, got {indices.dtype}.")
+    if validate and indices.size:
+        K = qweight.shape[1]
+        lo, hi = mx.min(indices).item(), mx.max(indices).item()
+        if lo < 0 or hi >= K:
+            raise IndexError(f"indices must lie in [0, {K}), got values in [{lo}, {hi}].")
+    return _ext.zigzag_gemv(*args, indices, _INDICES, **meta)
+
+
+def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.array:
+    """Dense ``x @ W.T`` for any number of rows, through MLX's own quantized matmul.
+
+    Band b of the zigzag layout is an MLX-quantized (K, group_size) matrix with one group per row,
+    so all bands go through ``mx.quantized_matmul(transpose=False)`` as one batched product. This is
+    the path for prefill and batches; single tokens are cheaper through ``zigzag_gemv``.
+    """
+    if not isinstance(x, mx.array):
+        raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
+    check_weight(qweight)
+    N, K = qweight.shape
+    if x.ndim < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have shape (..., {K}), got {tuple(x.shape)}.")
+    if x.dtype != qweight.dtype:
+        raise ValueError(f"x is {x.dtype} but the weight's scales are {qweight.dtype}; convert one to the other.")
+    lead = x.shape[:-1]
+    rows = x.reshape(1, -1, K)
+    y = mx.quantized_matmul(
+        rows,
+        qweight.weight,
+        qweight.scales[..., None],
+        qweight.biases[..., None],
+        transpose=False,
+        group_size=qweight.group_size,
+        bits=qweight.bits,
+        stream=stream,
+    )  # (bands, M, gs)
+    return y.swapaxes(0, 1).reshape(*lead, N)
