@@ -6,7 +6,8 @@
 
 namespace spqt::metal {
 
-void zigzag_gemv(const ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array& out);
-void collect_active(const CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out);
+// Non-const: the primitive's stream() accessor is.
+void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array& out);
+void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out);
 
 } // namespace spqt::metal

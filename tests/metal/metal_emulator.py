@@ -1,0 +1,155 @@
+"""Builds the SIMT emulator with the Metal kernel sources and drives it through ctypes (test-only).
+
+The kernels in kernels/metal are compiled as C++ against emulator/metal_compat.h (one translation
+unit per .metal file, in parallel) and linked with the emulator and its host harness into one shared
+library, cached under the pytest cache by a hash of every source involved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = ROOT / "kernels" / "metal"
+EMULATOR = Path(__file__).resolve().parent / "emulator"
+
+# Warnings are errors: a kernel that only warns here may not compile as Metal. Unknown attributes are
+# Metal's ([[buffer(0)]], ...).
+CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror", "-Wno-attributes",
+            "-Wno-unknown-warning-option"]
+KERNEL_FLAGS = ["-x", "c++", "-I", str(EMULATOR / "include"), "-Wno-unused-parameter"]
+
+KINDS = {"dense": 0, "indices": 1, "packed": 2, "threshold": 3}
+
+
+def find_compiler() -> str | None:
+    for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def metal_sources() -> list[Path]:
+    return sorted(KERNELS.glob("*.metal"))
+
+
+def _sources() -> list[Path]:
+    files = sorted(KERNELS.iterdir()) + sorted(EMULATOR.rglob("*"))
+    return [f for f in files if f.is_file()]
+
+
+def build(cxx: str, cache_dir: Path) -> Path:
+    digest = hashlib.sha256()
+    for f in _sources():
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    digest.update(" ".join([cxx, *CXXFLAGS]).encode())
+    out_dir = cache_dir / digest.hexdigest()[:16]
+    lib = out_dir / "libspqt_metal_emulator.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out_dir))  # private to this process: parallel builds may race
+    units = [(src, KERNEL_FLAGS) for src in [*metal_sources(), EMULATOR / "selfcheck.metal"]]
+    # swapcontext returns twice; the scheduler keeps nothing in registers across it.
+    units += [(EMULATOR / "simt.cpp", ["-Wno-clobbered"]), (EMULATOR / "harness.cpp", [])]
+    jobs = []
+    for i, (src, extra) in enumerate(units):
+        obj = work / f"{i}_{src.stem}.o"
+        cmd = [cxx, *CXXFLAGS, *extra, "-c", str(src), "-o", str(obj)]
+        jobs.append((src, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    errors = []
+    for src, _, proc in jobs:
+        log, _ = proc.communicate()
+        if proc.returncode:
+            errors.append(f"--- {src.relative_to(ROOT)}\n{log}")
+    if errors:
+        raise RuntimeError("compiling the kernels for the emulator failed:\n" + "\n".join(errors))
+    tmp = work / lib.name
+    subprocess.run([cxx, "-shared", "-pthread", "-o", str(tmp), *[str(obj) for _, obj, _ in jobs]], check=True)
+    tmp.replace(lib)
+    shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+class Emulator:
+    """The emulated Metal backend: each call encodes the kernels as dispatch/metal.cpp does."""
+
+    def __init__(self, lib_path: Path):
+        self.lib = ctypes.CDLL(str(lib_path))
+        p, i, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64
+        s = ctypes.c_char_p
+        self.lib.spqt_emu_zigzag_gemv.argtypes = [s, i, i, i, p, p, p, p, p, i, p, i, i, i, i, u64, p, i]
+        self.lib.spqt_emu_collect_active.argtypes = [s, p, p, i, i, i, u64, p, p, i]
+        self.lib.spqt_emu_copy_to_contiguous.argtypes = [i, p, ctypes.c_int64, ctypes.c_int64, p, p, i, p, u64, p, i]
+        self.lib.spqt_emu_selfcheck.argtypes = [s, i, u64, p, i, p, i]
+
+    @staticmethod
+    def _check(rc, err):
+        if rc:
+            raise RuntimeError(err.value.decode())
+
+    @staticmethod
+    def _ptr(a):
+        return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
+
+    def zigzag_gemv(self, type_name, x, w, scales, biases, active, kind, group_size, bits, *, splits=0, seed=0):
+        """x: (M, K) raw (float32, float16, or bfloat16 as uint16); returns y (M, N) in the same raw dtype."""
+        M, K = x.shape
+        bands = w.shape[0]
+        N = bands * group_size
+        y = np.empty((M, N), dtype=x.dtype)
+        if active is not None:
+            active = np.ascontiguousarray(active, dtype=np.float32 if kind == "threshold" else np.int32)
+        err = ctypes.create_string_buffer(1024)
+        rc = self.lib.spqt_emu_zigzag_gemv(
+            type_name.encode(), bits, group_size, KINDS[kind],
+            self._ptr(np.ascontiguousarray(x)), self._ptr(np.ascontiguousarray(w)),
+            self._ptr(np.ascontiguousarray(scales)), self._ptr(np.ascontiguousarray(biases)),
+            self._ptr(active), 0 if active is None else active.size, self._ptr(y), M, N, K, splits, seed, err, len(err))
+        self._check(rc, err)
+        return y
+
+    def collect_active(self, type_name, x, threshold, *, threads=0, seed=0):
+        K = x.size
+        out = np.empty(K + 1, dtype=np.int32)
+        t = np.ascontiguousarray(threshold, dtype=np.float32).reshape(-1)
+        err = ctypes.create_string_buffer(1024)
+        rc = self.lib.spqt_emu_collect_active(
+            type_name.encode(), self._ptr(np.ascontiguousarray(x)), self._ptr(t), t.size, K, threads, seed,
+            self._ptr(out), err, len(err))
+        self._check(rc, err)
+        return out
+
+    def copy_to_contiguous(self, view: np.ndarray, *, seed=0):
+        """Copies a numpy view through the kernel, given its base buffer, shape and element strides."""
+        base = view
+        while base.base is not None:
+            base = base.base
+        base = base.reshape(-1)
+        item = view.itemsize
+        offset = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // item
+        shape = np.array(view.shape, dtype=np.int32)
+        strides = np.array([s // item for s in view.strides], dtype=np.int64)
+        out = np.empty(view.shape, dtype=view.dtype)
+        err = ctypes.create_string_buffer(1024)
+        rc = self.lib.spqt_emu_copy_to_contiguous(
+            item, self._ptr(base), base.size, offset, self._ptr(shape), self._ptr(strides), view.ndim, self._ptr(out), seed,
+            err, len(err))
+        self._check(rc, err)
+        return out
+
+    def selfcheck(self, name, threads, out_len, *, seed=0):
+        out = np.empty(out_len, dtype=np.float32)
+        err = ctypes.create_string_buffer(1024)
+        rc = self.lib.spqt_emu_selfcheck(name.encode(), threads, seed, self._ptr(out), out_len, err, len(err))
+        self._check(rc, err)
+        return out

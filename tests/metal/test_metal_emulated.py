@@ -1,0 +1,266 @@
+"""The Metal kernels (kernels/metal), run on the SIMT emulator and checked against the CPU ops.
+
+Every bits x group size x activation dtype, dense and sparse walks over index lists, packed lists and
+thresholds, on shapes small enough for the emulator: K not a multiple of 32, one-column and empty
+lists, unsorted and repeated indices, indices outside [0, K), several rows, and both single-pass and
+split (two-dispatch) geometries. Outputs start poisoned, so an element never written fails.
+"""
+
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import spqt_mlx
+from spqt_mlx import ActiveColumns
+
+import metal_emulator as emu
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# The GPU and the CPU sum in different orders; after rounding to the output dtype they may differ by
+# one unit in the last place.
+ULP = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+# The host's split policy (kernels/metal/params.h).
+ENTRIES_PER_SPLIT, MAX_SPLITS = 64, 8
+
+
+def policy_splits(entries):
+    return min(max(-(-entries // ENTRIES_PER_SPLIT), 1), MAX_SPLITS)
+
+
+def raw(a: mx.array) -> np.ndarray:
+    """The bits of an mx array as numpy (bfloat16 as uint16)."""
+    if a.dtype == mx.bfloat16:
+        return np.array(a.view(mx.uint16))
+    return np.array(a)
+
+
+def as_float64(r: np.ndarray, type_name: str) -> np.ndarray:
+    if type_name == "bfloat16":
+        return (r.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return r.astype(np.float64)
+
+
+class Layer:
+    """A random zigzag-quantized (N, K) layer and its dequantized float64 copy."""
+
+    def __init__(self, rng, N, K, group_size, bits, dtype):
+        w = mx.array(rng.normal(size=(N, K)).astype(np.float32)).astype(dtype)
+        self.q = spqt_mlx.zigzag_quantize(w, group_size, bits, stream=mx.cpu)
+        self.w = np.array(spqt_mlx.zigzag_dequantize(self.q, stream=mx.cpu).astype(mx.float32), dtype=np.float64)
+        self.raw = (np.array(self.q.weight), raw(self.q.scales), raw(self.q.biases))
+        self.group_size, self.bits, self.dtype = group_size, bits, dtype
+        self.type_name = next(k for k, v in DTYPES.items() if v == dtype)
+
+    def activations(self, rng, M):
+        return mx.array(rng.normal(size=(M, self.w.shape[1])).astype(np.float32)).astype(self.dtype)
+
+    def check(self, emulator, x, kind, active, cols, reference, **launch):
+        """Runs the emulated kernels on (x, active) and compares with the CPU op's output."""
+        got = emulator.zigzag_gemv(self.type_name, raw(x), *self.raw, active, kind, self.group_size, self.bits,
+                                   **launch)
+        got = as_float64(got, self.type_name)
+        ref = np.array(reference.astype(mx.float32), dtype=np.float64)
+        xs = np.abs(np.array(x.astype(mx.float32), dtype=np.float64))
+        K = self.w.shape[1]
+        cols = np.array([k for k in cols if 0 <= k < K], dtype=np.int64)
+        magnitude = xs[:, cols] @ np.abs(self.w[:, cols]).T  # sum of |terms|, bias included in w
+        tol = ULP[self.type_name] * np.abs(ref) + 1e-4 * magnitude + 1e-6
+        bad = ~(np.abs(got - ref) <= tol)
+        if bad.any():
+            m, n = np.argwhere(bad)[0]
+            pytest.fail(
+                f"{kind} {launch}: {bad.sum()} of {bad.size} outputs differ from the CPU op; "
+                f"first at (m={m}, n={n}): got {got[m, n]!r}, want {ref[m, n]!r} (tolerance {tol[m, n]:.3g})"
+            )
+
+
+def cpu_gemv(x, layer, indices=None):
+    return spqt_mlx.zigzag_gemv(x, layer.q, indices=indices, stream=mx.cpu)
+
+
+def packed_list(n, entries, K, rng):
+    """A count-prefixed list of capacity K + 1 whose unused tail holds valid columns (reading it shows)."""
+    p = rng.integers(0, K, size=K + 1).astype(np.int32)
+    p[0] = n
+    p[1 : 1 + len(entries)] = entries
+    return p
+
+
+@pytest.mark.parametrize("type_name", list(DTYPES))
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", BITS)
+def test_zigzag_gemv(metal_emulator, bits, group_size, type_name):
+    rng = np.random.default_rng(1000 * bits + group_size + len(type_name))
+    dtype = DTYPES[type_name]
+    N = {32: 96, 64: 128, 128: 256}[group_size]
+    emulator = metal_emulator
+
+    # Dense walk: several rows, K below and above a split, single-pass and split geometries.
+    for K, M, seed in ((1, 1, 0), (33, 3, 1), (100, 1, 2)):
+        layer = Layer(rng, N, K, group_size, bits, dtype)
+        x = layer.activations(rng, M)
+        ref = cpu_gemv(x, layer)
+        layer.check(emulator, x, "dense", None, range(K), ref, seed=seed)
+        if K == 100:
+            layer.check(emulator, x, "dense", None, range(K), ref, splits=3, seed=3)
+
+    layer = Layer(rng, N, 200, group_size, bits, dtype)
+    K = 200
+    x1 = layer.activations(rng, 1)
+    x2 = layer.activations(rng, 2)
+
+    # Index lists: unsorted, a quarter and a half of the columns, one column, none, repeated and
+    # out-of-range entries; the balanced split with a remainder (50 entries over 3 * 2 workers) and
+    # with more workers than entries.
+    quarter = rng.permutation(K)[: K // 4].astype(np.int32)
+    half = rng.permutation(K)[: K // 2].astype(np.int32)
+    messy = np.concatenate([half[:40], [-1, K, K + 7, -2**31, 2**31 - 1], half[:10], [K - 1, 0, 0]]).astype(np.int32)
+    rng.shuffle(messy)
+    one = np.array([int(rng.integers(0, K))], dtype=np.int32)
+    none = np.zeros(0, dtype=np.int32)
+    for idx, x, launches in (
+        (quarter, x1, ({"seed": 0}, {"splits": 3, "seed": 5})),
+        (half, x2, ({"seed": 6},)),
+        (messy, x1, ({"seed": 0}, {"splits": 8, "seed": 7})),
+        (one, x2, ({"seed": 8}, {"splits": 8, "seed": 0})),
+        (none, x1, ({"seed": 9},)),
+    ):
+        ref = cpu_gemv(x, layer, mx.array(idx))
+        for launch in launches:
+            layer.check(emulator, x, "indices", idx, idx, ref, **launch)
+
+    # Packed lists: every column, a prefix with a readable tail, and counts outside [0, K] (clamped).
+    everything = rng.permutation(K).astype(np.int32)
+    for packed, cols in (
+        (packed_list(K, everything, K, rng), everything),
+        (packed_list(30, half[:30], K, rng), half[:30]),
+        (packed_list(10**6, everything, K, rng), everything),
+        (packed_list(-5, everything, K, rng), []),
+    ):
+        ref = cpu_gemv(x1, layer, ActiveColumns(mx.array(packed), None, None))
+        layer.check(emulator, x1, "packed", packed, cols, ref, seed=int(rng.integers(0, 100)))
+
+    # Thresholds, fused on the device: scalar and per-column, about half the columns active.
+    xs = np.abs(np.array(x1.astype(mx.float32)))[0]
+    for t in (np.float32(np.median(xs)), (xs * rng.uniform(0.5, 1.5, size=K)).astype(np.float32)):
+        active = spqt_mlx.collect_active(x1, mx.array(t), stream=mx.cpu)
+        ref = cpu_gemv(x1, layer, active)
+        cols = np.nonzero(xs > t)[0]
+        layer.check(emulator, x1, "threshold", np.atleast_1d(t), cols, ref, seed=int(rng.integers(0, 100)))
+
+
+@pytest.mark.parametrize("type_name", list(DTYPES))
+def test_collect_active(metal_emulator, type_name):
+    rng = np.random.default_rng(7)
+    dtype = DTYPES[type_name]
+    for K in (1, 33, 100, 200, 1500):
+        x = mx.array(rng.normal(size=K).astype(np.float32)).astype(dtype)
+        xs = np.abs(np.array(x.astype(mx.float32)))
+        per_column = xs * rng.uniform(0.5, 1.5, size=K).astype(np.float32)
+        per_column[::7] = xs[::7]  # |x| == t is not active
+        for t in (np.float32(0.7), np.float32(-1.0), np.float32(np.inf), per_column.astype(np.float32)):
+            want = np.array(spqt_mlx.collect_active(x, mx.array(t), stream=mx.cpu).packed)
+            for threads, seed in ((0, 0), (64, 3)):
+                got = metal_emulator.collect_active(type_name, raw(x), t, threads=threads, seed=seed)
+                np.testing.assert_array_equal(got, want, err_msg=f"K={K} threads={threads} t={t if np.ndim(t) == 0 else 'per column'}")
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_copy_to_contiguous(metal_emulator, dtype):
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 60000, size=(6, 10, 7)).astype(dtype)
+    views = (
+        base.transpose(2, 0, 1),
+        base[1:5, ::3, ::-2],
+        np.broadcast_to(base[0, 0], (4, 7)),
+        base[:, 4, :].T,
+        base[2],
+    )
+    for i, view in enumerate(views):
+        np.testing.assert_array_equal(metal_emulator.copy_to_contiguous(view, seed=i), np.ascontiguousarray(view))
+
+
+# ---- the emulator itself -------------------------------------------------------------------------
+
+
+def test_emulator_catches_a_missing_barrier(metal_emulator):
+    want = (np.arange(64) + 1) % 64 + 1
+    for seed in (0, 1, 2):
+        np.testing.assert_array_equal(metal_emulator.selfcheck("selfcheck_rotate_synced", 64, 64, seed=seed), want)
+        racy = metal_emulator.selfcheck("selfcheck_rotate_unsynced", 64, 64, seed=seed)
+        assert not np.array_equal(racy, want), "a read before the barrier went unnoticed"
+
+
+def test_emulator_reports_a_divergent_barrier(metal_emulator):
+    with pytest.raises(RuntimeError, match="threadgroup_barrier"):
+        metal_emulator.selfcheck("selfcheck_divergent_barrier", 64, 64)
+
+
+def test_emulator_simd_collectives(metal_emulator):
+    threads = 48  # a full simdgroup and a partial one
+    got = metal_emulator.selfcheck("selfcheck_collectives", threads, 4 * threads, seed=4).reshape(threads, 4)
+    v = (np.arange(threads) ** 2 % 7 + 1).astype(np.float64)
+    for t in range(threads):
+        lo, hi = t // 32 * 32, min(t // 32 * 32 + 32, threads)
+        lane = t - lo
+        assert got[t, 0] == v[lo:hi].sum()
+        assert got[t, 1] == v[lo:t].sum()
+        assert got[t, 2] == (v[t + 1] if lane + 1 < hi - lo else v[t])
+        assert got[t, 3] == (v[t + 5] if lane + 5 < hi - lo else v[t])
+
+
+@pytest.mark.parametrize("source", emu.metal_sources(), ids=lambda p: p.name)
+def test_metal_source_compiles_as_cpp(cxx, source):
+    """Each .metal file on its own, so a syntax or type error names its file."""
+    import subprocess
+
+    cmd = [cxx, *emu.CXXFLAGS, *emu.KERNEL_FLAGS, "-fsyntax-only", str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+# Host-only headers: included by dispatch/metal.cpp and the emulator's host side, never by a kernel.
+HOST_ONLY = {"kernel_names.h"}
+
+
+def kernel_signatures(text):
+    """Parameter lists of the [[kernel]] functions in a Metal source."""
+    for start in (m.end() for m in re.finditer(r"\[\[kernel\]\]\s+void\s+\w+\s*\(", text)):
+        depth, i = 1, start
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        params, depth, cur = [], 0, ""
+        for ch in text[start : i - 1]:
+            depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                params.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        params.append(cur.strip())
+        yield params
+
+
+@pytest.mark.parametrize(
+    "source",
+    [p for p in sorted(emu.KERNELS.iterdir()) if p.suffix in (".h", ".metal") and p.name not in HOST_ONLY],
+    ids=lambda p: p.name,
+)
+def test_kernel_source_is_metal(source):
+    """What C++ accepts but the Metal compiler does not: the standard library, doubles, pointer or
+    reference kernel arguments without an address space."""
+    text = re.sub(r"//[^\n]*", "", source.read_text())
+    assert not re.search(r"\bstd::", text), "Metal has no C++ standard library"
+    assert not re.search(r"\bdouble\b", text), "Metal has no double"
+    for include in re.findall(r"#include\s*<([^>]+)>", text):
+        assert include == "metal_stdlib", f"#include <{include}> does not exist in Metal"
+    for params in kernel_signatures(text):
+        for p in params:
+            decl = p.split("[[")[0]
+            if ("*" in decl or "&" in decl) and not re.search(r"\b(device|constant|threadgroup|thread)\b", decl):
+                pytest.fail(f"kernel argument without an address space: {p}")
