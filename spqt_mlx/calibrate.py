@@ -1,0 +1,493 @@
+"""TEAL-style calibration: per-projection activation thresholds for a target sparsity.
+
+Calibration tokens run through the model once, densely. Every projection input is sampled
+(|x|, a bounded random subsample per projection), so the threshold that skips a fraction ``s`` of
+that projection's inputs is the ``s``-quantile of the samples.
+
+* ``"uniform"``: every projection gets sparsity ``s = target``.
+* ``"greedy"``: per transformer block, all projection sparsities start at 0; each step raises the
+  one projection whose raise (``step / size_weight``, so every step adds the same amount of
+  skipped weight) gives the lowest L2 error of the block output against the dense block, until
+  the parameter-weighted sparsity of the block reaches the target. Projections that share an
+  input (q/k/v, gate/up) get their own sparsities. A block keeps the uniform allocation in the
+  rare case that it has the lower error on the calibration data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm.auto import tqdm
+
+from .layout import zigzag_dequantize
+from .patch.linear import ZigzagLinear
+from .patch.model import is_projection, set_thresholds, zigzag_layers
+
+METHODS = ("uniform", "greedy")
+
+
+class _StopForward(Exception):
+    """Raised after the last transformer block: calibration never needs the logits."""
+
+
+# ---- projections during calibration ------------------------------------------------------------
+
+
+def _float_weight(layer: nn.Module) -> mx.array:
+    if isinstance(layer, ZigzagLinear):
+        return zigzag_dequantize(layer.qweight)
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(
+            layer.weight, layer.scales, layer.get("biases"),
+            group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+        )
+    return layer.weight
+
+
+def _parameter_count(layer: nn.Module) -> int:
+    if isinstance(layer, ZigzagLinear):
+        return layer.input_dims * layer.output_dims
+    if isinstance(layer, nn.QuantizedLinear):
+        return layer.weight.shape[0] * layer.weight.shape[1] * 32 // layer.bits
+    return layer.weight.size
+
+
+class _Probe(nn.Module):
+    """Stands in for one projection: samples its inputs and applies candidate sparsities.
+
+    Products run in float32 with the layer's effective (dequantized) weight. On the CPU they go
+    through NumPy, whose BLAS is much faster than MLX's CPU matmul; elsewhere through MLX.
+    """
+
+    def __init__(self, layer: nn.Module, max_samples: int, rng: np.random.Generator):
+        super().__init__()
+        self._layer = layer
+        self._max_samples = max_samples
+        self._rng = rng
+        self._samples: list[np.ndarray] = []
+        self._sorted: np.ndarray | None = None
+        self._weight_t = None
+        self._bias = None
+        # Per-candidate thresholds: x holds one batch slice per candidate; None means dense.
+        self._thresholds: np.ndarray | None = None
+        self.record = True
+        self.size = _parameter_count(layer)
+
+    def _ensure_weight(self):
+        if self._weight_t is None:
+            w = _float_weight(self._layer).astype(mx.float32)
+            bias = self._layer.bias.astype(mx.float32) if "bias" in self._layer else None
+            if _use_numpy():
+                self._weight_t = np.ascontiguousarray(np.array(w).T)
+                self._bias = None if bias is None else np.array(bias)
+            else:
+                self._weight_t, self._bias = w.T, bias
+
+    def release(self):
+        self._weight_t = self._bias = None
+
+    def _sample(self, a: np.ndarray) -> None:
+        flat = a.reshape(-1)
+        if flat.size > self._max_samples:
+            flat = self._rng.choice(flat, self._max_samples, replace=False)
+        self._samples.append(np.array(flat, dtype=np.float32))
+        self._sorted = None
+
+    def sorted_samples(self) -> np.ndarray:
+        if self._sorted is None:
+            if not self._samples:
+                raise RuntimeError("no activations were recorded for this projection")
+            s = np.concatenate(self._samples)
+            if s.size > self._max_samples:
+                s = self._rng.choice(s, self._max_samples, replace=False)
+            self._sorted = np.sort(s)
+            self._samples = [self._sorted]
+        return self._sorted
+
+    def threshold(self, sparsity: float) -> float:
+        """The |x| below which a fraction ``sparsity`` of the recorded inputs lies."""
+        if sparsity <= 0:
+            return 0.0
+        # Linear interpolation between order statistics (np.quantile's default), without its sort.
+        samples = self.sorted_samples()
+        pos = min(sparsity, 1.0) * (samples.size - 1)
+        lo = int(pos)
+        hi = min(lo + 1, samples.size - 1)
+        return float(samples[lo] + (pos - lo) * (samples[hi] - samples[lo]))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self._ensure_weight()
+        shape, dtype = x.shape, x.dtype
+        K = shape[-1]
+        if _use_numpy():
+            a = np.array(x.astype(mx.float32)).reshape(-1, K)
+            if self.record:
+                self._sample(np.abs(a))
+            if self._thresholds is not None:
+                c = len(self._thresholds)
+                a = a.reshape(c, -1, K)
+                a = (a * (np.abs(a) > self._thresholds[:, None, None])).reshape(-1, K)
+            y = a @ self._weight_t
+            if self._bias is not None:
+                y += self._bias
+            return mx.array(y).reshape(*shape[:-1], -1).astype(dtype)
+        a = x.astype(mx.float32).reshape(-1, K)
+        if self.record:
+            self._sample(np.array(mx.abs(a)))
+        if self._thresholds is not None:
+            c = len(self._thresholds)
+            t = mx.array(self._thresholds)[:, None, None]
+            a = a.reshape(c, -1, K)
+            a = (a * (mx.abs(a) > t)).reshape(-1, K)
+        y = a @ self._weight_t
+        if self._bias is not None:
+            y = y + self._bias
+        return y.reshape(*shape[:-1], -1).astype(dtype)
+
+
+def _use_numpy() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+# ---- model structure ---------------------------------------------------------------------------
+
+
+def _projection_paths(model: nn.Module) -> list[str]:
+    """The projections to calibrate: the ZigzagLinear layers if any, else what patch_model swaps."""
+    zz = zigzag_layers(model)
+    if zz:
+        return list(zz)
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return [p for p, m in leaves if is_projection(p, m) and isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, block) for the transformer blocks, found as the modules in ``model.layers``."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError("greedy calibration needs the transformer blocks as `model.layers` (as in mlx-lm models).")
+    ids = {id(b): i for i, b in enumerate(layers)}
+    found: dict[int, str] = {}
+    for path, m in model.named_modules():
+        if id(m) in ids and ids[id(m)] not in found:
+            found[ids[id(m)]] = path
+    return [(found[i], b) for i, b in enumerate(layers)]
+
+
+def _modules_at(model: nn.Module, paths: Sequence[str]) -> dict[str, nn.Module]:
+    leaves = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    return {p: leaves[p] for p in paths}
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, replacements: Mapping[str, nn.Module]):
+    """Temporarily put ``replacements`` ({path: module}) into ``model``."""
+    originals = _modules_at(model, list(replacements))
+    model.update_modules(tree_unflatten(list(replacements.items())))
+    try:
+        yield
+    finally:
+        model.update_modules(tree_unflatten(list(originals.items())))
+
+
+@contextlib.contextmanager
+def _tapped_blocks(blocks: Sequence[nn.Module], calls: list, progress):
+    """Record each block's call arguments; stop the forward pass after the last block.
+
+    The blocks keep their identity and attributes (model code reads some of them), so only their
+    class is swapped for the duration.
+    """
+    originals = [type(b) for b in blocks]
+    last = len(blocks) - 1
+    try:
+        for i, block in enumerate(blocks):
+            base = type(block)
+
+            def call(self, *args, __i=i, __base=base, **kwargs):
+                calls[__i].append((args, kwargs))
+                out = __base.__call__(self, *args, **kwargs)
+                progress.update(1)
+                if __i == last:
+                    mx.eval(out)
+                    raise _StopForward
+                return out
+
+            block.__class__ = type(base.__name__, (base,), {"__call__": call})
+        yield
+    finally:
+        for block, cls in zip(blocks, originals):
+            block.__class__ = cls
+
+
+# ---- calibration -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Recording:
+    probes: dict[str, _Probe]
+    blocks: list[tuple[str, nn.Module]] = field(default_factory=list)
+    block_calls: list[list] = field(default_factory=list)
+
+
+def _token_batch(tokens) -> mx.array:
+    """Token ids as a (batch, L) array: each row is one calibration sequence."""
+    if isinstance(tokens, mx.array):
+        arr = tokens
+    else:
+        arr = mx.array(np.asarray(tokens))
+    if not mx.issubdtype(arr.dtype, mx.integer):
+        raise TypeError(f"tokens must be integer token ids, got {arr.dtype}.")
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise ValueError(f"tokens must have shape (L,) or (batch, L) with L >= 2, got {tuple(arr.shape)}.")
+    return arr
+
+
+def _record(model, tokens, *, with_blocks: bool, max_samples: int, seed: int, progress: bool) -> _Recording:
+    paths = _projection_paths(model)
+    if not paths:
+        raise ValueError("the model has no attention or MLP projections to calibrate.")
+    rng = np.random.default_rng(seed)
+    layers = _modules_at(model, paths)
+    probes = {p: _Probe(layers[p], max_samples, rng) for p in paths}
+    rec = _Recording(probes)
+    batch = _token_batch(tokens)
+    try:
+        blocks = _blocks(model)
+    except ValueError:
+        if with_blocks:
+            raise
+        blocks = []
+    rec.blocks = blocks
+    rec.block_calls = [[] for _ in blocks]
+    bar = tqdm(total=len(blocks), desc="calibration forward", disable=not progress or not blocks, leave=False)
+    with _swapped(model, probes), contextlib.ExitStack() as stack:
+        if blocks:
+            stack.enter_context(_tapped_blocks([b for _, b in blocks], rec.block_calls, bar))
+        try:
+            mx.eval(model(batch))
+        except _StopForward:
+            pass
+    bar.close()
+    if not with_blocks:
+        rec.block_calls = [[] for _ in blocks]
+    for probe in probes.values():
+        probe.release()  # float weights come back one block at a time when needed
+        probe.record = False
+        probe.sorted_samples()
+    return rec
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a number, got {type(sparsity).__name__}.")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}.")
+    return float(sparsity)
+
+
+def calibrate(
+    model: nn.Module,
+    tokens,
+    sparsity: float,
+    *,
+    method: str = "uniform",
+    step: float = 0.05,
+    max_sparsity: float = 0.95,
+    greedy_tokens: int = 128,
+    max_samples: int = 1 << 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Per-projection activation thresholds that reach ``sparsity`` on ``tokens``.
+
+    Args:
+        model: an mlx-lm model, patched (its ZigzagLinear layers are calibrated) or not (the
+            projections :func:`spqt_mlx.patch.patch_model` would swap are calibrated, under the
+            same paths). The model is left unchanged.
+        tokens: calibration token ids, shape (L,) or (batch, L); a few hundred tokens suffice.
+        sparsity: target fraction of skipped input columns, in [0, 1).
+        method: ``"uniform"`` (every projection at ``sparsity``) or ``"greedy"`` (TEAL's block-wise
+            allocation, which reaches the same parameter-weighted sparsity per block with a lower
+            block-output error).
+        step: greedy step in sparsity for a projection of average size (larger ones move in
+            proportionally smaller steps).
+        max_sparsity: greedy never raises a projection above this.
+        greedy_tokens: greedy measures block-output errors on about this many tokens (a prefix of
+            each calibration sequence); its cost grows linearly with it. The thresholds
+            themselves come from all calibration tokens.
+        max_samples: |activation| samples kept per projection for the quantiles.
+        seed: seed of the subsampling.
+        progress: show tqdm progress bars.
+
+    Returns:
+        ``{path: threshold}``, ready for :func:`apply_thresholds` or ``patch_model(thresholds=...)``.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if not 0 < step <= 1:
+        raise ValueError(f"step must lie in (0, 1], got {step}.")
+    if not sparsity <= max_sparsity < 1:
+        raise ValueError(f"max_sparsity must lie in [sparsity, 1), got {max_sparsity}.")
+    if not isinstance(greedy_tokens, int) or greedy_tokens < 2:
+        raise ValueError(f"greedy_tokens must be an integer >= 2, got {greedy_tokens!r}.")
+    if not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}.")
+    rec = _record(model, tokens, with_blocks=method == "greedy", max_samples=max_samples, seed=seed, progress=progress)
+    if method == "uniform" or sparsity == 0:
+        return {p: probe.threshold(sparsity) for p, probe in rec.probes.items()}
+    sparsities = {p: sparsity for p in rec.probes}  # projections outside blocks stay uniform
+    for (block_path, block), calls in tqdm(
+        list(zip(rec.blocks, rec.block_calls)), desc="greedy allocation", disable=not progress
+    ):
+        members = _members(rec.probes, block_path)
+        if members:
+            calls = _truncated(calls, greedy_tokens)
+            sparsities.update(_greedy_block(block, block_path, calls, members, sparsity, step, max_sparsity))
+        for probe in members.values():
+            probe.release()
+    return {p: rec.probes[p].threshold(s) for p, s in sparsities.items()}
+
+
+def _truncated(calls, tokens: int):
+    """The recorded block calls cut to their first positions, about ``tokens`` tokens in all.
+
+    With causal attention a prefix of a sequence gives exactly the outputs it gave in the full
+    sequence, so the block-output error on a prefix is exact for those tokens.
+    """
+    out = []
+    for args, kwargs in calls:
+        h = args[0]
+        batch, length = h.shape[0], h.shape[1]
+        n = min(length, max(2, -(-tokens // batch)))
+        if n == length:
+            out.append((args, kwargs))
+            continue
+
+        def cut(a):
+            if isinstance(a, mx.array) and a.ndim >= 2 and a.shape[-2:] == (length, length):
+                return a[..., :n, :n]
+            return a
+
+        args = (h[:, :n], *[cut(a) for a in args[1:]])
+        out.append((args, {k: cut(v) for k, v in kwargs.items()}))
+    return out
+
+
+def _members(probes: Mapping[str, _Probe], block_path: str) -> dict[str, _Probe]:
+    return {p: pr for p, pr in probes.items() if p.startswith(block_path + ".")}
+
+
+@contextlib.contextmanager
+def _probed_block(block: nn.Module, block_path: str, probes: Mapping[str, _Probe], calls):
+    """Put the probes into ``block``; yields the dense reference outputs of its recorded calls."""
+    relative = {p[len(block_path) + 1 :]: pr for p, pr in probes.items()}
+    with _swapped(block, relative):
+        yield [np.array(block(*args, **kwargs).astype(mx.float32)) for args, kwargs in calls]
+
+
+def _block_errors(block, calls, probes: Mapping[str, _Probe], thresholds: np.ndarray, reference) -> np.ndarray:
+    """L2 error of the block output for each row of ``thresholds`` (one column per probe).
+
+    All rows run as one batch: the block input is repeated once per row.
+    """
+    c = len(thresholds)
+    for j, probe in enumerate(probes.values()):
+        probe._thresholds = np.ascontiguousarray(thresholds[:, j], dtype=np.float32)
+    try:
+        sq = np.zeros(c)
+        for (args, kwargs), ref in zip(calls, reference):
+            h = args[0]
+            out = block(mx.concatenate([h] * c, axis=0) if c > 1 else h, *args[1:], **kwargs)
+            out = np.array(out.astype(mx.float32)).reshape(c, -1)
+            sq += ((out - ref.reshape(1, -1)) ** 2).sum(axis=1)
+        return np.sqrt(sq)
+    finally:
+        for probe in probes.values():
+            probe._thresholds = None
+
+
+def _greedy_block(block, block_path, calls, probes: Mapping[str, _Probe], target, step, max_sparsity) -> dict[str, float]:
+    for args, _ in calls:
+        if not args or not isinstance(args[0], mx.array) or args[0].ndim != 3:
+            raise ValueError("greedy calibration needs blocks called as block(hidden_states, ...).")
+    names = list(probes)
+    sizes = np.array([probes[n].size for n in names], dtype=np.float64)
+    weights = sizes / sizes.mean()  # a step adds step/len(names) to the block's weighted sparsity
+    total = weights.sum()
+
+    def thresholds(rows: np.ndarray) -> np.ndarray:
+        return np.array([[probes[n].threshold(v) for n, v in zip(names, row)] for row in rows])
+
+    with _probed_block(block, block_path, probes, calls) as reference:
+        s = np.zeros(len(names))
+        error = np.inf
+        while (gap := target * total - weights @ s) > 1e-9:
+            rows = []
+            for j in range(len(names)):
+                # The last step is cut short so that the block lands exactly on the target.
+                delta = min(step / weights[j], max_sparsity - s[j], gap / weights[j])
+                if delta > 1e-12:
+                    row = s.copy()
+                    row[j] += delta
+                    rows.append(row)
+            if not rows:
+                break
+            rows = np.array(rows)
+            errors = _block_errors(block, calls, probes, thresholds(rows), reference)
+            best = int(np.argmin(errors))
+            s, error = rows[best], errors[best]
+        uniform = np.full((1, len(names)), target)
+        if _block_errors(block, calls, probes, thresholds(uniform), reference)[0] < error:
+            s = uniform[0]
+    return dict(zip(names, s.tolist()))
+
+
+def apply_thresholds(model: nn.Module, thresholds: float | Mapping[str, float]) -> None:
+    """Set the ZigzagLinear thresholds of ``model``: ``{path: threshold}`` or one number for all."""
+    set_thresholds(model, thresholds)
+
+
+def block_output_errors(model: nn.Module, tokens, thresholds: Mapping[str, float]) -> list[float]:
+    """Per transformer block, the L2 error of its output with ``thresholds`` against dense.
+
+    Each block gets its dense input (the same input it would see in the unsparsified model), so
+    errors are comparable between allocations; this is the quantity greedy calibration minimizes.
+    """
+    rec = _record(model, tokens, with_blocks=True, max_samples=1, seed=0, progress=False)
+    unknown = sorted(set(thresholds) - set(rec.probes))
+    if unknown:
+        raise ValueError(f"thresholds name layers that are not calibrated projections: {unknown}")
+    errors = []
+    for (block_path, block), calls in zip(rec.blocks, rec.block_calls):
+        members = _members(rec.probes, block_path)
+        row = np.array([[thresholds.get(p, 0.0) for p in members]])
+        with _probed_block(block, block_path, members, calls) as reference:
+            errors.append(float(_block_errors(block, calls, members, row, reference)[0]))
+        for probe in members.values():
+            probe.release()
+    return errors
+
+
+def input_sparsity(model: nn.Module, tokens, thresholds: Mapping[str, float], *, max_samples: int = 1 << 20) -> dict[str, float]:
+    """Per projection, the fraction of its dense-run inputs on ``tokens`` with ``|x| <= threshold``.
+
+    The sparsity that ``thresholds`` give on these tokens, projection by projection (estimated
+    from up to ``max_samples`` inputs each).
+    """
+    rec = _record(model, tokens, with_blocks=False, max_samples=max_samples, seed=0, progress=False)
+    unknown = sorted(set(thresholds) - set(rec.probes))
+    if unknown:
+        raise ValueError(f"thresholds name layers that are not calibrated projections: {unknown}")
+    return {
+        p: float(np.searchsorted(rec.probes[p].sorted_samples(), t, side="right") / rec.probes[p].sorted_samples().size)
+        for p, t in thresholds.items()
+    }

@@ -1,0 +1,23 @@
+"""The mlx-lm patch layer: ZigzagLinear and the functions that put it into a model."""
+
+from .linear import ZigzagLinear
+from .model import (
+    achieved_sparsity,
+    get_thresholds,
+    is_projection,
+    patch_model,
+    record_stats,
+    set_thresholds,
+    zigzag_layers,
+)
+
+__all__ = [
+    "ZigzagLinear",
+    "achieved_sparsity",
+    "get_thresholds",
+    "is_projection",
+    "patch_model",
+    "record_stats",
+    "set_thresholds",
+    "zigzag_layers",
+]

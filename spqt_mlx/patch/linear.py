@@ -1,0 +1,211 @@
+"""ZigzagLinear: a drop-in for ``nn.Linear`` whose single-token products skip inactive input columns."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..layout import ZigzagWeight, check_bits_group_size, zigzag_dequantize, zigzag_quantize
+from ..ops import collect_active, zigzag_gemv, zigzag_matmul
+
+# How many decode steps a layer's lazy statistics may accumulate before they are scheduled for
+# evaluation; bounds the graph (and the activations it keeps alive) without a host sync.
+_STATS_FLUSH_EVERY = 32
+
+
+class ZigzagLinear(nn.Module):
+    """A linear layer over a zigzag-quantized weight with a per-layer activation threshold.
+
+    Parameters are the arrays of a :class:`~spqt_mlx.ZigzagWeight` (``weight``, ``scales``,
+    ``biases``) plus an optional ``bias``, so ``save_weights``/``load_weights`` and mlx-lm's
+    ``save_model`` handle them like any other layer. The threshold is not a parameter: it is
+    calibration state, read and written with :attr:`threshold`.
+
+    Calls with a single token (``x.size == K``) and a positive threshold run the sparse GEMV: the
+    input columns with ``|x| > threshold`` are collected inside the kernel, with no host round
+    trip. Every other call (prefill, batches, threshold 0) is dense.
+    """
+
+    def __init__(self, qweight: ZigzagWeight, bias: mx.array | None = None, threshold: float = 0.0):
+        super().__init__()
+        if not isinstance(qweight, ZigzagWeight):
+            raise TypeError(f"qweight must be a ZigzagWeight, got {type(qweight).__name__}.")
+        self.weight = qweight.weight
+        self.scales = qweight.scales
+        self.biases = qweight.biases
+        self.group_size = qweight.group_size
+        self.bits = qweight.bits
+        if bias is not None:
+            if not isinstance(bias, mx.array) or bias.shape != (qweight.shape[0],):
+                raise ValueError(f"bias must be an mx.array of shape ({qweight.shape[0]},).")
+            self.bias = bias
+        self.threshold = threshold
+        self._stats_on = False
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, bits: int = 4) -> "ZigzagLinear":
+        """Quantize the float weight of an ``nn.Linear`` (a single rounding: the preferred source)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}.")
+        bias = linear.bias if "bias" in linear else None
+        return cls(zigzag_quantize(linear.weight, group_size, bits), bias)
+
+    @classmethod
+    def from_quantized(
+        cls, qlinear: nn.QuantizedLinear, group_size: int | None = None, bits: int | None = None
+    ) -> "ZigzagLinear":
+        """Re-quantize an ``nn.QuantizedLinear`` into the zigzag layout.
+
+        The weight is dequantized and quantized again along the other axis, so it is rounded a
+        second time: expect a somewhat larger error than quantizing the original float weights
+        with :meth:`from_linear`, which is preferred whenever they are available. ``group_size``
+        and ``bits`` default to the layer's own.
+        """
+        if not isinstance(qlinear, nn.QuantizedLinear):
+            raise TypeError(f"expected an nn.QuantizedLinear, got {type(qlinear).__name__}.")
+        w = mx.dequantize(
+            qlinear.weight,
+            qlinear.scales,
+            qlinear.get("biases"),
+            group_size=qlinear.group_size,
+            bits=qlinear.bits,
+            mode=qlinear.mode,
+        )
+        if w.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+            w = w.astype(mx.float32)
+        group_size = qlinear.group_size if group_size is None else group_size
+        bits = qlinear.bits if bits is None else bits
+        bias = qlinear.bias if "bias" in qlinear else None
+        return cls(zigzag_quantize(w, group_size, bits), bias)
+
+    @classmethod
+    def empty(
+        cls,
+        input_dims: int,
+        output_dims: int,
+        *,
+        bias: bool = False,
+        group_size: int = 64,
+        bits: int = 4,
+        dtype: mx.Dtype = mx.float32,
+    ) -> "ZigzagLinear":
+        """A zero-filled layer of the right shapes, to be filled with ``load_weights``."""
+        check_bits_group_size(group_size, bits)
+        if input_dims < 1 or output_dims < 1 or output_dims % group_size:
+            raise ValueError(
+                f"output_dims={output_dims} must be a positive multiple of group_size={group_size}"
+                f" and input_dims={input_dims} positive."
+            )
+        bands = output_dims // group_size
+        qweight = ZigzagWeight(
+            mx.zeros((bands, input_dims, group_size * bits // 32), dtype=mx.uint32),
+            mx.zeros((bands, input_dims), dtype=dtype),
+            mx.zeros((bands, input_dims), dtype=dtype),
+            group_size,
+            bits,
+        )
+        return cls(qweight, mx.zeros((output_dims,), dtype=dtype) if bias else None)
+
+    # ---- properties ---------------------------------------------------------------------------
+
+    @property
+    def qweight(self) -> ZigzagWeight:
+        return ZigzagWeight(self.weight, self.scales, self.biases, self.group_size, self.bits)
+
+    @property
+    def input_dims(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def output_dims(self) -> int:
+        return self.weight.shape[0] * self.group_size
+
+    @property
+    def threshold(self) -> float:
+        """Inputs with ``|x| <= threshold`` are skipped on single tokens; 0 disables sparsity."""
+        return self._threshold_value
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        if isinstance(value, mx.array):
+            if value.size != 1:
+                raise ValueError(f"threshold must be a scalar, got shape {tuple(value.shape)}.")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"threshold must be a number, got {type(value).__name__}.")
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"threshold must be finite and >= 0, got {value}.")
+        # The float decides the path on the host; the array feeds the kernel (made once, not per call).
+        self._threshold_value = value
+        self._threshold = mx.array(value, dtype=mx.float32)
+
+    def __setattr__(self, key, value):
+        # nn.Module stores array values as parameters; a threshold array must go to the setter.
+        if key == "threshold":
+            object.__setattr__(self, key, value)
+        else:
+            super().__setattr__(key, value)
+
+    def dequantized_weight(self) -> mx.array:
+        """The (output_dims, input_dims) matrix this layer multiplies by."""
+        return zigzag_dequantize(self.qweight)
+
+    def _extra_repr(self) -> str:
+        return (
+            f"input_dims={self.input_dims}, output_dims={self.output_dims}, bias={'bias' in self}, "
+            f"group_size={self.group_size}, bits={self.bits}, threshold={self._threshold_value:g}"
+        )
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def __call__(self, x: mx.array) -> mx.array:
+        qweight = self.qweight
+        if x.size == self.input_dims:
+            if self._threshold_value > 0:
+                active = collect_active(x, self._threshold)
+                if self._stats_on:
+                    self._record(active.count)
+                y = zigzag_gemv(x, qweight, indices=active)
+            else:
+                y = zigzag_gemv(x, qweight)
+        else:
+            y = zigzag_matmul(x, qweight)
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+    # ---- statistics ---------------------------------------------------------------------------
+
+    def record_stats(self, enabled: bool = True) -> None:
+        """Start (and reset) or stop counting active columns of sparse single-token calls.
+
+        Counts accumulate lazily on the device; only :meth:`stats` reads them back. Counting adds a
+        small collection pass per call (the fused kernel never writes its active list), so leave
+        it off when timing kernels.
+        """
+        self._stats_on = bool(enabled)
+        if enabled:
+            self._active_total = mx.array(0, dtype=mx.int32)
+            self._stats_calls = 0
+
+    def _record(self, count: mx.array) -> None:
+        if self._stats_calls and self._stats_calls % _STATS_FLUSH_EVERY == 0:
+            # Earlier steps are already scheduled, so this does not wait for the current one.
+            mx.async_eval(self._active_total)
+        self._active_total = self._active_total + count
+        self._stats_calls += 1
+
+    def stats(self) -> tuple[int, int]:
+        """(sparse single-token calls, total active columns over them) since ``record_stats``.
+
+        Reads the device counters, so it synchronizes; call it after generation.
+        """
+        if "_active_total" not in self:
+            return 0, 0
+        return self._stats_calls, int(self._active_total.item())

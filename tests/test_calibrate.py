@@ -1,0 +1,135 @@
+"""TEAL-style calibration on a tiny random Llama."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from spqt_mlx.calibrate import apply_thresholds, block_output_errors, calibrate, input_sparsity
+from spqt_mlx.patch import achieved_sparsity, patch_model, record_stats, zigzag_layers
+
+from lm_fixtures import random_tokens, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def patched():
+    model = tiny_llama()
+    patch_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def calibration_tokens():
+    return random_tokens(256, seed=11)
+
+
+def teacher_forced_decode(model, tokens, prefill):
+    """Prefill ``tokens[:, :prefill]``, then feed the rest one at a time (single-token calls)."""
+    cache = make_prompt_cache(model)
+    mx.eval(model(tokens[:, :prefill], cache=cache))
+    for t in range(prefill, tokens.shape[1]):
+        mx.eval(model(tokens[:, t : t + 1], cache=cache))
+
+
+def block_sparsity(model, sparsities, block):
+    """Parameter-weighted sparsity of one block's projections."""
+    layers = zigzag_layers(model)
+    paths = [p for p in sparsities if p.startswith(f"model.layers.{block}.")]
+    sizes = np.array([layers[p].input_dims * layers[p].output_dims for p in paths], dtype=float)
+    return float(np.array([sparsities[p] for p in paths]) @ sizes / sizes.sum())
+
+
+def test_uniform_hits_the_target_on_held_out_tokens(patched, calibration_tokens):
+    thresholds = calibrate(patched, calibration_tokens, 0.5, method="uniform", progress=False)
+    assert set(thresholds) == set(zigzag_layers(patched))
+    assert all(t > 0 for t in thresholds.values())
+    apply_thresholds(patched, thresholds)
+    try:
+        record_stats(patched)
+        # Held-out positions in the range the calibration sequence covered (attention outputs
+        # shrink as the context grows, so position matters).
+        teacher_forced_decode(patched, random_tokens(176, seed=12), prefill=128)
+        sparsity, calls = achieved_sparsity(patched)
+        assert calls == 48
+        assert abs(sparsity - 0.5) < 0.05
+        # Projection by projection too, not just on average.
+        for path, layer in zigzag_layers(patched).items():
+            n, active = layer.stats()
+            assert abs(1 - active / (n * layer.input_dims) - 0.5) < 0.1, path
+    finally:
+        record_stats(patched, False)
+        apply_thresholds(patched, 0.0)
+
+
+def test_uniform_thresholds_are_quantiles_of_the_calibration_inputs(patched, calibration_tokens):
+    for target in (0.2, 0.7):
+        thresholds = calibrate(patched, calibration_tokens, target, progress=False)
+        measured = input_sparsity(patched, calibration_tokens, thresholds)
+        for path, s in measured.items():
+            assert abs(s - target) < 0.01, path
+    zero = calibrate(patched, calibration_tokens, 0.0, progress=False)
+    assert set(zero.values()) == {0.0}
+
+
+def test_greedy_beats_uniform_at_the_same_weighted_sparsity(patched, calibration_tokens):
+    uniform = calibrate(patched, calibration_tokens, 0.5, method="uniform", progress=False)
+    # Greedy scores on all calibration tokens here, so its errors compare exactly with uniform's.
+    greedy = calibrate(patched, calibration_tokens, 0.5, method="greedy", greedy_tokens=256, step=0.1, progress=False)
+    assert set(greedy) == set(uniform)
+    measured = input_sparsity(patched, calibration_tokens, greedy)
+    for block in range(2):
+        assert abs(block_sparsity(patched, measured, block) - 0.5) < 0.02
+    # Greedy allocates: projections of one block get different sparsities.
+    block0 = [s for p, s in measured.items() if p.startswith("model.layers.0.")]
+    assert max(block0) - min(block0) > 0.1
+    # The block-output error it minimizes: never higher than uniform's, and clearly lower overall.
+    err_uniform = block_output_errors(patched, calibration_tokens, uniform)
+    err_greedy = block_output_errors(patched, calibration_tokens, greedy)
+    assert all(g <= u * (1 + 1e-6) for g, u in zip(err_greedy, err_uniform)), (err_greedy, err_uniform)
+    assert sum(err_greedy) < 0.95 * sum(err_uniform)
+    # Errors are measured against the dense block: zero thresholds give zero error.
+    assert block_output_errors(patched, calibration_tokens, {p: 0.0 for p in uniform}) == [0.0, 0.0]
+
+
+def test_calibrating_the_float_model_names_the_same_layers(calibration_tokens):
+    model = tiny_llama()
+    thresholds = calibrate(model, calibration_tokens, 0.4, progress=False)
+    paths = patch_model(model, thresholds=thresholds)
+    assert set(paths) == set(thresholds)
+    assert all(zigzag_layers(model)[p].threshold == t for p, t in thresholds.items())
+
+
+def test_the_model_is_left_unchanged(patched, calibration_tokens):
+    before = {p: type(m) for p, m in patched.named_modules()}
+    tokens = random_tokens(6, seed=3)
+    logits = np.array(patched(tokens))
+    calibrate(patched, calibration_tokens[:, :64], 0.5, method="greedy", step=0.25, progress=False)
+    assert {p: type(m) for p, m in patched.named_modules()} == before
+    np.testing.assert_array_equal(np.array(patched(tokens)), logits)
+
+
+def test_bad_arguments(patched, calibration_tokens):
+    with pytest.raises(ValueError):
+        calibrate(patched, calibration_tokens, 1.0)
+    with pytest.raises(TypeError):
+        calibrate(patched, calibration_tokens, "0.5")
+    with pytest.raises(ValueError, match="method"):
+        calibrate(patched, calibration_tokens, 0.5, method="teal")
+    with pytest.raises(TypeError):
+        calibrate(patched, mx.zeros((1, 16)), 0.5)
+    with pytest.raises(ValueError):
+        calibrate(patched, mx.zeros((1, 1), dtype=mx.int32), 0.5)
+
+
+def test_mlx_products_match_numpy_products(patched, calibration_tokens, monkeypatch):
+    """The probes compute through NumPy on the CPU and through MLX elsewhere: same thresholds."""
+    import spqt_mlx.calibrate as calibrate_module
+
+    via_numpy = calibrate(patched, calibration_tokens, 0.5, progress=False)
+    monkeypatch.setattr(calibrate_module, "_use_numpy", lambda: False)
+    via_mlx = calibrate(patched, calibration_tokens, 0.5, progress=False)
+    assert set(via_mlx) == set(via_numpy)
+    for path in via_numpy:
+        assert via_mlx[path] == pytest.approx(via_numpy[path], rel=1e-3), path
+    errors = block_output_errors(patched, calibration_tokens, via_numpy)
+    assert all(e > 0 for e in errors)

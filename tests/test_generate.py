@@ -1,0 +1,176 @@
+"""The generate CLI: spqt-generate in process and mlx_lm.generate --spqt through the import hook."""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import mlx_lm
+from spqt_mlx.generate import main
+
+from lm_fixtures import TEXT, write_model_dir
+
+COMMON = ["--prompt", "the quick brown fox", "--max-tokens", "12", "--ignore-chat-template", "--temp", "0"]
+SPARSITY_LINE = re.compile(r"achieved sparsity ([0-9.]+)% per token \(mean over (\d+) single-token steps\)")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return write_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def generated_text(out: str) -> str:
+    return out.split("==========")[1].strip()
+
+
+def test_spqt_run_reports_speed_and_sparsity(model_dir, capsys):
+    main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0.5"])
+    out = capsys.readouterr()
+    assert "Generation: 12 tokens" in out.out and "tokens-per-sec" in out.out
+    match = SPARSITY_LINE.search(out.out)
+    assert match, out.out
+    assert 30 < float(match.group(1)) < 70 and int(match.group(2)) >= 12
+    assert "14 projections -> 4-bit zigzag" in out.err
+    assert "self-generated text" in out.err
+
+
+def test_runs_without_spqt_are_unchanged(model_dir, capsys):
+    main(["--model", str(model_dir), *COMMON])
+    out = capsys.readouterr()
+    assert "SpQt" not in out.out and "[spqt]" not in out.err
+    model, tokenizer = mlx_lm.load(str(model_dir))
+    expected = mlx_lm.generate(model, tokenizer, "the quick brown fox", max_tokens=12)
+    assert generated_text(out.out) == expected.strip()
+
+
+def test_zero_sparsity_generates_what_the_dense_patched_model_does(model_dir, capsys):
+    from spqt_mlx.patch import patch_model
+
+    main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0", "--bits", "8", "--group-size", "32"])
+    out = capsys.readouterr()
+    assert "8-bit zigzag (group size 32)" in out.err and "calibrating" not in out.err
+    assert "all thresholds 0: no sparse steps" in out.out
+    model, tokenizer = mlx_lm.load(str(model_dir))
+    patch_model(model, group_size=32, bits=8)
+    expected = mlx_lm.generate(model, tokenizer, "the quick brown fox", max_tokens=12)
+    assert generated_text(out.out) == expected.strip()
+
+
+def test_calibration_text_and_quiet_output(model_dir, tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text(TEXT * 4)
+    main(["--model", str(model_dir), *COMMON, "--spqt", "--calibration-text", str(text), "--verbose", "False"])
+    out = capsys.readouterr()
+    assert f"of {text}" in out.err
+    # Quiet runs keep stdout for the text; the SpQt line, with its own rate, goes to stderr.
+    assert "SpQt" not in out.out and out.out.strip()
+    assert SPARSITY_LINE.search(out.err) and "tokens-per-sec overall" in out.err
+
+
+def test_bad_options(model_dir, tmp_path, capsys):
+    for bad in (["--sparsity", "1.5"], ["--bits", "7"], ["--calibration-text", str(tmp_path / "missing.txt")]):
+        with pytest.raises(SystemExit):
+            main(["--model", str(model_dir), *COMMON, "--spqt", *bad])
+        assert "error" in capsys.readouterr().err
+
+
+hook_installed = importlib.util.find_spec("_spqt_mlx_lm_hook") is not None
+
+
+@pytest.mark.skipif(not hook_installed, reason="spqt-mlx is not pip-installed (no mlx_lm.generate hook)")
+@pytest.mark.parametrize("how", ["console-script", "python -m"])
+def test_mlx_lm_generate_spqt(model_dir, how):
+    if how == "console-script":
+        exe = shutil.which("mlx_lm.generate")
+        if exe is None:
+            pytest.skip("no mlx_lm.generate console script on PATH")
+        cmd = [exe]
+    else:
+        cmd = [sys.executable, "-m", "mlx_lm.generate"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run(
+        [*cmd, "--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0.4"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "tokens-per-sec" in run.stdout
+    match = SPARSITY_LINE.search(run.stdout)
+    assert match, run.stdout + run.stderr
+    assert 20 < float(match.group(1)) < 60
+    plain = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert "--spqt" in plain.stdout and "--calibration-method" in plain.stdout
+
+
+@pytest.mark.skipif(not hook_installed, reason="spqt-mlx is not pip-installed (no mlx_lm.generate hook)")
+def test_the_hook_is_import_cheap():
+    code = "import sys; import _spqt_mlx_lm_hook; print(sorted(m for m in sys.modules if 'mlx' in m))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    loaded = eval(run.stdout)
+    assert "mlx" not in loaded and "spqt_mlx" not in loaded and "mlx_lm" not in loaded
+
+
+def test_install_wraps_and_restores_a_generate_namespace():
+    import argparse
+
+    from spqt_mlx.generate import install
+
+    def setup_arg_parser():
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--model")
+        return parser
+
+    def load(path, **kwargs):
+        return ("model", "tokenizer", {"path": path})
+
+    def generate(model, tokenizer, prompt, **kwargs):
+        return "text"
+
+    ns = {"setup_arg_parser": setup_arg_parser, "load": load, "generate": generate}
+    restore = install(ns)
+    assert install(ns)() is None  # a second install changes nothing
+    args = ns["setup_arg_parser"]().parse_args(["--model", "m"])
+    assert args.spqt is False and args.sparsity == 0.5 and args.calibration_method == "uniform"
+    # Without --spqt everything passes straight through.
+    assert ns["load"]("m", lazy=True) == ("model", "tokenizer", {"path": "m"})
+    assert ns["generate"] is generate
+    ns["setup_arg_parser"]().parse_args(["--model", "m", "--spqt"])
+    assert ns["generate"] is not generate and ns["generate"]("other", "tok", "p") == "text"
+    restore()
+    assert ns == {"setup_arg_parser": setup_arg_parser, "load": load, "generate": generate}
+
+
+def test_converted_directory_is_loaded_with_its_thresholds(model_dir, tmp_path, capsys):
+    convert = pytest.importorskip("spqt_mlx.convert")
+    out = tmp_path / "converted"
+    convert.convert(str(model_dir), out, sparsity=0.5, calibration_tokens_count=128)
+    capsys.readouterr()
+    main(["--model", str(out), *COMMON, "--spqt"])
+    captured = capsys.readouterr()
+    assert "loaded the spqt-converted model" in captured.err and "calibrating" not in captured.err
+    match = SPARSITY_LINE.search(captured.out)
+    assert match and 30 < float(match.group(1)) < 70
+
+
+def test_the_hook_never_breaks_mlx_lm(monkeypatch, capsys):
+    import argparse
+
+    from spqt_mlx import _mlx_lm_hook
+
+    def setup_arg_parser():
+        return argparse.ArgumentParser(prog="mlx_lm.generate")
+
+    ns = {"setup_arg_parser": setup_arg_parser}
+    _mlx_lm_hook.install(ns)
+    assert ns["setup_arg_parser"] is not setup_arg_parser
+    monkeypatch.setitem(sys.modules, "spqt_mlx.generate", None)  # importing it now fails
+    parser = ns["setup_arg_parser"]()
+    assert parser.prog == "mlx_lm.generate" and "--spqt" not in parser.format_help()
+    assert ns["setup_arg_parser"] is setup_arg_parser  # back to mlx-lm's own
+    assert "hook is disabled" in capsys.readouterr().err
+    _mlx_lm_hook.install({})  # nothing to wrap: no error

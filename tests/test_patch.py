@@ -1,0 +1,236 @@
+"""ZigzagLinear and patch_model on a tiny random Llama."""
+
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import make_prompt_cache
+
+import spqt_mlx.patch.linear as linear_module
+from spqt_mlx import ActiveColumns
+from spqt_mlx.patch import (
+    ZigzagLinear,
+    achieved_sparsity,
+    get_thresholds,
+    patch_model,
+    record_stats,
+    set_thresholds,
+    zigzag_layers,
+)
+
+from lm_fixtures import OTHER_FAMILIES, random_tokens, tiny_llama, tiny_model
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def dequantized_reference(patched):
+    """A float Llama whose projection weights are exactly what the patched model multiplies by."""
+    ref = tiny_llama()
+    weights = [(f"{p}.weight", layer.dequantized_weight()) for p, layer in zigzag_layers(patched).items()]
+    ref.update(tree_unflatten(weights))
+    return ref
+
+
+def decode_logits(model, prompt, steps):
+    """Logits of a prefill plus ``steps`` single-token steps (greedy), with a KV cache."""
+    cache = make_prompt_cache(model)
+    logits = model(prompt, cache=cache)[:, -1]
+    out = [logits]
+    for _ in range(steps):
+        token = mx.argmax(logits, axis=-1)[:, None]
+        logits = model(token, cache=cache)[:, -1]
+        out.append(logits)
+    return mx.concatenate(out)
+
+
+def test_dense_patched_model_matches_dequantized_reference():
+    patched = tiny_llama()
+    patch_model(patched, group_size=64, bits=4)
+    ref = dequantized_reference(patched)
+    tokens = random_tokens(12)
+    # Prefill goes through zigzag_matmul, the decode steps through the dense zigzag GEMV.
+    np.testing.assert_allclose(patched(tokens), ref(tokens), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(decode_logits(patched, tokens, 6), decode_logits(ref, tokens, 6), rtol=1e-4, atol=1e-4)
+    # The reference really is the quantized model, not the original float one.
+    assert not np.allclose(tiny_llama()(tokens), ref(tokens), atol=1e-3)
+
+
+def test_single_token_with_threshold_runs_the_sparse_kernel(monkeypatch):
+    mx.random.seed(1)
+    layer = ZigzagLinear.from_linear(nn.Linear(128, 192, bias=True), group_size=64, bits=4)
+    layer.threshold = 0.8
+    calls = []
+    real = linear_module.zigzag_gemv
+    monkeypatch.setattr(linear_module, "zigzag_gemv", lambda x, qw, **kw: calls.append(kw) or real(x, qw, **kw))
+    x = mx.random.normal((1, 1, 128))
+    y = layer(x)
+    assert len(calls) == 1 and isinstance(calls[0]["indices"], ActiveColumns)
+    idx = np.flatnonzero(np.abs(np.array(x).reshape(-1)) > 0.8)
+    assert 0 < idx.size < 128
+    w = np.array(layer.dequantized_weight())
+    expected = np.array(x).reshape(-1)[idx] @ w[:, idx].T + np.array(layer.bias)
+    np.testing.assert_allclose(np.array(y).reshape(-1), expected, rtol=1e-4, atol=1e-4)
+    dense = np.array(x).reshape(-1) @ w.T + np.array(layer.bias)
+    assert not np.allclose(expected, dense, atol=1e-3)
+
+
+def test_multi_token_and_zero_threshold_calls_are_dense(monkeypatch):
+    mx.random.seed(2)
+    layer = ZigzagLinear.from_linear(nn.Linear(64, 128, bias=False), group_size=32, bits=8)
+    w = np.array(layer.dequantized_weight())
+    layer.threshold = 1.0
+    x = mx.random.normal((2, 3, 64))
+    np.testing.assert_allclose(layer(x), np.array(x) @ w.T, rtol=1e-4, atol=1e-4)
+    layer.threshold = 0.0
+    calls = []
+    real = linear_module.zigzag_gemv
+    monkeypatch.setattr(linear_module, "zigzag_gemv", lambda x, qw, **kw: calls.append(kw) or real(x, qw, **kw))
+    x1 = mx.random.normal((1, 1, 64))
+    np.testing.assert_allclose(layer(x1), np.array(x1) @ w.T, rtol=1e-4, atol=1e-4)
+    assert calls == [{}]
+
+
+def test_patch_model_swaps_projections_only():
+    model = tiny_llama()
+    paths = patch_model(model)
+    expected = {f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for i in range(2) for p in PROJECTIONS}
+    assert set(paths) == expected and len(paths) == len(expected)
+    assert set(zigzag_layers(model)) == expected
+    assert type(model.model.embed_tokens) is nn.Embedding
+    assert type(model.lm_head) is nn.Linear
+    # Patching again finds nothing left to do.
+    assert patch_model(model) == []
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_FAMILIES))
+def test_other_families(model_type):
+    model = tiny_model(model_type)
+    paths = patch_model(model)
+    names = sorted({p.split(".")[-1] for p in paths})
+    assert names == sorted(OTHER_FAMILIES[model_type][1])
+    assert len(paths) == 2 * len(names)
+    # Dense patched model == the family's own model with the zigzag-dequantized weights.
+    ref = tiny_model(model_type)
+    ref.update(tree_unflatten([(f"{p}.weight", m.dequantized_weight()) for p, m in zigzag_layers(model).items()]))
+    tokens = random_tokens(10)
+    np.testing.assert_allclose(decode_logits(model, tokens, 3), decode_logits(ref, tokens, 3), rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_layers_stay_dense_with_a_warning():
+    model = tiny_llama(intermediate_size=96)  # gate/up: 96 outputs, not a multiple of 64
+    with pytest.warns(UserWarning, match="gate_proj"):
+        paths = patch_model(model, group_size=64)
+    assert isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, ZigzagLinear)
+    assert len(paths) == 2 * 5
+    mx.eval(model(random_tokens(4)))
+
+
+def test_from_quantized_is_a_second_rounding():
+    mx.random.seed(3)
+    lin = nn.Linear(256, 128)
+    ql = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=4)
+    once = ZigzagLinear.from_linear(lin, 64, 4)
+    twice = ZigzagLinear.from_quantized(ql)
+    assert (twice.group_size, twice.bits) == (64, 4) and "bias" in twice
+    w = np.array(lin.weight)
+    err_once = np.abs(np.array(once.dequantized_weight()) - w).mean()
+    err_twice = np.abs(np.array(twice.dequantized_weight()) - w).mean()
+    assert err_twice > err_once
+    # Still the same layer, up to quantization error.
+    x = mx.random.normal((4, 256))
+    assert np.abs(np.array(twice(x)) - np.array(ql(x))).max() < 0.1 * np.abs(np.array(ql(x))).max()
+
+
+def test_quantized_model_is_patched():
+    model = tiny_llama()
+    nn.quantize(model, group_size=64, bits=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every projection is supported: no warning
+        paths = patch_model(model, group_size=64, bits=4)
+    assert len(paths) == 14
+    assert isinstance(model.lm_head, nn.QuantizedLinear)
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    mx.eval(model(random_tokens(4)))
+
+
+def test_thresholds_round_trip_and_validation():
+    model = tiny_llama()
+    paths = patch_model(model, thresholds=0.25)
+    assert get_thresholds(model) == {p: 0.25 for p in paths}
+    set_thresholds(model, {paths[0]: 0.5})
+    assert get_thresholds(model)[paths[0]] == 0.5 and get_thresholds(model)[paths[1]] == 0.25
+    with pytest.raises(ValueError, match="no ZigzagLinear"):
+        set_thresholds(model, {"model.embed_tokens": 0.1})
+    with pytest.raises(ValueError):
+        set_thresholds(model, -1.0)
+    with pytest.raises(TypeError):
+        set_thresholds(model, "0.1")
+    layer = zigzag_layers(model)[paths[3]]
+    layer.threshold = mx.array(0.125)  # arrays and NumPy scalars are accepted too
+    assert layer.threshold == 0.125 and "threshold" not in layer.parameters()
+    layer.threshold = np.float32(0.375)
+    assert get_thresholds(model)[paths[3]] == 0.375
+    other = tiny_llama()
+    patch_model(other, thresholds={paths[2]: 0.75})
+    assert get_thresholds(other)[paths[2]] == 0.75
+    untouched = tiny_llama()
+    with pytest.raises(ValueError, match="not projections"):
+        patch_model(untouched, thresholds={"lm_head": 0.1})
+    assert zigzag_layers(untouched) == {}
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError):
+        patch_model("model")
+    with pytest.raises(ValueError):
+        patch_model(tiny_llama(), bits=7)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        ZigzagLinear.from_linear(nn.Linear(64, 96), 64, 4)
+    with pytest.raises(TypeError):
+        ZigzagLinear.from_linear(nn.Embedding(10, 64))
+
+
+def test_stats_count_active_columns():
+    mx.random.seed(4)
+    layer = ZigzagLinear.from_linear(nn.Linear(128, 64), 64, 4)
+    layer.threshold = 0.5
+    layer.record_stats()
+    xs = [mx.random.normal((1, 1, 128)) for _ in range(40)]  # more than one lazy flush
+    for x in xs:
+        mx.eval(layer(x))
+    mx.eval(layer(mx.random.normal((1, 5, 128))))  # prefill: dense, not counted
+    calls, active = layer.stats()
+    assert calls == 40
+    assert active == sum(int((np.abs(np.array(x)) > 0.5).sum()) for x in xs)
+
+
+def test_achieved_sparsity_during_decode():
+    model = tiny_llama()
+    patch_model(model)
+    record_stats(model)
+    assert achieved_sparsity(model) is None
+    decode_logits(model, random_tokens(8), 4)
+    assert achieved_sparsity(model) is None  # threshold 0: nothing is sparse
+    set_thresholds(model, 1e9)
+    record_stats(model)
+    decode_logits(model, random_tokens(8), 4)
+    sparsity, calls = achieved_sparsity(model)
+    assert calls == 4 and sparsity == 1.0
+
+
+def test_saved_weights_load_into_allocated_layers(tmp_path):
+    model = tiny_llama()
+    patch_model(model, group_size=32, bits=3)
+    model.save_weights(str(tmp_path / "w.safetensors"))
+    fresh = tiny_llama(seed=7)
+    paths = patch_model(fresh, group_size=32, bits=3, allocate_only=True)
+    assert len(paths) == 14
+    fresh.load_weights(str(tmp_path / "w.safetensors"))
+    tokens = random_tokens(6)
+    np.testing.assert_array_equal(np.array(fresh(tokens)), np.array(model(tokens)))
+    assert "threshold" not in str([k for k, _ in tree_flatten(model.parameters())])
