@@ -2,6 +2,7 @@
 
 import mlx.core  # noqa: F401  (registers the array type and loads libmlx before the extension)
 
+from .checkpoint import load
 from .layout import ZigzagWeight, zigzag_dequantize, zigzag_quantize
 from .ops import ActiveColumns, collect_active, zigzag_gemv, zigzag_matmul
 
@@ -11,6 +12,7 @@ __all__ = [
     "ActiveColumns",
     "ZigzagWeight",
     "collect_active",
+    "load",
     "zigzag_dequantize",
     "zigzag_gemv",
     "zigzag_matmul",

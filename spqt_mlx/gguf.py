@@ -1,0 +1,333 @@
+"""Import Llama-family GGUF files (llama.cpp's format) as mlx-lm model directories.
+
+The tensors are read and dequantized with the ``gguf`` package, renamed to mlx-lm's names, and the
+query/key rows that llama.cpp interleaves for its rotary embedding are put back in Hugging Face
+order. The tokenizer is rebuilt from the vocabulary stored in the file with ``tokenizers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# Tensor types this importer accepts, all dequantized by gguf.quants.
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+# llama.cpp token types (llama_token_type) that the import treats specially.
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+# Pre-tokenizer regexes of the byte-level BPE vocabularies llama.cpp knows by name.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _reader(gguf_path):
+    from gguf import GGUFReader
+
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueErrors/asserts on damaged files
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def read_metadata(reader) -> dict:
+    """The key/value metadata of a GGUF file as plain Python values."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+def gguf_config(meta: dict, tensor_names) -> dict:
+    """An mlx-lm ``config.json`` for the model described by the GGUF metadata."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"the GGUF metadata lacks {arch}.{key}.")
+        return value
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    kv_heads = get("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        raise ValueError("per-layer KV head counts are not supported.")
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    if not vocab:
+        raise ValueError("the GGUF metadata gives no vocabulary size.")
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
+        "vocab_size": int(vocab),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise ValueError(f"rope scaling {scaling!r} is not supported (only linear).")
+        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        if f"tokenizer.ggml.{name}_token_id" in meta:
+            config[key] = int(meta[f"tokenizer.ggml.{name}_token_id"])
+    return config
+
+
+def _f32(value) -> float:
+    # GGUF stores float32; print the shortest decimal of that float32 (1e-05, not 9.99999974e-06).
+    return float(str(np.float32(value)))
+
+
+def mlx_name(gguf_name: str) -> str:
+    """The mlx-lm parameter path of a GGUF tensor name."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in an mlx-lm Llama model.")
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary row interleave of a query or key projection.
+
+    Within each head llama.cpp stores rotary pair i as rows (2i, 2i+1); Hugging Face and mlx-lm
+    keep the two halves apart, rows (i, i + head_dim/2). So even rows go first, odd rows second.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"{rows} rows cannot be split into {n_heads} heads of rotary pairs.")
+    rest = w.shape[1:]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(tensor) -> np.ndarray:
+    """A GGUF tensor as float32 in (out, in) order (GGUF lists dimensions innermost first)."""
+    from gguf import quants
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TENSOR_TYPES:
+        raise ValueError(
+            f"tensor {tensor.name} has type {kind}; supported types: {', '.join(SUPPORTED_TENSOR_TYPES)}."
+        )
+    values = quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def gguf_weights(reader, config: dict, dtype: str = "float32") -> dict[str, mx.array]:
+    """All tensors of the file, dequantized, keyed by mlx-lm parameter paths, in ``dtype``.
+
+    Tensors are converted one at a time, so only one float32 copy exists at any moment.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    heads = {"self_attn.q_proj.weight": config["num_attention_heads"],
+             "self_attn.k_proj.weight": config["num_key_value_heads"]}
+    weights = {}
+    for tensor in reader.tensors:
+        name = mlx_name(tensor.name)
+        w = dequantize_tensor(tensor)
+        for suffix, n in heads.items():
+            if name.endswith(suffix):
+                w = unpermute_rows(w, n)
+        weights[name] = mx.array(w).astype(DTYPES[dtype])
+        mx.eval(weights[name])
+    return weights
+
+
+def gguf_tokenizer(meta: dict):
+    """Rebuild a byte-level BPE tokenizer from the GGUF vocabulary.
+
+    Returns ``(tokenizer, tokenizer_config)``: a ``tokenizers.Tokenizer`` and the dict for
+    ``tokenizer_config.json`` (special tokens, chat template).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') vocabularies are."
+        )
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+
+    tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=False))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        # llama.cpp splits every digit on its own before the GPT-2 pattern.
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    elif pre in ("llama-bpe", "llama3", "smaug-bpe"):
+        from tokenizers import Regex
+
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    elif pre in ("default", "gpt2", "gpt-2"):
+        tokenizer.pre_tokenizer = byte_level
+    else:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, llama-bpe, gpt2 are).")
+    tokenizer.decoder = decoders.ByteLevel()
+
+    special = [AddedToken(tok, special=True, normalized=False)
+               for tok, t in zip(tokens, types) if t == _CONTROL]
+    user = [AddedToken(tok, special=False, normalized=False)
+            for tok, t in zip(tokens, types) if t == _USER_DEFINED]
+    tokenizer.add_special_tokens(special)
+    if user:
+        tokenizer.add_tokens(user)
+
+    def token(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos = token("bos")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        # The tokenizer itself prepends BOS, as llama.cpp does for these vocabularies.
+        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
+
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta.get(f"{meta.get('general.architecture')}.context_length", 2048)),
+    }
+    for key in ("bos", "eos", "unknown", "padding"):
+        if (tok := token(key)) is not None:
+            name = {"unknown": "unk", "padding": "pad"}.get(key, key)
+            tokenizer_config[f"{name}_token"] = tok
+    if "tokenizer.chat_template" in meta:
+        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
+    tokenizer_config["additional_special_tokens"] = [t.content for t in special]
+    return tokenizer, tokenizer_config
+
+
+def _save_weights(directory: Path, weights: dict) -> None:
+    # mlx-lm's sharding and names: model.safetensors, or model-0000i-of-0000n.safetensors + index.
+    from mlx_lm.utils import make_shards
+
+    shards = make_shards(weights)
+    if len(shards) == 1:
+        mx.save_safetensors(str(directory / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def gguf_to_mlx(gguf_path, out_dir, *, dtype: str = "float16", overwrite: bool = False) -> Path:
+    """Convert a Llama-family GGUF file into an mlx-lm model directory that ``mlx_lm.load`` reads.
+
+    Args:
+        gguf_path: the ``.gguf`` file.
+        out_dir: the directory to create. It is written atomically: a failure leaves nothing
+            behind, and an existing directory is replaced only when ``overwrite`` is set.
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the saved weights.
+    """
+    from .checkpoint import atomic_directory
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    reader = _reader(gguf_path)
+    meta = read_metadata(reader)
+    config = gguf_config(meta, {t.name for t in reader.tensors})
+    tokenizer, tokenizer_config = gguf_tokenizer(meta)
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
+    weights = gguf_weights(reader, config, dtype)
+    if "model.embed_tokens.weight" not in weights:
+        raise ValueError(f"{gguf_path} has no token_embd.weight tensor.")
+    config["torch_dtype"] = dtype
+
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        _save_weights(tmp, weights)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        (tmp / "special_tokens_map.json").write_text(json.dumps(
+            {k: v for k, v in tokenizer_config.items() if k.endswith("_token")}, indent=2))
+    return Path(out_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m spqt_mlx.gguf", description="Convert a Llama-family GGUF file to an mlx-lm directory."
+    )
+    parser.add_argument("gguf", help="the .gguf file")
+    parser.add_argument("out", help="the directory to write")
+    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    args = parser.parse_args(argv)
+    out = gguf_to_mlx(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

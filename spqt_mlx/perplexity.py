@@ -1,0 +1,419 @@
+"""Perplexity of SpQt models at several sparsities, offline.
+
+    spqt-perplexity --model ./SmolLM2-135M-Instruct-mlx --text book.txt --sparsity 0 0.25 0.5
+
+Two protocols (never compare numbers across them):
+
+* ``nonoverlap`` (GPTQ/Wanda style): the text is cut into windows of ``--window`` tokens; every
+  token after the first of each window is scored.
+* ``sliding``: windows of ``--window`` tokens advance by ``--stride``; each window scores only the
+  tokens no earlier window scored, so every token after the first window sees at least
+  ``window - stride`` tokens of context. Absolute values come out lower.
+
+Sparse rows threshold the projection inputs of *every* token, exactly as the single-token decode
+kernels do (``|x| <= threshold`` is skipped), computed in batched form. ``--mode decode`` instead
+feeds tokens one at a time through the real sparse kernels (slow; for validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .convert import CALIBRATION_METHODS, DTYPES, calibration_tokens, load_source, read_text, sparsify, text_tokens
+
+PROTOCOLS = ("nonoverlap", "sliding")
+DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5)
+MODES = ("masked", "decode")
+
+
+# ---- sparse evaluation of whole sequences -------------------------------------------------------
+
+
+class ThresholdedInput(nn.Module):
+    """Wraps a ZigzagLinear: zeroes the inputs its single-token kernel would skip, for any number of
+    tokens, and counts how many it zeroed."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self._threshold = layer.threshold
+        self._skipped = mx.array(0, dtype=mx.int64)
+        self._seen = 0
+
+    def __call__(self, x):
+        if self._threshold > 0:
+            keep = mx.abs(x) > self._threshold
+            self._skipped = self._skipped + (keep.size - keep.sum())
+            x = mx.where(keep, x, mx.zeros_like(x))
+        self._seen += x.size
+        return self.layer(x)
+
+    def skipped_fraction(self) -> float:
+        return float(self._skipped.item()) / self._seen if self._seen else 0.0
+
+
+class _Wrapped:
+    def __init__(self, wrappers):
+        self.wrappers = wrappers
+
+    def counters(self) -> list[mx.array]:
+        return [w._skipped for w in self.wrappers]
+
+    def achieved(self) -> float:
+        """Fraction of weight columns skipped, averaged over layers weighted by their sizes."""
+        sizes = [w.layer.input_dims * w.layer.output_dims for w in self.wrappers]
+        total = sum(sizes)
+        return sum(s * w.skipped_fraction() for s, w in zip(sizes, self.wrappers)) / total if total else 0.0
+
+
+@contextlib.contextmanager
+def thresholded_inputs(model):
+    """Within the block, every ZigzagLinear of ``model`` sparsifies all tokens, not only single
+    ones. Yields an object whose ``achieved()`` is the sparsity reached so far."""
+    from mlx.utils import tree_map
+
+    from .patch import ZigzagLinear
+
+    originals = model.leaf_modules()
+    wrappers = []
+
+    def wrap(module):
+        if isinstance(module, ZigzagLinear):
+            wrappers.append(ThresholdedInput(module))
+            return wrappers[-1]
+        return module
+
+    model.update_modules(tree_map(wrap, originals, is_leaf=nn.Module.is_module))
+    try:
+        yield _Wrapped(wrappers)
+    finally:
+        model.update_modules(originals)
+
+
+# ---- windows and losses -------------------------------------------------------------------------
+
+
+def check_protocol(protocol: str, window: int, stride: int | None = None, mode: str = "masked") -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer of at least 2 tokens, got {window!r}.")
+    if protocol == "sliding" and stride is not None and not 1 <= stride <= window - 1:
+        raise ValueError(f"stride must be in [1, window - 1] = [1, {window - 1}], got {stride}.")
+    if protocol == "nonoverlap" and stride is not None:
+        raise ValueError("stride applies only to the sliding protocol.")
+
+
+def windows(n_tokens: int, window: int, protocol: str, stride: int | None = None):
+    """``(start, end, first_scored)`` triples: run tokens[start:end] and score the predictions of
+    tokens[first_scored:end]."""
+    check_protocol(protocol, window, stride)
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n_tokens}.")
+    out = []
+    if protocol == "nonoverlap":
+        for start in range(0, n_tokens, window):
+            end = min(start + window, n_tokens)
+            if end - start >= 2:
+                out.append((start, end, start + 1))
+        return out
+    stride = max(window // 2, 1) if stride is None else stride
+    scored_to, start = 1, 0
+    while scored_to < n_tokens:
+        end = min(start + window, n_tokens)
+        out.append((start, end, scored_to))
+        scored_to, start = end, start + stride
+        if end == n_tokens:
+            break
+    return out
+
+
+def _window_losses(model, ids: mx.array, first: int) -> mx.array:
+    logits = model(ids[None, :-1])[0].astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, ids[1:], reduction="none")
+    return losses[first - 1 :]
+
+
+def _decode_losses(model, ids: mx.array, first: int) -> mx.array:
+    # One token at a time through the model's own single-token (sparse) path.
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    losses = []
+    for i in range(ids.size - 1):
+        logits = model(ids[None, i : i + 1], cache=cache)[0, -1].astype(mx.float32)
+        if i + 1 >= first:
+            losses.append(nn.losses.cross_entropy(logits, ids[i + 1], reduction="none"))
+        mx.eval(losses[-1] if losses else logits)
+    return mx.stack(losses)
+
+
+def token_losses(model, tokens, *, window: int = 512, protocol: str = "nonoverlap", stride: int | None = None,
+                 mode: str = "masked", also_eval=list) -> np.ndarray:
+    """Negative log-likelihood of every scored token (natural log), in text order.
+
+    ``also_eval()`` returns arrays to evaluate with each window's losses (e.g. counters), so no
+    window's activations stay alive in a lazy graph.
+    """
+    check_protocol(protocol, window, stride, mode)
+    ids = mx.array(np.asarray(tokens, dtype=np.int32))
+    out = []
+    step = _decode_losses if mode == "decode" else _window_losses
+    for start, end, first in windows(ids.size, window, protocol, stride):
+        losses = step(model, ids[start:end], first - start)
+        mx.eval(losses, also_eval())
+        out.append(np.array(losses))
+    return np.concatenate(out)
+
+
+def perplexity(model, tokens, *, window: int = 512, protocol: str = "nonoverlap", stride: int | None = None,
+               mode: str = "masked", sparse_prefill: bool = True) -> dict:
+    """Perplexity of ``model`` on ``tokens``: ``{"perplexity", "stderr", "tokens", "achieved_sparsity"}``.
+
+    With ``sparse_prefill`` (and ``mode="masked"``) zigzag layers sparsify every token as decode
+    does; otherwise multi-token calls run dense, as mlx-lm's prefill does.
+    """
+    from .patch import zigzag_layers
+
+    kwargs = dict(window=window, protocol=protocol, stride=stride, mode=mode)
+    achieved = None
+    if sparse_prefill and mode == "masked" and zigzag_layers(model):
+        with thresholded_inputs(model) as wrapped:
+            losses = token_losses(model, tokens, **kwargs, also_eval=wrapped.counters)
+            achieved = wrapped.achieved()
+    else:
+        losses = token_losses(model, tokens, **kwargs)
+    mean = float(losses.mean())
+    ppl = math.exp(mean)
+    stderr = ppl * float(losses.std(ddof=1)) / math.sqrt(losses.size) if losses.size > 1 else float("nan")
+    return {"perplexity": ppl, "stderr": stderr, "tokens": int(losses.size), "achieved_sparsity": achieved}
+
+
+def describe_protocol(protocol: str, window: int, stride: int | None, mode: str) -> str:
+    if protocol == "nonoverlap":
+        text = f"non-overlapping windows of {window} tokens, all but the first token of each window scored"
+    else:
+        stride = window // 2 if stride is None else stride
+        text = (f"sliding windows of {window} tokens, stride {stride}; each token scored once, "
+                f"with at least {window - stride} tokens of context after the first window")
+    text += "; no BOS"
+    if mode == "decode":
+        text += "; tokens decoded one at a time through the sparse kernels"
+    else:
+        text += "; sparse rows threshold every token's projection inputs, as single-token decode does"
+    return text
+
+
+# ---- the comparison -----------------------------------------------------------------------------
+
+
+def _mlx_quantized_baseline(model_path, dtype, bits, group_size, layer_paths):
+    net, _, _ = load_source(model_path, dtype=dtype)
+    chosen = set(layer_paths)
+
+    def predicate(path, module):
+        return path in chosen and isinstance(module, nn.Linear) and module.weight.shape[1] % group_size == 0
+
+    nn.quantize(net, group_size=group_size, bits=bits, class_predicate=predicate)
+    return net
+
+
+def evaluate(
+    model: str,
+    text_file,
+    *,
+    sparsities=None,
+    methods=("uniform",),
+    calibration_text=None,
+    calibration_tokens_count: int = 512,
+    window: int = 512,
+    stride: int | None = None,
+    protocol: str = "nonoverlap",
+    max_tokens: int | None = None,
+    bits: int = 4,
+    group_size: int = 64,
+    dtype: str | None = None,
+    baselines: bool = False,
+    mode: str = "masked",
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """Perplexity of ``model`` on ``text_file`` per sparsity and calibration method.
+
+    ``model`` is anything ``spqt-convert`` takes, or a saved SpQt directory: that one is scored
+    as saved, and re-calibrated for each of ``sparsities`` if given. For other models
+    ``sparsities`` defaults to ``DEFAULT_SPARSITIES``. Returns a dict with the protocol and rows.
+    """
+    from . import checkpoint
+    from .layout import check_bits_group_size
+    from .patch import patch_model
+
+    for m in methods:
+        if m not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {m!r}.")
+    is_spqt = Path(model).is_dir() and checkpoint.is_spqt_checkpoint(model)
+    if sparsities is None:
+        sparsities = () if is_spqt else DEFAULT_SPARSITIES
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {s}.")
+    check_protocol(protocol, window, stride, mode)
+    if protocol == "sliding" and stride is None:
+        stride = max(window // 2, 1)
+    if not is_spqt:
+        check_bits_group_size(group_size, bits)
+    text = read_text(text_file)
+    if is_spqt:
+        if baselines:
+            raise ValueError("baselines need the float source model; give that instead of an SpQt checkpoint.")
+        net, tokenizer = checkpoint.load(model)
+        section = checkpoint.read_spqt_config(model)["spqt"]
+        bits, group_size = section["bits"], section["group_size"]
+        if dtype is not None:
+            net.set_dtype(DTYPES[dtype])
+    else:
+        net, tokenizer, _ = load_source(model, dtype=dtype)
+    tokens = text_tokens(tokenizer, text, max_tokens)
+    if len(tokens) < 2:
+        raise ValueError(f"{text_file} has fewer than 2 tokens.")
+    run = dict(window=window, protocol=protocol, stride=stride, mode=mode)
+    rows = []
+    label = f"spqt {bits}-bit g{group_size}"
+
+    def add(name, method, target, result, seconds):
+        rows.append({"model": name, "method": method, "target_sparsity": target, **result, "seconds": seconds})
+        r = rows[-1]
+        achieved = "-" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.3f}"
+        target_s = "-" if target is None else f"{target:.2f}"
+        log(f"  {name:<18} {method:<8} {target_s:>6} {achieved:>8} {r['perplexity']:>11.3f}  ({seconds:.1f} s)")
+
+    log(f"Perplexity of {model} on {Path(text_file).name}: {len(tokens)} tokens")
+    log(f"Protocol: {describe_protocol(protocol, window, stride, mode)}")
+    needs_calibration = any(s > 0 for s in sparsities)
+    if needs_calibration:
+        cal_tokens, described = calibration_tokens(
+            net, tokenizer, text_file=calibration_text, n_tokens=calibration_tokens_count, seed=seed
+        )
+        log(f"Thresholds calibrated on {described}")
+    else:
+        cal_tokens, described = [], None
+    log(f"  {'model':<18} {'method':<8} {'target':>6} {'achieved':>8} {'perplexity':>11}")
+
+    if is_spqt:
+        t = time.perf_counter()
+        add(f"{label} (saved)", section.get("method") or "-", section.get("sparsity"),
+            perplexity(net, tokens, **run), time.perf_counter() - t)
+    if baselines:
+        t = time.perf_counter()
+        add("float", "-", None, perplexity(net, tokens, **run), time.perf_counter() - t)
+    if not is_spqt:
+        layers = patch_model(net, group_size=group_size, bits=bits)
+        if not layers:
+            raise ValueError(f"no projection of {model} can be zigzag-quantized with group size {group_size}.")
+        if baselines:
+            t = time.perf_counter()
+            base = _mlx_quantized_baseline(model, dtype, bits, group_size, layers)
+            add(f"mlx {bits}-bit g{group_size}", "-", None, perplexity(base, tokens, **run), time.perf_counter() - t)
+            del base
+
+    for s in sorted(set(sparsities)):
+        for method in (("-",) if s == 0 else methods):
+            t = time.perf_counter()
+            sparsify(net, cal_tokens, s, "uniform" if method == "-" else method)
+            add(label, method, s, perplexity(net, tokens, **run), time.perf_counter() - t)
+
+    return {
+        "model": str(model),
+        "text": Path(text_file).name,
+        "tokens": len(tokens),
+        "protocol": {"name": protocol, "window": window, "stride": stride if protocol == "sliding" else None,
+                     "mode": mode, "description": describe_protocol(protocol, window, stride, mode)},
+        "calibration": described,
+        "rows": rows,
+    }
+
+
+def plot(results: dict, path) -> None:
+    """Perplexity against target sparsity, one line per calibration method, baselines dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install 'spqt-mlx[plot]'") from e
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = [r for r in rows if r["target_sparsity"] == 0]
+    methods = sorted({r["method"] for r in rows if r["target_sparsity"] not in (None, 0)})
+    for method in methods or ["-"]:
+        pts = dense + [r for r in rows if r["method"] == method and r["target_sparsity"]]
+        pts.sort(key=lambda r: r["target_sparsity"])
+        ax.plot([r["target_sparsity"] for r in pts], [r["perplexity"] for r in pts], marker="o",
+                label=f"{pts[0]['model'] if pts else 'spqt'} ({method})")
+    for r in rows:
+        if r["target_sparsity"] is None:
+            ax.axhline(r["perplexity"], linestyle="--", linewidth=1, label=r["model"], color="gray" if r["model"] == "float" else "C3")
+    ax.set_xlabel("target activation sparsity")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{Path(results['model']).name} on {results['text']} ({results['protocol']['name']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spqt-perplexity", description="Perplexity of SpQt models at several sparsities.")
+    p.add_argument("--model", required=True, help="model directory, Hugging Face repo id, .gguf file, or SpQt checkpoint")
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--sparsity", type=float, nargs="+",
+                   help="target sparsities (default 0 0.25 0.4 0.5; for an SpQt checkpoint: only as saved)")
+    p.add_argument("--method", nargs="+", choices=CALIBRATION_METHODS, default=["uniform"], help="calibration methods")
+    p.add_argument("--calibration-text", help="text to calibrate on (default: self-generated text)")
+    p.add_argument("--calibration-tokens", type=int, default=512)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="nonoverlap")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=int, help="sliding protocol: tokens the window advances (default window/2)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--mode", choices=MODES, default="masked",
+                   help="masked: batched windows with thresholded inputs (default); decode: one token at a time")
+    p.add_argument("--baselines", action="store_true", help="add the float model and MLX's own quantization")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="write a plot (PNG) here")
+    p.add_argument("--json", help="write the results here")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    results = evaluate(
+        args.model, args.text, sparsities=args.sparsity, methods=args.method, calibration_text=args.calibration_text,
+        calibration_tokens_count=args.calibration_tokens, window=args.window, stride=args.stride,
+        protocol=args.protocol, max_tokens=args.max_tokens, bits=args.bits, group_size=args.group_size,
+        dtype=args.dtype, baselines=args.baselines, mode=args.mode, seed=args.seed,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Tiny Llama GGUF files written with gguf.GGUFWriter, for the model I/O tests."""
+
+import numpy as np
+
+TINY = dict(hidden=256, ff=512, layers=2, heads=4, kv_heads=2, head_dim=64)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_vocab():
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merged = [m.replace(" ", "") for m in MERGES]
+    return SPECIALS + alphabet + merged
+
+
+def llama_cpp_permute(w, n_heads):
+    """Hugging Face row order -> llama.cpp's interleaved rotary pairs (the inverse of the import)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny_source_weights(seed=0):
+    """Float weights of a tiny Llama, in mlx-lm names and Hugging Face row order."""
+    rng = np.random.default_rng(seed)
+    h, ff, hd = TINY["hidden"], TINY["ff"], TINY["head_dim"]
+    q, kv = TINY["heads"] * hd, TINY["kv_heads"] * hd
+    vocab = len(tiny_vocab())
+    w = {"model.embed_tokens.weight": rng.normal(0, 0.1, (vocab, h)), "model.norm.weight": 1 + 0.1 * rng.normal(size=h)}
+    for i in range(TINY["layers"]):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)
+        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)
+        for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (ff, h)), ("mlp.up_proj", (ff, h)),
+                            ("mlp.down_proj", (h, ff))):
+            w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(name):
+    if name in GGUF_NAMES:
+        return GGUF_NAMES[name]
+    _, _, i, rest = name.split(".", 3)
+    return f"blk.{i}.{GGUF_NAMES[rest]}"
+
+
+def write_tiny_gguf(path, weights, encode=None, *, arch="llama", permute=True, extra_tensors=(), add_bos=False):
+    """Write ``weights`` (mlx-lm names, float32) as a tiny Llama GGUF.
+
+    ``encode(array) -> (data, qtype)`` stores a 2-D weight quantized (norms stay F32, as in
+    llama.cpp); by default everything is F32. Q and K rows are interleaved as llama.cpp does.
+    """
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(TINY["layers"])
+    w.add_context_length(256)
+    w.add_embedding_length(TINY["hidden"])
+    w.add_feed_forward_length(TINY["ff"])
+    w.add_head_count(TINY["heads"])
+    w.add_head_count_kv(TINY["kv_heads"])
+    w.add_rope_dimension_count(TINY["head_dim"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    vocab = tiny_vocab()
+    w.add_vocab_size(len(vocab))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(vocab)
+    w.add_token_types([3] * len(SPECIALS) + [1] * (len(vocab) - len(SPECIALS)))
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(add_bos)
+    w.add_chat_template(CHAT_TEMPLATE)
+    for name, value in weights.items():
+        if permute and name.endswith("q_proj.weight"):
+            value = llama_cpp_permute(value, TINY["heads"])
+        elif permute and name.endswith("k_proj.weight"):
+            value = llama_cpp_permute(value, TINY["kv_heads"])
+        if encode is not None and value.ndim == 2:
+            data, qtype = encode(value)
+            w.add_tensor(gguf_name(name), data, raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), np.ascontiguousarray(value, dtype=np.float32))
+    for name, data, qtype in extra_tensors:
+        w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,142 @@
+"""The convert CLI on a tiny model: sources, calibration, atomic output, errors."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from spqt_mlx import checkpoint, convert
+from spqt_mlx.patch import get_thresholds, zigzag_layers
+from spqt_mlx.perplexity import thresholded_inputs
+
+CALIBRATION_TEXT = (
+    "the river ran past the old mill and under the stone bridge, where children threw pebbles "
+    "into the water and counted the rings. in the evening the lamps were lit along the road, "
+    "and the baker closed his shutters while the last cart rolled home from the market. "
+) * 4
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calibration.txt"
+    path.write_text(CALIBRATION_TEXT)
+    return path
+
+
+def achieved(model, tokens):
+    with thresholded_inputs(model) as wrapped:
+        mx.eval(model(mx.array([tokens])), wrapped.counters())
+        return wrapped.achieved()
+
+
+def test_convert_with_calibration_text(tiny_model_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "spqt"
+    summary = convert.main(["--model", str(tiny_model_dir), "--out", str(out), "--sparsity", "0.5",
+                            "--calibration-text", str(text_file), "--calibration-tokens", "48",
+                            "--json", str(tmp_path / "summary.json")])
+    printed = capsys.readouterr().out
+    assert f"Saved {out}" in printed and "zigzag layers 14 (4-bit, group size 64)" in printed
+    assert summary["layers"] == 14 and summary["calibration"] == "48 tokens of calibration.txt"
+    assert json.loads((tmp_path / "summary.json").read_text())["out"] == str(out)
+    model, tokenizer = checkpoint.load(out)
+    spqt = json.loads((out / "config.json").read_text())["spqt"]
+    assert (spqt["sparsity"], spqt["method"], spqt["source"]) == (0.5, "uniform", str(tiny_model_dir))
+    assert spqt["thresholds"] == get_thresholds(model) and min(spqt["thresholds"].values()) > 0
+    # the saved thresholds skip about half of every projection's inputs on the calibration text
+    tokens = convert.text_tokens(tokenizer, CALIBRATION_TEXT, 48)
+    assert 0.4 < achieved(model, tokens) < 0.6
+
+
+def test_convert_self_generated_greedy_from_gguf(tiny_gguf, tmp_path):
+    out = tmp_path / "spqt"
+    summary = convert.main(["--model", str(tiny_gguf[0]), "--out", str(out), "--sparsity", "0.4", "--bits", "3",
+                            "--group-size", "32", "--calibration-method", "greedy", "--calibration-tokens", "32",
+                            "--dtype", "float32"])
+    assert summary["calibration"] == "32 tokens of self-generated text"
+    model, _ = checkpoint.load(out)
+    assert {(m.bits, m.group_size) for m in zigzag_layers(model).values()} == {(3, 32)}
+    spqt = json.loads((out / "config.json").read_text())["spqt"]
+    assert spqt["method"] == "greedy"
+    assert len(set(spqt["thresholds"].values())) > 1
+
+
+def test_self_generated_tokens_are_reproducible(tiny_model_dir):
+    model, tokenizer, _ = convert.load_source(str(tiny_model_dir))
+    a = convert.self_generated_tokens(model, tokenizer, 24, seed=3)
+    b = convert.self_generated_tokens(model, tokenizer, 24, seed=3)
+    assert a == b and len(a) == 24
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": convert.CALIBRATION_PROMPTS[0]}],
+                                           add_generation_prompt=True)
+    assert a[: len(prompt)] == list(prompt)[:24]
+
+
+def test_sparsity_zero_needs_no_calibration(tiny_model_dir, tmp_path, monkeypatch):
+    import spqt_mlx.calibrate
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrate was called for sparsity 0")
+
+    monkeypatch.setattr(spqt_mlx.calibrate, "calibrate", no_calibration)
+    convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "dense"), "--sparsity", "0"])
+    model, _ = checkpoint.load(tmp_path / "dense")
+    assert set(get_thresholds(model).values()) == {0.0}
+
+
+def test_repo_id_goes_through_the_hub(tiny_model_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    convert.main(["--model", "someone/tiny-llama", "--out", str(tmp_path / "o"), "--sparsity", "0"])
+    assert asked == ["someone/tiny-llama"]
+
+    def offline(repo_id, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="someone/other.*no network"):
+        convert.main(["--model", "someone/other", "--out", str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()
+
+
+def test_failure_during_conversion_leaves_nothing(tiny_model_dir, tmp_path, text_file, monkeypatch):
+    import spqt_mlx.calibrate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("calibration failed")
+
+    monkeypatch.setattr(spqt_mlx.calibrate, "calibrate", broken)
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+                      "--calibration-text", str(text_file)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.txt"]
+
+
+def test_bad_arguments(tiny_model_dir, tmp_path, text_file):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        convert.main(["--model", str(tiny_model_dir), "--out", str(existing)])
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    with pytest.raises(ValueError, match="sparsity"):
+        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--sparsity", "1.0"])
+    with pytest.raises(FileNotFoundError):
+        convert.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError):
+        convert.main(["--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="not a .gguf"):
+        convert.main(["--model", str(text_file), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="calibration text|text file"):
+        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+                      "--calibration-text", str(tmp_path / "none.txt")])
+    with pytest.raises(ValueError, match="bits"):
+        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--bits", "7", "--sparsity", "0"])
+    with pytest.raises(SystemExit):
+        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calibration-method", "best"])
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,147 @@
+"""Perplexity: window protocols, sparse evaluation against the real decode kernels, the CLI."""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from spqt_mlx import checkpoint, perplexity
+from spqt_mlx.patch import ZigzagLinear, patch_model, set_thresholds, zigzag_layers
+
+TEXT = (
+    "hello world. the quick brown fox jumps over the lazy dog while the hello world program prints "
+    "its greeting again and again, 1234 times, until the world says hello back. "
+) * 3
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.mark.parametrize("n,window,stride", [(10, 4, None), (10, 4, 1), (10, 4, 3), (33, 8, 5), (5, 16, 4), (2, 2, 1)])
+def test_sliding_windows_score_every_token_once(n, window, stride):
+    scored = []
+    for start, end, first in perplexity.windows(n, window, "sliding", stride):
+        assert end - start <= window and start < first < end or first == end == n
+        scored += range(first, end)
+    assert scored == list(range(1, n))
+
+
+def test_nonoverlapping_windows():
+    assert perplexity.windows(10, 4, "nonoverlap") == [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
+    assert perplexity.windows(9, 4, "nonoverlap") == [(0, 4, 1), (4, 8, 5)]  # a 1-token tail scores nothing
+
+
+def test_bad_protocol_arguments():
+    with pytest.raises(ValueError, match="protocol"):
+        perplexity.windows(10, 4, "strided")
+    with pytest.raises(ValueError, match="window"):
+        perplexity.windows(10, 1, "nonoverlap")
+    with pytest.raises(ValueError, match="stride"):
+        perplexity.windows(10, 4, "sliding", 4)
+    with pytest.raises(ValueError, match="2 tokens"):
+        perplexity.windows(1, 4, "nonoverlap")
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    from mlx_lm import load
+
+    model, tokenizer = load(str(tiny_model_dir))
+    return model, tokenizer, tokenizer.encode(TEXT, add_special_tokens=False)[:40]
+
+
+def test_nonoverlap_matches_mlx_lm(tiny):
+    from mlx_lm.perplexity import eval_ppl
+
+    model, _, tokens = tiny
+    ours = perplexity.perplexity(model, tokens, window=20, protocol="nonoverlap")
+    theirs, _ = eval_ppl(model, mx.array(tokens).reshape(2, 20), batch_size=2)
+    assert ours["tokens"] == 38 and ours["achieved_sparsity"] is None
+    assert math.isclose(math.log(ours["perplexity"]), math.log(theirs), abs_tol=1e-5)
+
+
+def test_sliding_gives_more_context(tiny):
+    model, _, tokens = tiny
+    full = perplexity.token_losses(model, tokens, window=40, protocol="nonoverlap")
+    sliding = perplexity.token_losses(model, tokens, window=16, protocol="sliding", stride=4)
+    assert sliding.shape == full.shape == (39,)
+    # the first window is the same, later tokens see less context than in one long window
+    np.testing.assert_allclose(sliding[:15], full[:15], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(sliding[15:], full[15:], rtol=1e-4)
+
+
+def test_masked_evaluation_matches_the_decode_kernels(tiny):
+    model, _, tokens = tiny
+    paths = patch_model(model, group_size=64, bits=4)
+    dense = perplexity.token_losses(model, tokens[:12], window=12)
+    set_thresholds(model, {p: 0.3 + 0.01 * i for i, p in enumerate(paths)})
+    masked = perplexity.perplexity(model, tokens[:12], window=12)
+    decoded = perplexity.perplexity(model, tokens[:12], window=12, mode="decode")
+    assert math.isclose(masked["perplexity"], decoded["perplexity"], rel_tol=1e-4)
+    assert 0.05 < masked["achieved_sparsity"] < 0.95
+    assert abs(math.log(masked["perplexity"]) - dense.mean()) > 1e-3  # thresholds do change the result
+    # without sparse prefill, multi-token calls run dense
+    unsparsified = perplexity.perplexity(model, tokens[:12], window=12, sparse_prefill=False)
+    assert math.isclose(math.log(unsparsified["perplexity"]), dense.mean(), rel_tol=1e-5)
+    # the wrappers are gone afterwards
+    assert all(isinstance(m, ZigzagLinear) for m in zigzag_layers(model).values())
+    assert len(zigzag_layers(model)) == len(paths)
+
+
+def test_cli_with_baselines_and_methods(tiny_model_dir, tmp_path, text_file, capsys):
+    pytest.importorskip("matplotlib")
+    results = perplexity.main([
+        "--model", str(tiny_model_dir), "--text", str(text_file), "--sparsity", "0", "0.5",
+        "--method", "uniform", "greedy", "--calibration-text", str(text_file), "--calibration-tokens", "32",
+        "--window", "16", "--max-tokens", "32", "--baselines",
+        "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+    ])
+    printed = capsys.readouterr().out
+    assert "Protocol: non-overlapping windows of 16 tokens" in printed
+    rows = [(r["model"], r["method"], r["target_sparsity"]) for r in results["rows"]]
+    assert rows == [("float", "-", None), ("mlx 4-bit g64", "-", None), ("spqt 4-bit g64", "-", 0.0),
+                    ("spqt 4-bit g64", "uniform", 0.5), ("spqt 4-bit g64", "greedy", 0.5)]
+    ppl = {(r["method"], r["target_sparsity"]): r for r in results["rows"]}
+    assert all(r["tokens"] == 30 and r["perplexity"] > 1 for r in results["rows"])
+    for method in ("uniform", "greedy"):
+        assert 0.4 < ppl[(method, 0.5)]["achieved_sparsity"] < 0.6  # calibrated on the same text
+    assert ppl[("-", 0.0)]["achieved_sparsity"] == 0
+    assert json.loads((tmp_path / "r.json").read_text())["protocol"]["name"] == "nonoverlap"
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_on_a_saved_checkpoint(tiny_model_dir, tmp_path, text_file, capsys):
+    from spqt_mlx import convert
+
+    out = tmp_path / "spqt"
+    convert.main(["--model", str(tiny_model_dir), "--out", str(out), "--sparsity", "0.3",
+                  "--calibration-text", str(text_file), "--calibration-tokens", "32"])
+    results = perplexity.main(["--model", str(out), "--text", str(text_file), "--protocol", "sliding",
+                               "--window", "16", "--stride", "8", "--max-tokens", "24"])
+    assert "sliding windows of 16 tokens, stride 8" in capsys.readouterr().out
+    [row] = results["rows"]
+    assert (row["model"], row["method"], row["target_sparsity"], row["tokens"]) == ("spqt 4-bit g64 (saved)", "uniform", 0.3, 23)
+    model, tokenizer = checkpoint.load(out)
+    tokens = tokenizer.encode(TEXT, add_special_tokens=False)[:24]
+    expected = perplexity.perplexity(model, tokens, window=16, protocol="sliding", stride=8)
+    assert math.isclose(row["perplexity"], expected["perplexity"], rel_tol=1e-6)
+    with pytest.raises(ValueError, match="baselines"):
+        perplexity.main(["--model", str(out), "--text", str(text_file), "--baselines"])
+
+
+def test_cli_errors(tiny_model_dir, tmp_path, text_file):
+    with pytest.raises(FileNotFoundError):
+        perplexity.main(["--model", str(tiny_model_dir), "--text", str(tmp_path / "none.txt")])
+    with pytest.raises(ValueError, match="sparsity"):
+        perplexity.main(["--model", str(tiny_model_dir), "--text", str(text_file), "--sparsity", "-0.1"])
+    with pytest.raises(ValueError, match="stride"):
+        perplexity.main(["--model", str(tiny_model_dir), "--text", str(text_file), "--stride", "4"])
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        perplexity.main(["--model", str(tiny_model_dir), "--text", str(tmp_path / "empty.txt")])
