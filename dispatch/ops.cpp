@@ -131,7 +131,17 @@ mx::array zigzag_gemv(
       if (idx.ndim() != 1) {
         fail(where, "indices must be one-dimensional, got shape " + shape_str(idx.shape()) + ".");
       }
-      inputs.push_back(idx.dtype() == mx::int32 ? idx : mx::astype(idx, mx::int32, stream));
+      if (idx.dtype() == mx::int32) {
+        inputs.push_back(idx);
+      } else {
+        // Narrowing could wrap an out-of-range entry into range; mark those -1 (skipped) first.
+        auto wide = mx::astype(idx, mx::int64, stream);
+        auto out_of_range = mx::logical_or(
+            mx::less(wide, mx::array(0, mx::int64), stream),
+            mx::greater_equal(wide, mx::array(K, mx::int64), stream), stream);
+        inputs.push_back(mx::astype(
+            mx::where(out_of_range, mx::array(-1, mx::int64), wide, stream), mx::int32, stream));
+      }
       break;
     }
     case ActiveKind::Packed: {
