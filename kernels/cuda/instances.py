@@ -1,0 +1,25 @@
+"""The CUDA kernel instantiations the extension embeds, one small binary each.
+
+Printed as a CMake list of `name,source,type,bits,group_size` entries by cmake/cuda_kernels.cmake.
+"""
+
+DTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def gemv_name(dtype: str, bits: int, group_size: int) -> str:
+    return f"spqt_zigzag_gemv_{dtype}_b{bits}_g{group_size}"
+
+
+def instances():
+    for dtype, ctype in DTYPES.items():
+        yield f"spqt_collect_active_{dtype}", "collect_active.cu", ctype, 0, 0
+        yield f"spqt_reduce_splits_{dtype}", "zigzag_gemv.cu", ctype, 0, 0
+        for bits in BITS:
+            for gs in GROUP_SIZES:
+                yield gemv_name(dtype, bits, gs), "zigzag_gemv.cu", ctype, bits, gs
+
+
+if __name__ == "__main__":
+    print(";".join(",".join(map(str, inst)) for inst in instances()))

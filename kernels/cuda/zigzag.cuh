@@ -1,0 +1,98 @@
+// Shared device helpers for the zigzag kernels: type conversion, code loads and unpacking.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace spqt {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Loads the BITS words that hold 32 consecutive codes, as wide as their alignment allows.
+// Streaming loads: every weight byte is read once per call.
+template <int BITS>
+__device__ __forceinline__ void load_chunk(const uint32_t* p, uint32_t (&w)[BITS]) {
+  if constexpr (BITS % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS / 4; ++i) {
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p) + i);
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (BITS % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS / 2; ++i) {
+      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p) + i);
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) {
+      w[i] = __ldcs(p + i);
+    }
+  }
+}
+
+// Code r (0..31) of an LSB-first bitstream, as a float. r must be a compile-time constant after
+// unrolling. The OR with 2^23's exponent makes the integer a float's mantissa: one LOP3 and one
+// FADD instead of an integer-to-float conversion, whose throughput would cap the kernel.
+template <int BITS>
+__device__ __forceinline__ float code(const uint32_t (&w)[BITS], int r) {
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  const int bit = r * BITS;
+  const int word = bit >> 5;
+  const int shift = bit & 31;
+  uint32_t v = w[word] >> shift;
+  if (shift + BITS > 32) {
+    v |= w[word + 1] << (32 - shift);
+  }
+  return __int_as_float(0x4B000000u | (v & mask)) - 8388608.0f;
+}
+
+// Balanced share of n entries among `parts` workers: the first n % parts take one extra.
+__device__ __forceinline__ void share(int n, int parts, int part, int& begin, int& count) {
+  const int base = n / parts;
+  const int extra = n % parts;
+  begin = part * base + min(part, extra);
+  count = base + (part < extra ? 1 : 0);
+}
+
+// Block-wide exclusive scan of one int per thread; returns the prefix, writes the total.
+// `scratch` holds WARPS ints. Ends with a barrier, so scratch may be reused afterwards.
+template <int WARPS>
+__device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& total) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int t = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += t;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int i = 0; i < WARPS; ++i) {
+    const int s = scratch[i];
+    before += (i < warp) ? s : 0;
+    total += s;
+  }
+  __syncthreads();
+  return before + incl - v;
+}
+
+} // namespace spqt

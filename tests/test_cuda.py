@@ -1,0 +1,130 @@
+"""The CUDA kernels against the CPU reference kernels and float64: run on a machine with an NVIDIA
+GPU and mlx[cuda13]; skipped elsewhere."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+import spqt_mlx as sq
+
+pytestmark = pytest.mark.skipif(
+    not (mx.cuda.is_available() if hasattr(mx, "cuda") else False),
+    reason="needs MLX's CUDA backend and an NVIDIA GPU",
+)
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.5e-2}
+
+
+def make(N, K, bits, gs, dtype, seed):
+    mx.random.seed(seed)
+    w = mx.random.normal((N, K)).astype(dtype)
+    with mx.stream(mx.cpu):
+        qw = sq.zigzag_quantize(w, gs, bits)
+        mx.eval(qw.weight, qw.scales, qw.biases)
+    return qw
+
+
+def reference(x, qw, idx=None):
+    with mx.stream(mx.cpu):
+        W = np.array(sq.zigzag_dequantize(qw).astype(mx.float32), dtype=np.float64)
+    xs = np.array(x.astype(mx.float32), dtype=np.float64)
+    if idx is None:
+        return xs @ W.T
+    idx = np.asarray(idx)
+    idx = idx[(idx >= 0) & (idx < W.shape[1])]
+    return xs[..., idx] @ W[:, idx].T
+
+
+def check(y, ref, dtype):
+    y = np.array(y.astype(mx.float32), dtype=np.float64)
+    assert y.shape == ref.shape
+    assert np.all(np.isfinite(y))
+    err = np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gs", GROUP_SIZES)
+@pytest.mark.parametrize("bits", BITS)
+def test_every_format(bits, gs, dtype):
+    N, K = 2 * gs, 333
+    qw = make(N, K, bits, gs, dtype, seed=bits * 1000 + gs)
+    x = mx.random.normal((3, K)).astype(dtype)
+    rng = np.random.default_rng(bits + gs)
+    check(sq.zigzag_gemv(x, qw, stream=mx.gpu), reference(x, qw), dtype)
+    for density in (0.0, 1 / K, 0.25, 0.5, 1.0):
+        idx = rng.permutation(K)[: int(round(density * K))].astype(np.int32)
+        y = sq.zigzag_gemv(x, qw, indices=mx.array(idx), stream=mx.gpu)
+        check(y, reference(x, qw, idx), dtype) if idx.size else None
+        if not idx.size:
+            assert not np.any(np.array(y.astype(mx.float32)))
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (4096, 14336), (14336, 4096), (576, 1536)])
+def test_decode_shapes(shape, bits):
+    """The shapes decode runs; these split each band's columns over several blocks."""
+    N, K = shape
+    dtype = mx.float16
+    qw = make(N, K, bits, 64, dtype, seed=N + K)
+    x = mx.random.normal((1, K)).astype(dtype)
+    check(sq.zigzag_gemv(x, qw, stream=mx.gpu), reference(x, qw), dtype)
+    for density in (0.1, 0.5, 0.75):
+        t = float(np.quantile(np.abs(np.array(x.astype(mx.float32))), 1 - density))
+        active = sq.collect_active(x, t, stream=mx.gpu)
+        y = sq.zigzag_gemv(x, qw, indices=active, stream=mx.gpu)
+        idx = np.flatnonzero(np.abs(np.array(x.astype(mx.float32))[0]) > t)
+        check(y, reference(x, qw, idx), dtype)
+
+
+@pytest.mark.parametrize("K", [1, 100, 4097, 16384, 16385, 20000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_collect_and_fused_match_cpu(K, dtype):
+    qw = make(64, K, 4, 64, dtype, seed=K)
+    x = mx.random.normal((K,)).astype(dtype)
+    t = mx.abs(mx.random.normal((K,))) * 0.7
+    gpu = sq.collect_active(x, t, stream=mx.gpu)
+    cpu = sq.collect_active(x, t, stream=mx.cpu)
+    assert np.array_equal(np.array(gpu.packed), np.array(cpu.packed))
+    idx = np.array(cpu.indices())
+    check(sq.zigzag_gemv(x, qw, indices=gpu, stream=mx.gpu), reference(x, qw, idx), dtype)
+    # The packed list handed over explicitly (not fused) gives the same result.
+    check(sq.zigzag_gemv(x * 1, qw, indices=gpu, stream=mx.gpu), reference(x, qw, idx), dtype)
+
+
+def test_unsorted_duplicates_and_out_of_range_are_handled():
+    qw = make(256, 300, 4, 64, mx.float32, seed=7)
+    x = mx.random.normal((2, 300))
+    idx = np.array([299, -1, 5, 5, 300, 17, 1 << 30, 0], dtype=np.int32)
+    y = sq.zigzag_gemv(x, qw, indices=mx.array(idx), stream=mx.gpu)
+    check(y, reference(x, qw, idx), mx.float32)
+    packed = np.full(301, 3, dtype=np.int32)
+    packed[0] = 10_000  # a count beyond K is clamped, never read past the list
+    y = sq.zigzag_gemv(x, qw, indices=sq.ActiveColumns(mx.array(packed), x * 1, mx.array(0.0)), stream=mx.gpu)
+    check(y, reference(x, qw, np.full(300, 3)), mx.float32)
+
+
+def test_deterministic_bitwise():
+    qw = make(4096, 4096, 4, 64, mx.float16, seed=3)
+    x = mx.random.normal((1, 4096)).astype(mx.float16)
+    outs = [np.array(sq.zigzag_gemv(x, qw, indices=sq.collect_active(x, 0.6), stream=mx.gpu)) for _ in range(5)]
+    for o in outs[1:]:
+        assert np.array_equal(o.view(np.uint16), outs[0].view(np.uint16))
+
+
+def test_compile_and_noncontiguous():
+    qw = make(512, 1000, 4, 64, mx.float16, seed=11)
+    x = mx.random.normal((1000, 2)).astype(mx.float16).T  # a transposed view
+
+    @mx.compile
+    def step(x):
+        return sq.zigzag_gemv(x, qw, indices=sq.collect_active(x[:1], 0.5))
+
+    y = step(x[:1])
+    idx = np.flatnonzero(np.abs(np.array(x[0].astype(mx.float32))) > 0.5)
+    with mx.stream(mx.gpu):
+        check(y, reference(x[:1], qw, idx), mx.float16)

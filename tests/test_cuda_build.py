@@ -1,0 +1,51 @@
+"""The CUDA kernels compile (CI has nvcc but no GPU): every kernel of one activation type, plus the
+collector and split reducer of every type, for sm_90 with warnings as errors."""
+
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+KERNELS = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+NVCC = shutil.which("nvcc")
+
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+
+
+def instances():
+    sys.path.insert(0, str(KERNELS))
+    try:
+        import instances as table
+    finally:
+        sys.path.pop(0)
+    return list(table.instances())
+
+
+def compile_one(instance, out_dir):
+    name, source, ctype, bits, gs = instance
+    if source == "collect_active.cu":
+        defines = [f"-DSPQT_COLLECT_NAME={name}", f"-DSPQT_T={ctype}"]
+    elif bits == 0:
+        defines = [f"-DSPQT_REDUCE_NAME={name}", f"-DSPQT_T={ctype}"]
+    else:
+        defines = [f"-DSPQT_NAME={name}", f"-DSPQT_T={ctype}", f"-DSPQT_BITS={bits}", f"-DSPQT_GS={gs}"]
+    cmd = [NVCC, "-std=c++17", "-O3", "-cubin", "-arch=sm_90", "-Werror=all-warnings", "-Xptxas", "-v",
+           *defines, str(KERNELS / source), "-o", str(out_dir / f"{name}.cubin")]
+    return name, subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_cuda_kernels_compile(tmp_path):
+    chosen = [i for i in instances() if i[2] == "__half" or i[3] == 0]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda i: compile_one(i, tmp_path), chosen))
+    failures = {name: r.stderr for name, r in results if r.returncode}
+    assert not failures, failures
+    for name, r in results:
+        # The 32 per-lane partials must stay in registers: an array moved to local memory shows
+        # as a stack frame of 128 bytes or more (a few spilled bytes are tolerated).
+        frames = [int(f) for f in re.findall(r"(\d+) bytes stack frame", r.stderr)]
+        assert frames and max(frames) <= 8, (name, r.stderr)
