@@ -19,16 +19,6 @@ from pathlib import Path
 _MARK = "__spqt_hook__"
 
 # Short, generic openings for self-generated calibration text (spqt-mlx ships no corpus).
-CALIBRATION_PROMPTS = (
-    "The history of",
-    "Once upon a time,",
-    "Here is a simple explanation of how",
-    "def main():",
-    "Dear friend,",
-    "The most important thing to know about",
-    "In the morning, the",
-    "Question: Why is the sky blue?\nAnswer:",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,30 +76,6 @@ def _log(message: str) -> None:
 # ---- calibration data ----------------------------------------------------------------------------
 
 
-def self_generated_tokens(model, tokenizer, n_tokens: int, *, seed: int = 0, temperature: float = 0.8) -> list[int]:
-    """About ``n_tokens`` tokens of text sampled from the model itself, from a few short prompts."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
-
-    sampler = make_sampler(temp=temperature)
-    per_prompt = max(16, -(-n_tokens // len(CALIBRATION_PROMPTS)))
-    tokens: list[int] = []
-    mx.random.seed(seed)
-    for prompt in CALIBRATION_PROMPTS:
-        if len(tokens) >= n_tokens:
-            break
-        ids = tokenizer.encode(prompt)
-        out = []
-        for token, _ in generate_step(mx.array(ids), model, max_tokens=per_prompt, sampler=sampler):
-            token = int(token)
-            if token in tokenizer.eos_token_ids:
-                break
-            out.append(token)
-        tokens.extend(ids + out)
-    return tokens[:n_tokens]
-
-
 def calibration_tokens(model, tokenizer, args) -> list[int]:
     if args.calibration_text is not None:
         text = Path(args.calibration_text).read_text(encoding="utf-8")
@@ -117,6 +83,8 @@ def calibration_tokens(model, tokenizer, args) -> list[int]:
         if len(tokens) < 2:
             raise ValueError(f"--calibration-text {args.calibration_text} holds fewer than 2 tokens.")
         return tokens
+    from .convert import self_generated_tokens  # the one source of self-generated calibration text
+
     return self_generated_tokens(model, tokenizer, args.calibration_tokens)
 
 
