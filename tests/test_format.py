@@ -5,30 +5,11 @@ import numpy as np
 import pytest
 
 from spqt_mlx import ZigzagWeight, zigzag_dequantize, zigzag_matmul, zigzag_quantize
-
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
-DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-# ||y - ref|| / ||ref|| for products accumulated in float32 and rounded to the output dtype.
-REL_TOL = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}
-
-
-def to_np(a: mx.array) -> np.ndarray:
-    """float64 numpy copy of any float MLX array (bfloat16 included)."""
-    return np.array(a.astype(mx.float32)).astype(np.float64)
+from zigzag_reference import BITS, DTYPES, GROUP_SIZES, REL_TOL, to_np, unpack_codes
 
 
 def random_weight(N, K, dtype, seed):
     return mx.random.normal((N, K), key=mx.random.key(seed)).astype(dtype)
-
-
-def unpack_codes(words: np.ndarray, group_size: int, bits: int) -> np.ndarray:
-    """Codes (..., gs) of an LSB-first bitstream: bit j is bit j % 32 of word j // 32."""
-    words = words.astype(np.uint32)
-    stream = (words[..., :, None] >> np.arange(32, dtype=np.uint32)) & 1  # (..., words, 32)
-    stream = stream.reshape(*words.shape[:-1], -1)[..., : group_size * bits]
-    per_code = stream.reshape(*words.shape[:-1], group_size, bits).astype(np.int64)
-    return per_code @ (1 << np.arange(bits, dtype=np.int64))
 
 
 def round_to(a: np.ndarray, dtype) -> np.ndarray:

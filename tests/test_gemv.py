@@ -5,30 +5,8 @@ import numpy as np
 import pytest
 
 from spqt_mlx import ActiveColumns, ZigzagWeight, collect_active, zigzag_gemv, zigzag_quantize
+from zigzag_reference import BITS, DTYPES, GROUP_SIZES, REL_TOL, dense_weight64, to_np
 
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
-DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-# Accumulation is float32; the output is rounded once to the dtype of x.
-REL_TOL = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}
-
-
-def to_np(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32)).astype(np.float64)
-
-
-def unpack_codes(words: np.ndarray, group_size: int, bits: int) -> np.ndarray:
-    """Codes (..., gs) of an LSB-first bitstream: bit j is bit j % 32 of word j // 32."""
-    stream = (words.astype(np.uint32)[..., :, None] >> np.arange(32, dtype=np.uint32)) & 1
-    stream = stream.reshape(*words.shape[:-1], -1)[..., : group_size * bits]
-    return stream.reshape(*words.shape[:-1], group_size, bits).astype(np.int64) @ (1 << np.arange(bits))
-
-
-def dense_weight64(q: ZigzagWeight) -> np.ndarray:
-    """(N, K) float64 weight scale * code + bias, straight from the packed arrays."""
-    codes = unpack_codes(np.array(q.weight), q.group_size, q.bits).astype(np.float64)
-    deq = to_np(q.scales)[..., None] * codes + to_np(q.biases)[..., None]
-    return deq.transpose(0, 2, 1).reshape(q.shape)
 
 
 def reference(x: mx.array, q: ZigzagWeight, cols=None) -> np.ndarray:

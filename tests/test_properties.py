@@ -6,25 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spqt_mlx import collect_active, zigzag_dequantize, zigzag_gemv, zigzag_matmul, zigzag_quantize
+from zigzag_reference import REL_TOL, dense_weight64, to_np
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-REL_TOL = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}
 SETTINGS = settings(deadline=None, max_examples=40, derandomize=True)
-
-
-def to_np(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32)).astype(np.float64)
-
-
-def dense_weight64(q) -> np.ndarray:
-    """(N, K) float64 weight decoded from the LSB-first bitstream, independent of MLX."""
-    words = np.array(q.weight)
-    gs, bits = q.group_size, q.bits
-    stream = (words[..., :, None] >> np.arange(32, dtype=np.uint32)) & 1
-    stream = stream.reshape(*words.shape[:-1], -1)[..., : gs * bits]
-    codes = stream.reshape(*words.shape[:-1], gs, bits).astype(np.int64) @ (1 << np.arange(bits))
-    deq = to_np(q.scales)[..., None] * codes + to_np(q.biases)[..., None]
-    return deq.transpose(0, 2, 1).reshape(q.shape)
 
 
 def assert_matches(y: mx.array, ref: np.ndarray, dtype):
