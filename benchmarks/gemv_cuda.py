@@ -123,7 +123,12 @@ def main(argv=None):
     p.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     p.add_argument("--json")
     p.add_argument("--plot")
+    p.add_argument("--markdown", metavar="JSON", help="print the BENCHMARKS.md tables of a saved run and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return
     calls, repeats = (100, 3) if args.quick else (300, 5)
     densities = [1.0, 0.5, 0.25] if args.quick else DENSITIES
     print(f"device: {mx.gpu} {mx.device_info().get('device_name', '')}")
@@ -149,6 +154,43 @@ def main(argv=None):
             json.dump(dict(copy_bandwidth_gbs=bw / 1e9, rows=rows), f, indent=1)
     if args.plot:
         plot(rows, args.plot)
+
+
+def markdown(run):
+    """The tables of BENCHMARKS.md from a saved run (--json): µs per call and the targets."""
+    rows = run["rows"]
+    at = {(r["shape"], r["bits"], r["variant"], r["density"]): r for r in rows}
+    out = []
+    for bits in sorted({r["bits"] for r in rows}):
+        dens = sorted({r["density"] for r in rows if r["variant"].startswith("zigzag sparse")}, reverse=True)
+        out.append(f"\n**{bits}-bit, group 64, fp16, batch 1**: µs per call, chained\n")
+        out.append("| N×K | MLX quantized_matmul | fp16 x@W.T | zigzag dense (% copy BW) | "
+                   + " | ".join(f"sparse d={d:g}" for d in dens) + " | "
+                   + " | ".join(f"fused d={d:g}" for d in dens) + " |")
+        out.append("|---" * (4 + 2 * len(dens)) + "|")
+        for shape in dict.fromkeys(r["shape"] for r in rows if r["bits"] == bits):
+            def us(variant, d=1.0):
+                r = at.get((shape, bits, variant, d))
+                return f"{r['us']:.1f}" if r else "–"
+            dense = at[(shape, bits, "zigzag dense", 1.0)]
+            out.append(f"| {shape} | {us('mlx quantized_matmul')} | {us('fp16 x @ W.T')} | "
+                       f"{dense['us']:.1f} ({dense['pct_copy_bw']:.0f} %) | "
+                       + " | ".join(us("zigzag sparse, given indices", d) for d in dens) + " | "
+                       + " | ".join(us("zigzag collect+sparse (fused)", d) for d in dens) + " |")
+    out.append("\n**Targets** (4-bit; ratios of chained times from the table above)\n")
+    out.append("| N×K | dense % copy BW | dense vs MLX q4 | t(0.5)/t(1) | t(0.25)/t(1) | fused/sparse at 0.5 |")
+    out.append("|---|---|---|---|---|---|")
+    for shape in dict.fromkeys(r["shape"] for r in rows if r["bits"] == 4):
+        g = lambda v, d=1.0: at[(shape, 4, v, d)]["us"]
+        sparse = "zigzag sparse, given indices"
+        try:
+            out.append(f"| {shape} | {at[(shape, 4, 'zigzag dense', 1.0)]['pct_copy_bw']:.0f} % | "
+                       f"{g('mlx quantized_matmul') / g('zigzag dense'):.2f}x | "
+                       f"{g(sparse, 0.5) / g(sparse):.2f} | {g(sparse, 0.25) / g(sparse):.2f} | "
+                       f"{g('zigzag collect+sparse (fused)', 0.5) / g(sparse, 0.5):.2f} |")
+        except KeyError:
+            pass
+    return "\n".join(out)
 
 
 def plot(rows, path):

@@ -1,7 +1,10 @@
-# Compiles every CUDA kernel instantiation (kernels/cuda/instances.py) into its own small fatbin and
-# embeds them all in the extension. One binary per kernel keeps the per-call cost of MLX's
-# precompiled-kernel node (which copies the binary) small.
+# Compiles every CUDA kernel instantiation (kernels/cuda/instances.py) into its own small fatbin,
+# embeds them all in the extension and adds the CUDA dispatch (dispatch/cuda*.cpp), which loads
+# them through the CUDA driver at run time.
 find_program(NVCC_EXECUTABLE nvcc HINTS ENV CUDACXX ENV CUDA_HOME PATH_SUFFIXES bin REQUIRED)
+# The toolkit's headers (cuda.h, cuda_runtime.h) for the dispatch, which includes MLX's CUDA
+# backend headers; nothing from the toolkit is linked.
+find_package(CUDAToolkit REQUIRED)
 set(SPQT_CUDA_ARCH_FLAGS
   -gencode=arch=compute_90,code=sm_90
   CACHE STRING "nvcc machine-code targets of the kernels' fatbins")
@@ -23,8 +26,6 @@ foreach(instance IN LISTS SPQT_CUDA_INSTANCES)
   list(GET fields 4 group_size)
   if(source STREQUAL "collect_active.cu")
     set(defines -DSPQT_COLLECT_NAME=${name} -DSPQT_T=${type})
-  elseif(bits EQUAL 0)
-    set(defines -DSPQT_REDUCE_NAME=${name} -DSPQT_T=${type})
   else()
     set(defines -DSPQT_NAME=${name} -DSPQT_T=${type} -DSPQT_BITS=${bits} -DSPQT_GS=${group_size})
   endif()
@@ -48,4 +49,7 @@ add_custom_command(
   DEPENDS ${fatbins} "${CMAKE_CURRENT_SOURCE_DIR}/cmake/embed_binaries.cmake"
   COMMENT "Embedding CUDA kernels"
   VERBATIM)
-target_sources(_ext PRIVATE dispatch/cuda.cpp "${embedded}")
+target_sources(_ext PRIVATE dispatch/cuda.cpp dispatch/cuda_driver.cpp "${embedded}")
+target_include_directories(_ext PRIVATE ${CUDAToolkit_INCLUDE_DIRS}
+  "${CMAKE_CURRENT_SOURCE_DIR}/dispatch/cuda_compat")
+target_link_libraries(_ext PRIVATE ${CMAKE_DL_LIBS})

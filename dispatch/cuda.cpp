@@ -1,17 +1,15 @@
-// CUDA dispatch: picks the kernel instantiation and launch geometry and emits an MLX
-// precompiled-kernel node (outputs come from MLX's device memory pool; the node joins MLX's CUDA
-// graph). Kernel binaries are embedded by the build (cmake/cuda_kernels.cmake).
+// CUDA dispatch: picks the kernel instantiation and launch geometry, allocates the output and the
+// split workspace, and adds one kernel node to MLX's CUDA graph.
 #include "cuda.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 
-#include "mlx/backend/gpu/device_info.h"
-#include "mlx/fast.h"
-#include "mlx/ops.h"
+#include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
 
-#include "cuda_kernels.h"
+#include "cuda_driver.h"
 
 namespace spqt::cuda {
 
@@ -20,9 +18,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCollectThreads = 1024;
 constexpr int kMaxFusedK = kThreads * 64;  // the fused collection keeps 64 flags per thread
-constexpr int kTargetBlocks = 528;         // about four resident blocks per multiprocessor
-constexpr int kMaxBlocks = 2048;
-constexpr int kMaxSplits = 16;
+constexpr int kBlocksPerSM = 2;            // resident blocks per multiprocessor (launch bounds)
+constexpr int kMaxSplits = 32;
+constexpr int kMaxGridY = 65535;
 
 std::string dtype_name(mx::Dtype t) {
   if (t == mx::float32) return "float32";
@@ -31,97 +29,158 @@ std::string dtype_name(mx::Dtype t) {
   throw std::invalid_argument("[spqt] unsupported dtype for the CUDA kernels.");
 }
 
-// The embedded binary of one kernel, as the string MLX's precompiled-kernel node takes.
-const std::string& binary(const std::string& name) {
-  static std::unordered_map<std::string, std::string> cache;
-  auto it = cache.find(name);
-  if (it == cache.end()) {
-    const EmbeddedKernel* k = find_embedded_kernel(name);
-    if (!k) {
-      throw std::runtime_error("[spqt] no CUDA kernel named " + name + " in this build.");
-    }
-    it = cache.emplace(name, std::string(reinterpret_cast<const char*>(k->data), k->size)).first;
-  }
-  return it->second;
-}
-
-// Blocks that split one band's columns: enough blocks to fill the GPU, but never so many that a
-// block's share of the columns leaves most of its warps idle. A function of the shape only, so
-// the summation order, and with it every output bit, is the same on every call.
+// Blocks that split one band's columns: enough to fill the GPU once, but each keeping at least
+// two full steps of columns per warp. A function of the shape and the device only, so the
+// summation order, and with it every output bit, is the same on every call.
 int split_count(int bands, int K, int group_size) {
   const int cols_per_step = (kThreads / 32) * (32 / (group_size / 32));
+  const int target = kBlocksPerSM * multiprocessor_count();
   int splits = 1;
-  while (splits < kMaxSplits && bands * splits < kTargetBlocks && K / (2 * splits) >= cols_per_step) {
+  while (splits < kMaxSplits && bands * splits * 2 <= target &&
+         K / (2 * splits) >= 2 * cols_per_step) {
     splits *= 2;
   }
   return splits;
 }
 
-} // namespace
-
-mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::Stream s) {
-  const int K = x.shape(-1);
-  const std::string name = "spqt_collect_active_" + dtype_name(x.dtype());
-  return mx::fast::precompiled_cuda_kernel(
-      name, binary(name), {x, threshold}, {{K + 1}}, {mx::int32},
-      {K, int(threshold.ndim() > 0)},
-      {kCollectThreads, 1, 1}, {kCollectThreads, 1, 1},
-      0, std::nullopt, true, s)[0];
+// A row-contiguous input, as the kernels read them. The op functions make unevaluated inputs
+// contiguous; an evaluated strided one is refused rather than read wrongly.
+const mx::array& contiguous(const mx::array& a, const char* what) {
+  if (!a.flags().row_contiguous) {
+    throw std::invalid_argument(
+        std::string("[zigzag_gemv] the CUDA kernels need a row-contiguous ") + what +
+        "; pass mx.contiguous(...) of it.");
+  }
+  return a;
 }
 
-mx::array zigzag_gemv(
-    const std::vector<mx::array>& inputs_in,
-    const mx::Shape& out_shape,
-    int group_size,
-    int bits,
-    ActiveKind kind,
-    mx::Stream s) {
-  std::vector<mx::array> inputs = inputs_in;
-  const mx::array x = inputs[0];  // a copy: inputs may grow below
+// The element stride between consecutive columns of x. One row may be any view (decode's x
+// usually is an unevaluated, contiguous one); several rows must be row-contiguous.
+int column_stride(const mx::array& x) {
   const int K = x.shape(-1);
+  if (x.size() == size_t(K)) {
+    return x.ndim() ? int(x.strides().back()) : 1;
+  }
+  contiguous(x, "x");
+  return 1;
+}
+
+// How the kernels read the threshold: per column (1), or a ready scalar passed by value (2). MLX
+// keeps scalars in unified memory, slow to read from every block. The op functions spread a
+// scalar that is not ready yet over the columns.
+int threshold_mode(const mx::array& t, float& value) {
+  if (t.ndim() > 0) {
+    return 1;
+  }
+  if (!t.is_available()) {
+    throw std::logic_error("[zigzag_gemv] a scalar threshold must be ready before the kernel runs.");
+  }
+  value = *(t.data<float>());
+  return 2;
+}
+
+void collect_into(
+    mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& t, mx::array& out) {
+  const std::string name = "spqt_collect_active_" + dtype_name(x.dtype());
+  CUfunction f = kernel(name);
+  int K = x.shape(-1);
+  float t_value = 0.0f;
+  int mode = threshold_mode(t, t_value);
+  int x_stride = column_stride(x);
+  enc.set_input_array(x);
+  enc.set_input_array(t);
+  enc.set_output_array(out);
+  void* x_ptr = mx::gpu_ptr<void>(x);
+  void* t_ptr = mx::gpu_ptr<void>(t);
+  void* out_ptr = mx::gpu_ptr<void>(out);
+  enc.add_kernel_node_ex(
+      f, dim3(1), dim3(kCollectThreads), {}, 0, x_ptr, t_ptr, out_ptr, K, x_stride, mode, t_value);
+}
+
+} // namespace
+
+void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cu::get_command_encoder(p.stream());
+  allocate(out, out.nbytes(), enc);
+  collect_into(enc, inputs[0], contiguous(inputs[1], "threshold"), out);
+}
+
+void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cu::get_command_encoder(p.stream());
+  const int gs = p.group_size();
+  const mx::array& x = inputs[0];
+  const mx::array& w = contiguous(inputs[1], "weight");
+  const mx::array& scales = contiguous(inputs[2], "scales");
+  const mx::array& biases = contiguous(inputs[3], "biases");
+  int K = x.shape(-1);
   const int M = K ? int(x.size() / K) : 0;
-  const int N = out_shape.back();
-  const int bands = N / group_size;
+  const int N = out.shape(-1);
+  const int bands = N / gs;
+  allocate(out, out.nbytes(), enc);
+  if (out.size() == 0) {
+    return;
+  }
+
+  int kind = int(p.kind());
   int n_host = 0;
-  int per_column = 0;
-  switch (kind) {
-    case ActiveKind::Dense:
-      inputs.push_back(x);  // the kernel's `active` parameter is unused; any pointer will do
-      break;
-    case ActiveKind::Indices:
-      n_host = inputs[4].size();
-      break;
-    case ActiveKind::Packed:
-      break;
-    case ActiveKind::Threshold:
-      per_column = inputs[4].ndim() > 0;
+  int mode = 0;
+  float t_value = 0.0f;
+  void* active = mx::gpu_ptr<void>(x);  // unused by the dense walk; any pointer will do
+  if (p.kind() != ActiveKind::Dense) {
+    const mx::array& a = contiguous(inputs[4], "active set");
+    enc.set_input_array(a);
+    active = mx::gpu_ptr<void>(a);
+    if (p.kind() == ActiveKind::Indices) {
+      n_host = a.size();
+    } else if (p.kind() == ActiveKind::Threshold) {
+      mode = threshold_mode(a, t_value);
       if (K > kMaxFusedK) {
         // Too many columns for the fused collection: collect once, then walk the list.
-        inputs[4] = collect_active(mx::reshape(x, {K}, s), inputs[4], s);
-        kind = ActiveKind::Packed;
+        mx::array list({K + 1}, mx::int32, nullptr, {});
+        allocate(list, list.nbytes(), enc);
+        collect_into(enc, x, a, list);
+        enc.add_temporary(list);
+        enc.set_input_array(list);
+        active = mx::gpu_ptr<void>(list);
+        kind = int(ActiveKind::Packed);
       }
-      break;
+    }
   }
-  if (M == 0 || N == 0) {
-    return mx::zeros(out_shape, x.dtype(), s);
+
+  int splits = split_count(bands, K, gs);
+  void* partials = nullptr;
+  void* counters = nullptr;
+  if (splits > 1) {
+    mx::array work({M * bands * splits * gs}, mx::float32, nullptr, {});
+    mx::array count({M * bands}, mx::int32, nullptr, {});
+    allocate(work, work.nbytes(), enc);
+    allocate(count, count.nbytes(), enc, /* zeroed */ true);
+    enc.add_temporary(work);
+    enc.add_temporary(count);
+    partials = mx::gpu_ptr<void>(work);
+    counters = mx::gpu_ptr<void>(count);
   }
-  const int splits = split_count(bands, K, group_size);
-  const int band_blocks = std::min(bands, std::max(1, kMaxBlocks / splits));
+
   const std::string name = "spqt_zigzag_gemv_" + dtype_name(x.dtype()) + "_b" +
-      std::to_string(bits) + "_g" + std::to_string(group_size);
-  const mx::Shape rows_shape = splits == 1 ? out_shape : mx::Shape{splits, M, N};
-  auto rows = mx::fast::precompiled_cuda_kernel(
-      name, binary(name), inputs, {rows_shape}, {splits == 1 ? x.dtype() : mx::float32},
-      {M, N, K, int(kind), n_host, per_column, splits},
-      {band_blocks * splits * kThreads, M, 1}, {kThreads, 1, 1},
-      0, std::nullopt, true, s)[0];
-  if (splits == 1) {
-    return rows;
-  }
-  const std::string reduce = "spqt_reduce_splits_" + dtype_name(x.dtype());
-  return mx::fast::precompiled_cuda_kernel(
-      reduce, binary(reduce), {rows}, {out_shape}, {x.dtype()}, {M * N, splits},
-      {M * N, 1, 1}, {kThreads, 1, 1}, 0, std::nullopt, false, s)[0];
+      std::to_string(p.bits()) + "_g" + std::to_string(gs);
+  CUfunction f = kernel(name);
+  enc.set_input_array(x);
+  enc.set_input_array(w);
+  enc.set_input_array(scales);
+  enc.set_input_array(biases);
+  enc.set_output_array(out);
+  void* x_ptr = mx::gpu_ptr<void>(x);
+  void* w_ptr = mx::gpu_ptr<void>(w);
+  void* scales_ptr = mx::gpu_ptr<void>(scales);
+  void* biases_ptr = mx::gpu_ptr<void>(biases);
+  void* out_ptr = mx::gpu_ptr<void>(out);
+  int x_stride = column_stride(x);
+  int rows = M;
+  int cols = N;
+  enc.add_kernel_node_ex(
+      f, dim3(bands * splits, std::min(M, kMaxGridY)), dim3(kThreads), {}, 0,
+      x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
+      rows, cols, K, x_stride, kind, n_host, mode, t_value, splits);
 }
 
 } // namespace spqt::cuda

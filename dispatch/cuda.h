@@ -1,22 +1,13 @@
-// CUDA dispatch. The kernels (kernels/cuda) are compiled ahead of time into one small cubin per
-// instantiation, embedded in the extension, and launched as MLX precompiled-kernel nodes, so they
-// run inside MLX's CUDA graph on MLX's device memory pool.
+// CUDA dispatch of the primitives. The kernels (kernels/cuda) are compiled ahead of time into one
+// small fatbin per instantiation, embedded in the extension, loaded once per process through the
+// CUDA driver and launched from the primitives' eval_gpu as one node of MLX's CUDA graph.
 #pragma once
 
-#include "mlx/array.h"
-
-#include "ops.h"
+#include "primitives.h"
 
 namespace spqt::cuda {
 
-mx::array zigzag_gemv(
-    const std::vector<mx::array>& inputs,
-    const mx::Shape& out_shape,
-    int group_size,
-    int bits,
-    ActiveKind kind,
-    mx::Stream s);
-
-mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::Stream s);
+void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array& out);
+void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out);
 
 } // namespace spqt::cuda

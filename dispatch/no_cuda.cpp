@@ -14,12 +14,11 @@ namespace {
 }
 } // namespace
 
-mx::array zigzag_gemv(
-    const std::vector<mx::array>&, const mx::Shape&, int, int, ActiveKind, mx::Stream) {
+void zigzag_gemv(ZigzagGemv&, const std::vector<mx::array>&, mx::array&) {
   missing("zigzag_gemv");
 }
 
-mx::array collect_active(const mx::array&, const mx::array&, mx::Stream) {
+void collect_active(CollectActive&, const std::vector<mx::array>&, mx::array&) {
   missing("collect_active");
 }
 

@@ -6,7 +6,6 @@
 #include "mlx/backend/cuda/cuda.h"
 #include "mlx/ops.h"
 
-#include "cuda.h"
 #include "primitives.h"
 
 namespace spqt {
@@ -66,6 +65,29 @@ mx::array check_threshold(
     fail(where, "threshold must be a real number, got dtype " + dtype_str(threshold.dtype()) + ".");
   }
   return mx::astype(threshold, mx::float32, s);
+}
+
+// The CUDA kernels read one row of x with any stride, everything else row-contiguous. Evaluated
+// arrays show their layout now; the rest go through mx::contiguous, which copies only when needed
+// but is one more array to evaluate, so decode's single row skips it.
+void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s) {
+  const auto& x = inputs[0];
+  const bool one_row = x.ndim() > 0 && x.size() == static_cast<size_t>(x.shape(-1));
+  for (size_t i = one_row ? 1 : 0; i < inputs.size(); ++i) {
+    auto& a = inputs[i];
+    if (!(a.is_available() && a.flags().row_contiguous)) {
+      a = mx::contiguous(a, false, s);
+    }
+  }
+}
+
+// A ready scalar threshold reaches the CUDA kernels by value; one computed in the same graph is
+// spread over the columns instead (the kernels reading it in place gave wrong sums on the H100).
+mx::array cuda_threshold(mx::array t, int K, mx::Stream s) {
+  if (t.ndim() == 0 && !t.is_available() && s.device == mx::Device::gpu && mx::cu::is_available()) {
+    return mx::broadcast_to(t, {K}, s);
+  }
+  return t;
 }
 
 } // namespace
@@ -153,9 +175,10 @@ mx::array zigzag_gemv(
       inputs.push_back(packed);
       break;
     }
-    case ActiveKind::Threshold:
-      inputs.push_back(check_threshold(where, x, active.value(), stream));
+    case ActiveKind::Threshold: {
+      inputs.push_back(cuda_threshold(check_threshold(where, x, active.value(), stream), K, stream));
       break;
+    }
     default:
       fail(where, "unknown kind of active set.");
   }
@@ -163,7 +186,7 @@ mx::array zigzag_gemv(
   auto out_shape = x.shape();
   out_shape.back() = N;
   if (stream.device == mx::Device::gpu && mx::cu::is_available()) {
-    return cuda::zigzag_gemv(inputs, out_shape, group_size, bits, kind, stream);
+    make_contiguous(inputs, stream);
   }
   return mx::array(
       std::move(out_shape),
@@ -181,14 +204,14 @@ mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::Str
     fail(where, "x must be a non-empty activation of shape (..., K).");
   }
   auto stream = mx::to_stream(s);
-  auto t = check_threshold(where, x, threshold, stream);
   const int K = x.shape(-1);
-  auto flat = mx::reshape(x, {K}, stream);
+  auto t = cuda_threshold(check_threshold(where, x, threshold, stream), K, stream);
+  std::vector<mx::array> inputs{mx::reshape(x, {K}, stream), t};
   if (stream.device == mx::Device::gpu && mx::cu::is_available()) {
-    return cuda::collect_active(flat, t, stream);
+    make_contiguous(inputs, stream);
   }
   return mx::array(
-      mx::Shape{K + 1}, mx::int32, std::make_shared<CollectActive>(stream), {flat, t});
+      mx::Shape{K + 1}, mx::int32, std::make_shared<CollectActive>(stream), std::move(inputs));
 }
 
 } // namespace spqt

@@ -6,8 +6,10 @@
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/backend/cuda/cuda.h"
 
 #include "../kernels/cpu/zigzag_gemv.h"
+#include "cuda.h"
 #include "metal.h"
 #include "templates.h"
 
@@ -150,7 +152,11 @@ void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
 }
 
 void ZigzagGemv::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  metal::zigzag_gemv(*this, inputs, out);
+  if (mx::cu::is_available()) {
+    cuda::zigzag_gemv(*this, inputs, out);
+  } else {
+    metal::zigzag_gemv(*this, inputs, out);
+  }
 }
 
 std::vector<mx::Shape> CollectActive::output_shapes(const std::vector<mx::array>& inputs) {
@@ -194,7 +200,11 @@ void CollectActive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
 }
 
 void CollectActive::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  metal::collect_active(*this, inputs, out);
+  if (mx::cu::is_available()) {
+    cuda::collect_active(*this, inputs, out);
+  } else {
+    metal::collect_active(*this, inputs, out);
+  }
 }
 
 } // namespace spqt

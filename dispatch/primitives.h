@@ -1,6 +1,6 @@
 // The primitives behind the op functions in ops.h. eval_cpu runs the reference kernels in
-// kernels/cpu; eval_gpu dispatches to the Metal kernels (kernels/metal) on Apple GPUs. On CUDA the
-// op functions emit MLX's precompiled-kernel node instead (see cuda.h), so these never run there.
+// kernels/cpu; eval_gpu dispatches to the CUDA kernels (kernels/cuda, see cuda.h) when MLX runs on
+// CUDA and to the Metal kernels (kernels/metal, see metal.h) on Apple GPUs.
 #pragma once
 
 #include "mlx/primitives.h"

@@ -128,3 +128,46 @@ def test_compile_and_noncontiguous():
     idx = np.flatnonzero(np.abs(np.array(x[0].astype(mx.float32))) > 0.5)
     with mx.stream(mx.gpu):
         check(y, reference(x[:1], qw, idx), mx.float16)
+
+
+def test_threshold_by_value_in_memory_and_per_column_agree():
+    """A ready scalar threshold goes to the kernel by value, a lazy one is read on the GPU, a vector per
+    column; all three must pick the same columns and give the same bits."""
+    qw = make(1024, 4096, 4, 64, mx.float16, seed=5)
+    x = mx.random.normal((1, 4096)).astype(mx.float16)
+    ready = mx.array(0.6)
+    mx.eval(x, ready)
+    lazy = mx.array(0.3) * 2.0
+    per_column = mx.full((4096,), 0.6)
+    outs = [np.array(sq.zigzag_gemv(x, qw, indices=sq.collect_active(x, t), stream=mx.gpu)).view(np.uint16)
+            for t in (ready, lazy, per_column)]
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    idx = np.flatnonzero(np.abs(np.array(x.astype(mx.float32))[0]) > np.float32(0.6))
+    check(sq.zigzag_gemv(x, qw, indices=sq.collect_active(x, ready), stream=mx.gpu), reference(x, qw, idx),
+          mx.float16)
+
+
+def test_independent_calls_in_one_graph_do_not_share_workspace():
+    """q/k/v-style calls on one x may run concurrently in MLX's CUDA graph; each needs its own split
+    workspace and counters, and reusing them across evaluations must stay exact."""
+    qws = [make(1024, 4096, 4, 64, mx.float16, seed=20 + i) for i in range(6)]
+    x = mx.random.normal((1, 4096)).astype(mx.float16)
+    mx.eval(x)
+    alone = [np.array(sq.zigzag_gemv(x, q, stream=mx.gpu)).view(np.uint16) for q in qws]
+    for _ in range(20):
+        together = [sq.zigzag_gemv(x, q, stream=mx.gpu) for q in qws]
+        mx.eval(together)
+        for a, b in zip(alone, together):
+            assert np.array_equal(a, np.array(b).view(np.uint16))
+
+
+def test_strided_inputs():
+    qw = make(256, 640, 8, 64, mx.float32, seed=13)
+    base = mx.random.normal((640, 4))
+    mx.eval(base)
+    one_row = base.T[1:2]  # an evaluated view with column stride 4
+    check(sq.zigzag_gemv(one_row, qw, stream=mx.gpu), reference(one_row, qw), mx.float32)
+    rows = base.T  # several strided rows: made contiguous by the op
+    check(sq.zigzag_gemv(rows, qw, stream=mx.gpu), reference(rows, qw), mx.float32)
+    idx = mx.arange(0, 640, 3)[::2]  # a strided index list
+    check(sq.zigzag_gemv(rows, qw, indices=idx, stream=mx.gpu), reference(rows, qw, np.array(idx)), mx.float32)

@@ -15,7 +15,6 @@ def gemv_name(dtype: str, bits: int, group_size: int) -> str:
 def instances():
     for dtype, ctype in DTYPES.items():
         yield f"spqt_collect_active_{dtype}", "collect_active.cu", ctype, 0, 0
-        yield f"spqt_reduce_splits_{dtype}", "zigzag_gemv.cu", ctype, 0, 0
         for bits in BITS:
             for gs in GROUP_SIZES:
                 yield gemv_name(dtype, bits, gs), "zigzag_gemv.cu", ctype, bits, gs

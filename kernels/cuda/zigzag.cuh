@@ -61,6 +61,36 @@ __device__ __forceinline__ float code(const uint32_t (&w)[BITS], int r) {
   return __int_as_float(0x4B000000u | (v & mask)) - 8388608.0f;
 }
 
+// acc[r] += xs * code r, for the 32 codes in w. For 2, 4 and 8 bits a code is masked in place,
+// not shifted down: (w & (mask << p)) read as a float mantissa is code * 2^p, and xs * 2^-p is
+// exact, so each code costs one LOP3, one FADD and one FFMA, with the same result bits as
+// fmaf(xs, code, acc). Codes above mantissa bit 22 come from w >> 16.
+template <int BITS>
+__device__ __forceinline__ void accumulate_codes(
+    const uint32_t (&w)[BITS], float xs, float (&acc)[32]) {
+  if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
+    constexpr int kPerWord = 32 / BITS;
+    constexpr uint32_t mask = (1u << BITS) - 1;
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) {
+      const uint32_t lo = w[i];
+      const uint32_t hi = w[i] >> 16;
+#pragma unroll
+      for (int j = 0; j < kPerWord; ++j) {
+        const int p = j * BITS;
+        const bool high = p + BITS > 23;
+        const int q = high ? p - 16 : p;
+        const uint32_t bits = (high ? hi : lo) & (mask << q);
+        const float v = __int_as_float(0x4B000000u | bits) - 8388608.0f;
+        acc[i * kPerWord + j] = fmaf(xs * (1.0f / float(1u << q)), v, acc[i * kPerWord + j]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 32; ++r) acc[r] = fmaf(xs, code<BITS>(w, r), acc[r]);
+  }
+}
+
 // Balanced share of n entries among `parts` workers: the first n % parts take one extra.
 __device__ __forceinline__ void share(int n, int parts, int part, int& begin, int& count) {
   const int base = n / parts;
