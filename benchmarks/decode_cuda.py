@@ -7,8 +7,8 @@ For each size: one random fp16 Llama model; mlx-lm's `nn.quantize` (4-bit, group
 baseline; the same float weights patched to zigzag 4-bit, group 64, with thresholds calibrated
 (uniform, TEAL-style) on random prompts for each target sparsity. Decode tokens/s over `--tokens`
 generated tokens after a 128-token prompt and a full warm-up generation; prefill tokens/s from the
-prompt. Random weights are fine for speed; the activations' statistics are what the thresholds
-are calibrated on.
+prompt; each figure is the median of three generations. Random weights are fine for speed; the
+activations' statistics are what the thresholds are calibrated on.
 """
 
 import argparse
@@ -43,8 +43,9 @@ def random_model(size):
     return model
 
 
-def decode_speed(model, prompt, tokens):
-    """(prefill tokens/s, decode tokens/s) of one greedy generation, after a warm-up one."""
+def decode_speed(model, prompt, tokens, repeats=3):
+    """Median (prefill tokens/s, decode tokens/s) of `repeats` greedy generations, after a warm-up
+    one. Decode is host-bound, so single runs vary by tens of percent."""
     def run():
         times = []
         t0 = time.perf_counter()
@@ -53,8 +54,10 @@ def decode_speed(model, prompt, tokens):
         return t0, times
 
     run()
-    t0, times = run()
-    return len(prompt) / (times[0] - t0), (len(times) - 1) / (times[-1] - times[0])
+    runs = [run() for _ in range(repeats)]
+    prefill = sorted(len(prompt) / (times[0] - t0) for t0, times in runs)
+    decode = sorted((len(times) - 1) / (times[-1] - times[0]) for _, times in runs)
+    return prefill[len(runs) // 2], decode[len(runs) // 2]
 
 
 def main(argv=None):
@@ -81,7 +84,7 @@ def main(argv=None):
         for s in SPARSITIES:
             set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)
             record_stats(model, True)
-            decode_speed(model, prompt[:16], 8)
+            decode_speed(model, prompt[:16], 8, repeats=1)
             got = achieved_sparsity(model)
             record_stats(model, False)
             pre, dec = decode_speed(model, prompt, args.tokens)

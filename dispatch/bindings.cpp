@@ -52,4 +52,6 @@ NB_MODULE(_ext, m) {
       "threshold"_a,
       nb::kw_only(),
       "stream"_a = nb::none());
+
+  m.def("check_collect_active", &spqt::check_collect_active, "x"_a, "threshold"_a);
 }

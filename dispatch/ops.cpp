@@ -45,12 +45,8 @@ void check_bits_group_size(const std::string& where, int group_size, int bits) {
   }
 }
 
-// Checks one single-token activation and its threshold; returns the threshold as float32.
-mx::array check_threshold(
-    const std::string& where,
-    const mx::array& x,
-    const mx::array& threshold,
-    mx::StreamOrDevice s) {
+// Checks one single-token activation and its threshold.
+void validate_threshold(const std::string& where, const mx::array& x, const mx::array& threshold) {
   const int K = x.shape(-1);
   if (x.size() != static_cast<size_t>(K)) {
     fail(where, "active columns are collected for a single token: x must hold one row, got shape " +
@@ -64,6 +60,15 @@ mx::array check_threshold(
       !mx::issubdtype(threshold.dtype(), mx::integer)) {
     fail(where, "threshold must be a real number, got dtype " + dtype_str(threshold.dtype()) + ".");
   }
+}
+
+// The threshold of a checked single-token activation, as float32.
+mx::array check_threshold(
+    const std::string& where,
+    const mx::array& x,
+    const mx::array& threshold,
+    mx::StreamOrDevice s) {
+  validate_threshold(where, x, threshold);
   return mx::astype(threshold, mx::float32, s);
 }
 
@@ -195,7 +200,7 @@ mx::array zigzag_gemv(
       std::move(inputs));
 }
 
-mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::StreamOrDevice s) {
+void check_collect_active(const mx::array& x, const mx::array& threshold) {
   const std::string where = "collect_active";
   if (!is_float_dtype(x.dtype())) {
     fail(where, "x must be float32, float16 or bfloat16, got " + dtype_str(x.dtype()) + ".");
@@ -203,6 +208,12 @@ mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::Str
   if (x.ndim() < 1 || x.size() == 0) {
     fail(where, "x must be a non-empty activation of shape (..., K).");
   }
+  validate_threshold(where, x, threshold);
+}
+
+mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::StreamOrDevice s) {
+  const std::string where = "collect_active";
+  check_collect_active(x, threshold);
   auto stream = mx::to_stream(s);
   const int K = x.shape(-1);
   auto t = cuda_threshold(check_threshold(where, x, threshold, stream), K, stream);

@@ -37,4 +37,7 @@ mx::array collect_active(
     const mx::array& threshold,
     mx::StreamOrDevice s = {});
 
+// The checks of collect_active alone, for callers that build the collection only when needed.
+void check_collect_active(const mx::array& x, const mx::array& threshold);
+
 } // namespace spqt

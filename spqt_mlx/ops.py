@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 
 from . import _ext
@@ -12,18 +10,28 @@ from .layout import ZigzagWeight, check_weight
 _DENSE, _INDICES, _PACKED, _THRESHOLD = 0, 1, 2, 3
 
 
-@dataclass(frozen=True)
 class ActiveColumns:
     """The active input columns of one token, as collected on the device.
 
     ``packed`` is int32 of shape (K + 1,): ``packed[0]`` is the count n, ``packed[1:n+1]`` the
     active columns in ascending order. Nothing is computed until something reads it; handed to
-    ``zigzag_gemv`` together with the ``x`` it came from, the collection is fused into the GEMV.
+    ``zigzag_gemv`` together with the ``x`` it came from, the collection is fused into the GEMV
+    and ``packed`` is never built, so a sparse layer costs one op, not two.
     """
 
-    packed: mx.array
-    x: mx.array
-    threshold: mx.array
+    __slots__ = ("_packed", "x", "threshold", "_stream")
+
+    def __init__(self, packed: mx.array | None, x: mx.array | None, threshold: mx.array | None, *, stream=None):
+        self._packed = packed
+        self.x = x
+        self.threshold = threshold
+        self._stream = stream
+
+    @property
+    def packed(self) -> mx.array:
+        if self._packed is None:
+            self._packed = _ext.collect_active(self.x, self.threshold, stream=self._stream)
+        return self._packed
 
     @property
     def count(self) -> mx.array:
@@ -40,7 +48,7 @@ def collect_active(x: mx.array, threshold, *, stream=None) -> ActiveColumns:
     """Columns k of a single-token activation ``x`` (shape (..., K), one row) with |x[k]| > threshold.
 
     ``threshold`` is a scalar or an array of one threshold per column. Computed inside the graph,
-    with no host round-trip.
+    with no host round-trip, and only when the list itself is used (see ``ActiveColumns``).
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
@@ -48,8 +56,8 @@ def collect_active(x: mx.array, threshold, *, stream=None) -> ActiveColumns:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a number or an mx.array, got {type(threshold).__name__}.")
         threshold = mx.array(threshold, dtype=mx.float32)
-    packed = _ext.collect_active(x, threshold, stream=stream)
-    return ActiveColumns(packed, x, threshold)
+    _ext.check_collect_active(x, threshold)
+    return ActiveColumns(None, x, threshold, stream=stream)
 
 
 def zigzag_gemv(
