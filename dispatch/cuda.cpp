@@ -65,10 +65,10 @@ int column_stride(const mx::array& x) {
   return 1;
 }
 
-// How the kernels read the threshold: per column (1), or a ready scalar passed by value (2). MLX
-// keeps scalars in unified memory, slow to read from every block. The op functions spread a
+// Whether the kernels read one threshold per column; otherwise the scalar goes by value, since
+// MLX keeps scalars in unified memory, slow to read from every block. The op functions spread a
 // scalar that is not ready yet over the columns.
-int threshold_mode(const mx::array& t, float& value) {
+int per_column_threshold(const mx::array& t, float& value) {
   if (t.ndim() > 0) {
     return 1;
   }
@@ -76,7 +76,7 @@ int threshold_mode(const mx::array& t, float& value) {
     throw std::logic_error("[zigzag_gemv] a scalar threshold must be ready before the kernel runs.");
   }
   value = *(t.data<float>());
-  return 2;
+  return 0;
 }
 
 void collect_into(
@@ -85,7 +85,7 @@ void collect_into(
   CUfunction f = kernel(name);
   int K = x.shape(-1);
   float t_value = 0.0f;
-  int mode = threshold_mode(t, t_value);
+  int per_column = per_column_threshold(t, t_value);
   int x_stride = column_stride(x);
   enc.set_input_array(x);
   enc.set_input_array(t);
@@ -94,7 +94,7 @@ void collect_into(
   void* t_ptr = mx::gpu_ptr<void>(t);
   void* out_ptr = mx::gpu_ptr<void>(out);
   enc.add_kernel_node_ex(
-      f, dim3(1), dim3(kCollectThreads), {}, 0, x_ptr, t_ptr, out_ptr, K, x_stride, mode, t_value);
+      f, dim3(1), dim3(kCollectThreads), {}, 0, x_ptr, t_ptr, out_ptr, K, x_stride, per_column, t_value);
 }
 
 } // namespace
@@ -123,7 +123,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
 
   int kind = int(p.kind());
   int n_host = 0;
-  int mode = 0;
+  int per_column = 0;
   float t_value = 0.0f;
   void* active = mx::gpu_ptr<void>(x);  // unused by the dense walk; any pointer will do
   if (p.kind() != ActiveKind::Dense) {
@@ -133,7 +133,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     if (p.kind() == ActiveKind::Indices) {
       n_host = a.size();
     } else if (p.kind() == ActiveKind::Threshold) {
-      mode = threshold_mode(a, t_value);
+      per_column = per_column_threshold(a, t_value);
       if (K > kMaxFusedK) {
         // Too many columns for the fused collection: collect once, then walk the list.
         mx::array list({K + 1}, mx::int32, nullptr, {});
@@ -180,7 +180,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   enc.add_kernel_node_ex(
       f, dim3(bands * splits, std::min(M, kMaxGridY)), dim3(kThreads), {}, 0,
       x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
-      rows, cols, K, x_stride, kind, n_host, mode, t_value, splits);
+      rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits);
 }
 
 } // namespace spqt::cuda

@@ -17,8 +17,8 @@
 // block into shared memory (no list in global memory, no extra launch; the list is ordered by
 // column modulo 256, then by column). Entries outside [0, K) are skipped.
 //
-// The threshold of kind 3 (threshold_mode): 0 the scalar t[0], 1 one per column t[k], 2 the
-// scalar t_value passed by value (MLX keeps scalars in unified memory, slow to read from a kernel).
+// The threshold of kind 3: one per column, t[k], or the scalar t_value, passed by value (MLX keeps
+// scalars in unified memory, slow to read from every block).
 //
 // x is read with a column stride (a single row may be any strided view); several rows must be
 // row-contiguous.
@@ -38,7 +38,7 @@ __device__ __forceinline__ void zigzag_gemv(
     T* __restrict__ y,
     float* __restrict__ partials,
     int* __restrict__ counters,
-    int M, int N, int K, int x_stride, int kind, int n_host, int threshold_mode,
+    int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
     float t_value, int splits) {
   constexpr int kListCapacity = 2048;  // fused-collection window, in entries
   constexpr int kLanesPerGroup = GS / 32;
@@ -88,14 +88,13 @@ __device__ __forceinline__ void zigzag_gemv(
       // few memory latencies, not one per column.
       const float* t = static_cast<const float*>(active);
       const int per_thread = (K + kThreads - 1) / kThreads;
-      const float t_all = threshold_mode == 2 ? t_value : threshold_mode == 1 ? 0.0f : t[0];
-      for (int i0 = 0; i0 < per_thread; i0 += 8) {
+            for (int i0 = 0; i0 < per_thread; i0 += 8) {
         float v[8], th[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int k = min((i0 + j) * kThreads + tid, K - 1);
           v[j] = fabsf(to_float(xm[int64_t(k) * x_stride]));
-          th[j] = threshold_mode == 1 ? t[k] : t_all;
+          th[j] = threshold_per_column ? t[k] : t_value;
         }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -230,10 +229,10 @@ __device__ __forceinline__ void zigzag_gemv(
 extern "C" __global__ void __launch_bounds__(spqt::kThreads, 2) SPQT_NAME(
     const SPQT_T* x, const uint32_t* w, const SPQT_T* scales, const SPQT_T* biases,
     const void* active, SPQT_T* y, float* partials, int* counters,
-    int M, int N, int K, int x_stride, int kind, int n_host, int threshold_mode,
+    int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
     float t_value, int splits) {
   spqt::zigzag_gemv<SPQT_T, SPQT_BITS, SPQT_GS>(
       x, w, scales, biases, active, y, partials, counters,
-      M, N, K, x_stride, kind, n_host, threshold_mode, t_value, splits);
+      M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits);
 }
 #endif
