@@ -32,9 +32,9 @@ std::string dtype_name(mx::Dtype t) {
 // Blocks that split one band's columns: enough to fill the GPU once, but each keeping at least
 // two full steps of columns per warp. A function of the shape and the device only, so the
 // summation order, and with it every output bit, is the same on every call.
-int split_count(int bands, int K, int group_size) {
+int split_count(int bands, int K, int group_size, mx::cu::CommandEncoder& enc) {
   const int cols_per_step = (kThreads / 32) * (32 / (group_size / 32));
-  const int target = kBlocksPerSM * multiprocessor_count();
+  const int target = kBlocksPerSM * multiprocessor_count(enc);
   int splits = 1;
   while (splits < kMaxSplits && bands * splits * 2 <= target &&
          K / (2 * splits) >= 2 * cols_per_step) {
@@ -82,7 +82,7 @@ int per_column_threshold(const mx::array& t, float& value) {
 void collect_into(
     mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& t, mx::array& out) {
   const std::string name = "spqt_collect_active_" + dtype_name(x.dtype());
-  CUfunction f = kernel(name);
+  CUfunction f = kernel(name, enc);
   int K = x.shape(-1);
   float t_value = 0.0f;
   int per_column = per_column_threshold(t, t_value);
@@ -147,7 +147,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     }
   }
 
-  int splits = split_count(bands, K, gs);
+  int splits = split_count(bands, K, gs, enc);
   void* partials = nullptr;
   void* counters = nullptr;
   if (splits > 1) {
@@ -163,7 +163,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
 
   const std::string name = "spqt_zigzag_gemv_" + dtype_name(x.dtype()) + "_b" +
       std::to_string(p.bits()) + "_g" + std::to_string(gs);
-  CUfunction f = kernel(name);
+  CUfunction f = kernel(name, enc);
   enc.set_input_array(x);
   enc.set_input_array(w);
   enc.set_input_array(scales);

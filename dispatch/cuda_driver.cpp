@@ -15,7 +15,6 @@ namespace {
 
 struct Driver {
   CUresult (*get_error_string)(CUresult, const char**);
-  CUresult (*ctx_get_device)(CUdevice*);
   CUresult (*device_get_attribute)(int*, CUdevice_attribute, CUdevice);
   CUresult (*module_load_data)(CUmodule*, const void*);
   CUresult (*module_get_function)(CUfunction*, CUmodule, const char*);
@@ -42,7 +41,6 @@ const Driver& driver() {
     }
     Driver d{};
     bind(lib, d.get_error_string, "cuGetErrorString");
-    bind(lib, d.ctx_get_device, "cuCtxGetDevice");
     bind(lib, d.device_get_attribute, "cuDeviceGetAttribute");
     bind(lib, d.module_load_data, "cuModuleLoadData");
     bind(lib, d.module_get_function, "cuModuleGetFunction");
@@ -65,12 +63,6 @@ void check(CUresult r, const char* what) {
   }
 }
 
-int current_device() {
-  CUdevice dev;
-  check(driver().ctx_get_device(&dev), "cuCtxGetDevice");
-  return int(dev);
-}
-
 // Free device memory by size, per device. Plain and zero-holding blocks are kept apart.
 struct BlockCache {
   std::mutex mutex;
@@ -90,12 +82,12 @@ BlockCache& blocks(int device) {
 
 } // namespace
 
-CUfunction kernel(const std::string& name) {
+CUfunction kernel(const std::string& name, mx::cu::CommandEncoder& encoder) {
   static std::mutex mutex;
-  static std::unordered_map<std::string, CUfunction> loaded;
-  const std::string key = std::to_string(current_device()) + ":" + name;
+  static std::unordered_map<int, std::unordered_map<std::string, CUfunction>> loaded;
   std::lock_guard lock(mutex);
-  if (auto it = loaded.find(key); it != loaded.end()) {
+  auto& on_device = loaded[encoder.device().cuda_device()];
+  if (auto it = on_device.find(name); it != on_device.end()) {
     return it->second;
   }
   const EmbeddedKernel* k = find_embedded_kernel(name);
@@ -106,14 +98,14 @@ CUfunction kernel(const std::string& name) {
   check(driver().module_load_data(&module, k->data), "loading the CUDA kernels");
   CUfunction f;
   check(driver().module_get_function(&f, module, name.c_str()), "finding a CUDA kernel");
-  loaded.emplace(key, f);
+  on_device.emplace(name, f);
   return f;
 }
 
-int multiprocessor_count() {
+int multiprocessor_count(mx::cu::CommandEncoder& encoder) {
   static std::mutex mutex;
   static std::unordered_map<int, int> counts;
-  const int dev = current_device();
+  const int dev = encoder.device().cuda_device();
   std::lock_guard lock(mutex);
   if (auto it = counts.find(dev); it != counts.end()) {
     return it->second;
@@ -127,7 +119,7 @@ int multiprocessor_count() {
 
 void allocate(mx::array& a, size_t bytes, mx::cu::CommandEncoder& encoder, bool zeroed) {
   const size_t size = std::max<size_t>(256, (bytes + 255) & ~size_t(255));
-  const int device = current_device();
+  const int device = encoder.device().cuda_device();
   BlockCache& cache = blocks(device);
   CUstream stream = encoder.stream();
   CUdeviceptr ptr = 0;

@@ -17,11 +17,11 @@
 
 namespace spqt::cuda {
 
-// The kernel `name` from the embedded binaries, loaded into the current context once.
-CUfunction kernel(const std::string& name);
+// The kernel `name` from the embedded binaries, loaded into the encoder's device once.
+CUfunction kernel(const std::string& name, mx::cu::CommandEncoder& encoder);
 
-// Number of multiprocessors of the current device.
-int multiprocessor_count();
+// Number of multiprocessors of the encoder's device.
+int multiprocessor_count(mx::cu::CommandEncoder& encoder);
 
 // Gives `a` `bytes` of device memory (not managed memory) from the device's stream-ordered pool,
 // recycled per size once MLX drops the array, which it does after the GPU work that used it has

@@ -212,11 +212,10 @@ void check_collect_active(const mx::array& x, const mx::array& threshold) {
 }
 
 mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::StreamOrDevice s) {
-  const std::string where = "collect_active";
   check_collect_active(x, threshold);
   auto stream = mx::to_stream(s);
   const int K = x.shape(-1);
-  auto t = cuda_threshold(check_threshold(where, x, threshold, stream), K, stream);
+  auto t = cuda_threshold(mx::astype(threshold, mx::float32, stream), K, stream);
   std::vector<mx::array> inputs{mx::reshape(x, {K}, stream), t};
   if (stream.device == mx::Device::gpu && mx::cu::is_available()) {
     make_contiguous(inputs, stream);
