@@ -104,11 +104,12 @@ def zigzag_gemv(
 
 
 def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.array:
-    """Dense ``x @ W.T`` for any number of rows, through MLX's own quantized matmul.
+    """Dense ``x @ W.T`` for any number of rows: the path for prefill and batches.
 
-    Band b of the zigzag layout is an MLX-quantized (K, group_size) matrix with one group per row,
-    so all bands go through ``mx.quantized_matmul(transpose=False)`` as one batched product. This is
-    the path for prefill and batches; single tokens are cheaper through ``zigzag_gemv``.
+    Band b of the zigzag layout is an MLX-quantized (K, group_size) matrix with one group per row.
+    Metal and CPU run all bands as one batched ``mx.quantized_matmul(transpose=False)``. MLX's CUDA
+    backend has only a naive kernel for that case, so on CUDA the bands are dequantized and go
+    through one batched fp16 matmul instead. Single tokens are cheaper through ``zigzag_gemv``.
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
@@ -120,7 +121,21 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
         raise ValueError(f"x is {x.dtype} but the weight's scales are {qweight.dtype}; convert one to the other.")
     lead = x.shape[:-1]
     rows = x.reshape(1, -1, K)
-    y = mx.quantized_matmul(
+    product = _matmul_dequantized if _on_cuda(stream) else _matmul_per_band
+    y = product(rows, qweight, stream)  # (bands, M, gs)
+    return y.swapaxes(0, 1).reshape(*lead, N)
+
+
+def _on_cuda(stream) -> bool:
+    if stream is None:
+        device = mx.default_device()
+    else:
+        device = stream if isinstance(stream, mx.Device) else stream.device
+    return device.type == mx.gpu and mx.cuda.is_available()
+
+
+def _matmul_per_band(rows: mx.array, qweight: ZigzagWeight, stream) -> mx.array:
+    return mx.quantized_matmul(
         rows,
         qweight.weight,
         qweight.scales[..., None],
@@ -129,5 +144,16 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
         group_size=qweight.group_size,
         bits=qweight.bits,
         stream=stream,
-    )  # (bands, M, gs)
-    return y.swapaxes(0, 1).reshape(*lead, N)
+    )
+
+
+def _matmul_dequantized(rows: mx.array, qweight: ZigzagWeight, stream) -> mx.array:
+    w = mx.dequantize(
+        qweight.weight,
+        qweight.scales[..., None],
+        qweight.biases[..., None],
+        group_size=qweight.group_size,
+        bits=qweight.bits,
+        stream=stream,
+    )  # (bands, K, gs), transient
+    return mx.matmul(rows, w, stream=stream)

@@ -171,3 +171,15 @@ def test_strided_inputs():
     check(sq.zigzag_gemv(rows, qw, stream=mx.gpu), reference(rows, qw), mx.float32)
     idx = mx.arange(0, 640, 3)[::2]  # a strided index list
     check(sq.zigzag_gemv(rows, qw, indices=idx, stream=mx.gpu), reference(rows, qw, np.array(idx)), mx.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [2, 7, 130])
+@pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (8, 128)])
+def test_prefill_matmul(bits, gs, rows, dtype):
+    # Multi-token calls go through the dequantized batched product on CUDA.
+    qw = make(3 * gs, 200, bits, gs, dtype, seed=bits + rows)
+    x = (mx.random.normal((rows, 200)) * 0.5).astype(dtype)
+    y = sq.zigzag_matmul(x, qw)
+    assert y.dtype == dtype
+    check(y, reference(x, qw), dtype)

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import make_prompt_cache
 
 import spqt_mlx.patch.linear as linear_module
-from spqt_mlx import ActiveColumns
+from spqt_mlx import ops as spqt_ops
 from spqt_mlx.patch import (
     ZigzagLinear,
     achieved_sparsity,
@@ -58,16 +58,22 @@ def test_dense_patched_model_matches_dequantized_reference():
     assert not np.allclose(tiny_llama()(tokens), ref(tokens), atol=1e-3)
 
 
+def spy_on_gemv(monkeypatch) -> list:
+    """Record the kind of active set of every zigzag GEMV the layers launch."""
+    calls = []
+    real = linear_module._ext.zigzag_gemv
+    monkeypatch.setattr(linear_module._ext, "zigzag_gemv", lambda *a, **kw: calls.append(a[5]) or real(*a, **kw))
+    return calls
+
+
 def test_single_token_with_threshold_runs_the_sparse_kernel(monkeypatch):
     mx.random.seed(1)
     layer = ZigzagLinear.from_linear(nn.Linear(128, 192, bias=True), group_size=64, bits=4)
     layer.threshold = 0.8
-    calls = []
-    real = linear_module.zigzag_gemv
-    monkeypatch.setattr(linear_module, "zigzag_gemv", lambda x, qw, **kw: calls.append(kw) or real(x, qw, **kw))
+    calls = spy_on_gemv(monkeypatch)
     x = mx.random.normal((1, 1, 128))
     y = layer(x)
-    assert len(calls) == 1 and isinstance(calls[0]["indices"], ActiveColumns)
+    assert calls == [spqt_ops._THRESHOLD]  # the fused collection, with the layer's threshold
     idx = np.flatnonzero(np.abs(np.array(x).reshape(-1)) > 0.8)
     assert 0 < idx.size < 128
     w = np.array(layer.dequantized_weight())
@@ -85,12 +91,10 @@ def test_multi_token_and_zero_threshold_calls_are_dense(monkeypatch):
     x = mx.random.normal((2, 3, 64))
     np.testing.assert_allclose(layer(x), np.array(x) @ w.T, rtol=1e-4, atol=1e-4)
     layer.threshold = 0.0
-    calls = []
-    real = linear_module.zigzag_gemv
-    monkeypatch.setattr(linear_module, "zigzag_gemv", lambda x, qw, **kw: calls.append(kw) or real(x, qw, **kw))
+    calls = spy_on_gemv(monkeypatch)
     x1 = mx.random.normal((1, 1, 64))
     np.testing.assert_allclose(layer(x1), np.array(x1) @ w.T, rtol=1e-4, atol=1e-4)
-    assert calls == [{}]
+    assert calls == [spqt_ops._DENSE]
 
 
 def test_patch_model_swaps_projections_only():
