@@ -1,14 +1,17 @@
 """End-to-end decode speed: mlx-lm's own 4-bit model against the zigzag-patched model at several
-sparsities, on random-weight Llama-architecture models (issue 6, speed part).
+sparsities (issue 6, speed part).
 
-    python benchmarks/decode_cuda.py [--sizes 8b 1b] [--tokens 128] [--json out.json]
+    python benchmarks/decode_cuda.py [--sizes 8b 1b smollm2] [--text book.txt] [--json out.json]
 
-For each size: one random fp16 Llama model; mlx-lm's `nn.quantize` (4-bit, group 64) as the
-baseline; the same float weights patched to zigzag 4-bit, group 64, with thresholds calibrated
-(uniform, TEAL-style) on random prompts for each target sparsity. Decode tokens/s over `--tokens`
-generated tokens after a 128-token prompt and a full warm-up generation; prefill tokens/s from the
-prompt; each figure is the median of three generations. Random weights are fine for speed; the
-activations' statistics are what the thresholds are calibrated on.
+Models: random-weight fp16 Llama models of the Llama-3-8B and Llama-3.2-1B shapes, and
+SmolLM2-135M-Instruct with its real weights (from the cached GGUF, see spqt_mlx.assets).
+Baseline: mlx-lm's `nn.quantize` (4-bit, group 64; embeddings and lm_head included). Ours: the same
+float weights with the attention and MLP projections zigzag-quantized (4-bit, group 64) and the
+embeddings and lm_head quantized exactly as the baseline's, so the two differ only in the
+projections. Thresholds are calibrated (uniform, TEAL-style) for each target sparsity on 256 tokens:
+of `--text` if given (also the prompt's source), else random tokens. Decode tokens/s over
+`--tokens` generated tokens after a 128-token prompt and a full warm-up generation; prefill
+tokens/s from the prompt; each figure is the median of three generations.
 """
 
 import argparse
@@ -22,7 +25,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import llama
 
 import spqt_mlx.calibrate as calibrate
-from spqt_mlx.patch import achieved_sparsity, patch_model, record_stats, set_thresholds
+from spqt_mlx.patch import ZigzagLinear, achieved_sparsity, patch_model, record_stats, set_thresholds
 
 SIZES = {
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
@@ -31,6 +34,28 @@ SIZES = {
                num_key_value_heads=8),
 }
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7]
+LABELS = {"8b": "Llama-3-8B arch (random)", "1b": "Llama-3.2-1B-sized (random)", "smollm2": "SmolLM2-135M (real)"}
+
+
+def load_model(size):
+    """(fp16 model, tokenizer or None) for a benchmark size."""
+    if size == "smollm2":
+        from mlx_lm import load
+
+        from spqt_mlx.assets import default_model_dir
+
+        model, tokenizer = load(str(default_model_dir(dtype="float16")))
+        return model, tokenizer
+    return random_model(size), None
+
+
+def quantize_rest(model, group_size=64, bits=4):
+    """Quantize what the patch leaves in float (embeddings, lm_head) as mlx-lm's baseline does."""
+    def predicate(path, module):
+        return hasattr(module, "to_quantized") and not isinstance(module, ZigzagLinear) and \
+            module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
 
 
 def random_model(size):
@@ -60,26 +85,78 @@ def decode_speed(model, prompt, tokens, repeats=3):
     return prefill[len(runs) // 2], decode[len(runs) // 2]
 
 
+def markdown(rows):
+    """The BENCHMARKS.md table of decode runs (rows of one or more --json files)."""
+    out = ["| model | variant | target sparsity | achieved | prefill tok/s | decode tok/s | decode vs mlx-lm 4-bit |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(b for b in rows if b["size"] == r["size"] and b["model"].startswith("mlx"))
+        variant = "mlx-lm 4-bit" if r["model"].startswith("mlx") else "zigzag 4-bit"
+        out.append(f"| {r.get('label', r['size'])} | {variant} | {r['sparsity']:.2f} | {r['achieved']:.2f} | "
+                   f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['decode_tps'] / base['decode_tps']:.2f}× |")
+    return "\n".join(out)
+
+
+def plot(rows, path):
+    """Decode tokens/s against target sparsity, one panel per model, mlx-lm's 4-bit model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        mine = [r for r in rows if r["size"] == size and not r["model"].startswith("mlx")]
+        base = next(r for r in rows if r["size"] == size and r["model"].startswith("mlx"))
+        ax.plot([r["sparsity"] for r in mine], [r["decode_tps"] for r in mine], marker="o", label="zigzag 4-bit")
+        ax.axhline(base["decode_tps"], linestyle="--", color="C3", label="mlx-lm 4-bit")
+        ax.set_title(base.get("label", size), fontsize=9)
+        ax.set_xlabel("target activation sparsity")
+        ax.set_ylim(0, 1.2 * max(r["decode_tps"] for r in [base, *mine]))
+    axes[0][0].set_ylabel("decode tokens/s")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=["8b", "1b"], choices=sorted(SIZES))
+    p.add_argument("--markdown", nargs="+", metavar="JSON", help="print the table of these results (runs nothing)")
+    p.add_argument("--plot", help="with --markdown: also plot them into this PNG")
+    p.add_argument("--sizes", nargs="+", default=["8b", "1b"], choices=[*SIZES, "smollm2"])
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--text", help="UTF-8 text: prompt and calibration tokens for models with a tokenizer")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.markdown:
+        rows = [r for path in args.markdown for r in json.load(open(path))["rows"]]
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return rows
     rows = []
-    prompt = mx.random.randint(0, 128256, (128,), key=mx.random.key(1))
-    calib = mx.random.randint(0, 128256, (256,), key=mx.random.key(2))
     for size in args.sizes:
-        model = random_model(size)
+        model, tokenizer = load_model(size)
+        vocab = model.args.vocab_size
+        if args.text and tokenizer is not None:
+            with open(args.text, encoding="utf-8") as f:
+                ids = tokenizer.encode(f.read()[:200_000], add_special_tokens=False)
+            prompt, calib = mx.array(ids[:128]), mx.array(ids[5000:5256])
+        else:
+            prompt = mx.random.randint(0, vocab, (128,), key=mx.random.key(1))
+            calib = mx.random.randint(0, vocab, (256,), key=mx.random.key(2))
         baseline = copy.deepcopy(model)
         nn.quantize(baseline, group_size=64, bits=4)
         mx.eval(baseline.parameters())
         pre, dec = decode_speed(baseline, prompt, args.tokens)
-        rows.append(dict(size=size, model="mlx-lm 4-bit (nn.QuantizedLinear)", sparsity=0.0, prefill_tps=pre,
-                         decode_tps=dec, achieved=0.0))
+        rows.append(dict(size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)", sparsity=0.0,
+                         prefill_tps=pre, decode_tps=dec, achieved=0.0))
         print(rows[-1], flush=True)
         del baseline
         patch_model(model, group_size=64, bits=4)
+        quantize_rest(model)
         mx.eval(model.parameters())
         for s in SPARSITIES:
             set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)
@@ -88,8 +165,8 @@ def main(argv=None):
             got = achieved_sparsity(model)
             record_stats(model, False)
             pre, dec = decode_speed(model, prompt, args.tokens)
-            rows.append(dict(size=size, model="zigzag 4-bit", sparsity=s, prefill_tps=pre, decode_tps=dec,
-                             achieved=got[0] if got else 0.0))
+            rows.append(dict(size=size, label=LABELS[size], model="zigzag 4-bit", sparsity=s, prefill_tps=pre,
+                             decode_tps=dec, achieved=got[0] if got else 0.0))
             print(rows[-1], flush=True)
         del model
         mx.clear_cache()

@@ -78,8 +78,10 @@ def _log(message: str) -> None:
 
 def calibration_tokens(model, tokenizer, args) -> list[int]:
     if args.calibration_text is not None:
+        from .convert import text_tokens  # tokenizes a prefix only, not a whole novel
+
         text = Path(args.calibration_text).read_text(encoding="utf-8")
-        tokens = tokenizer.encode(text)[: args.calibration_tokens]
+        tokens = text_tokens(tokenizer, text, args.calibration_tokens)
         if len(tokens) < 2:
             raise ValueError(f"--calibration-text {args.calibration_text} holds fewer than 2 tokens.")
         return tokens

@@ -108,8 +108,9 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
 
     Band b of the zigzag layout is an MLX-quantized (K, group_size) matrix with one group per row.
     Metal and CPU run all bands as one batched ``mx.quantized_matmul(transpose=False)``. MLX's CUDA
-    backend has only a naive kernel for that case, so on CUDA the bands are dequantized and go
-    through one batched fp16 matmul instead. Single tokens are cheaper through ``zigzag_gemv``.
+    backend has only a naive kernel for that case, so on CUDA from 64 rows on the bands are
+    dequantized and go through one batched matmul instead (in float32 that matmul follows MLX's
+    TF32 setting, ``MLX_ENABLE_TF32``). Single tokens are cheaper through ``zigzag_gemv``.
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
@@ -121,9 +122,15 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
         raise ValueError(f"x is {x.dtype} but the weight's scales are {qweight.dtype}; convert one to the other.")
     lead = x.shape[:-1]
     rows = x.reshape(1, -1, K)
-    product = _matmul_dequantized if _on_cuda(stream) else _matmul_per_band
+    dequantize_first = rows.shape[1] >= _DEQUANTIZE_FROM_ROWS and _on_cuda(stream)
+    product = _matmul_dequantized if dequantize_first else _matmul_per_band
     y = product(rows, qweight, stream)  # (bands, M, gs)
     return y.swapaxes(0, 1).reshape(*lead, N)
+
+
+# On an H100 the naive kernel wins below this many rows (benchmarks/prefill_cuda.py): dequantizing
+# writes and reads back the whole weight in float, a fixed cost that more rows amortize.
+_DEQUANTIZE_FROM_ROWS = 64
 
 
 def _on_cuda(stream) -> bool:
