@@ -25,7 +25,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import llama
 
 import spqt_mlx.calibrate as calibrate
-from spqt_mlx.patch import ZigzagLinear, achieved_sparsity, patch_model, record_stats, set_thresholds
+from spqt_mlx.patch import (ZigzagLinear, achieved_sparsity, fuse_shared_inputs, patch_model, record_stats,
+                             set_thresholds)
 
 SIZES = {
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
@@ -34,6 +35,7 @@ SIZES = {
                num_key_value_heads=8),
 }
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7]
+UNSTACKED = [0.0, 0.5]  # also measured with every projection run alone
 LABELS = {"8b": "Llama-3-8B arch (random)", "1b": "Llama-3.2-1B-sized (random)", "smollm2": "SmolLM2-135M (real)"}
 
 
@@ -91,7 +93,7 @@ def markdown(rows):
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(b for b in rows if b["size"] == r["size"] and b["model"].startswith("mlx"))
-        variant = "mlx-lm 4-bit" if r["model"].startswith("mlx") else "zigzag 4-bit"
+        variant = "mlx-lm 4-bit" if r["model"].startswith("mlx") else r["model"]
         out.append(f"| {r.get('label', r['size'])} | {variant} | {r['sparsity']:.2f} | {r['achieved']:.2f} | "
                    f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['decode_tps'] / base['decode_tps']:.2f}× |")
     return "\n".join(out)
@@ -107,13 +109,15 @@ def plot(rows, path):
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.4), squeeze=False)
     for ax, size in zip(axes[0], sizes):
-        mine = [r for r in rows if r["size"] == size and not r["model"].startswith("mlx")]
         base = next(r for r in rows if r["size"] == size and r["model"].startswith("mlx"))
-        ax.plot([r["sparsity"] for r in mine], [r["decode_tps"] for r in mine], marker="o", label="zigzag 4-bit")
+        mine = [r for r in rows if r["size"] == size and not r["model"].startswith("mlx")]
+        for name in dict.fromkeys(r["model"] for r in mine):
+            pts = [r for r in mine if r["model"] == name]
+            ax.plot([r["sparsity"] for r in pts], [r["decode_tps"] for r in pts], marker="o", label=name)
         ax.axhline(base["decode_tps"], linestyle="--", color="C3", label="mlx-lm 4-bit")
         ax.set_title(base.get("label", size), fontsize=9)
         ax.set_xlabel("target activation sparsity")
-        ax.set_ylim(0, 1.2 * max(r["decode_tps"] for r in [base, *mine]))
+        ax.set_ylim(0, 1.25 * max(r["decode_tps"] for r in [base, *mine]))
     axes[0][0].set_ylabel("decode tokens/s")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -158,16 +162,20 @@ def main(argv=None):
         patch_model(model, group_size=64, bits=4)
         quantize_rest(model)
         mx.eval(model.parameters())
-        for s in SPARSITIES:
-            set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)
-            record_stats(model, True)
-            decode_speed(model, prompt[:16], 8, repeats=1)
-            got = achieved_sparsity(model)
-            record_stats(model, False)
-            pre, dec = decode_speed(model, prompt, args.tokens)
-            rows.append(dict(size=size, label=LABELS[size], model="zigzag 4-bit", sparsity=s, prefill_tps=pre,
-                             decode_tps=dec, achieved=got[0] if got else 0.0))
-            print(rows[-1], flush=True)
+        # Each projection alone first (UNSTACKED), then q/k/v and gate/up stacked, as spqt-generate runs.
+        for stacked, sparsities in ((False, UNSTACKED), (True, SPARSITIES)):
+            if stacked:
+                fuse_shared_inputs(model)
+            for s in sparsities:
+                set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)
+                record_stats(model, True)
+                decode_speed(model, prompt[:16], 8, repeats=1)
+                got = achieved_sparsity(model)
+                record_stats(model, False)
+                pre, dec = decode_speed(model, prompt, args.tokens)
+                rows.append(dict(size=size, label=LABELS[size], model="zigzag 4-bit" + ("" if stacked else " (unstacked)"),
+                                 sparsity=s, prefill_tps=pre, decode_tps=dec, achieved=got[0] if got else 0.0))
+                print(rows[-1], flush=True)
         del model
         mx.clear_cache()
     print(f"\n{'size':>4} {'model':<36} {'target':>6} {'achieved':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'vs mlx-lm':>9}")

@@ -7,8 +7,8 @@
     python benchmarks/decode_profile.py --kernels kernels_0.5.csv [kernels_mlx.csv ...]
 
 Variants: ``mlx`` is mlx-lm's own 4-bit model; a number is the zigzag model (projections zigzag
-4-bit, embeddings and lm_head quantized as mlx-lm's) at that target sparsity (models as in
-decode_cuda.py). The first form times decode steps as ``generate_step`` runs them: the host
+4-bit with q/k/v and gate/up stacked, embeddings and lm_head quantized as mlx-lm's) at that target
+sparsity (models as in decode_cuda.py). The first form times decode steps as ``generate_step`` runs them: the host
 builds step i+1's graph and encodes its kernels while the GPU runs step i. Per step it reports the
 host's graph building (Python), its kernel encoding (``mx.async_eval``), the wait for the previous
 token, and the bytes the step must read over the measured copy bandwidth. ``--ncu-step`` runs
@@ -34,7 +34,8 @@ from decode_cuda import load_model, quantize_rest  # noqa: E402
 from gemv_cuda import copy_bandwidth  # noqa: E402
 
 import spqt_mlx.calibrate as calibrate  # noqa: E402
-from spqt_mlx.patch import ZigzagLinear, achieved_sparsity, patch_model, record_stats, set_thresholds  # noqa: E402
+from spqt_mlx.patch import (ZigzagLinear, achieved_sparsity, fuse_shared_inputs, patch_model, record_stats,
+                             set_thresholds)  # noqa: E402
 
 PROMPT_TOKENS = 128
 
@@ -48,6 +49,7 @@ def build(size, variant):
     else:
         patch_model(model, group_size=64, bits=4)
         quantize_rest(model)
+        fuse_shared_inputs(model)
         s = float(variant)
         set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)
     mx.eval(model.parameters())

@@ -343,7 +343,15 @@ def calibrate(
         raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}.")
     rec = _record(model, tokens, with_blocks=method == "greedy", max_samples=max_samples, seed=seed, progress=progress)
     if method == "uniform" or sparsity == 0:
-        return {p: probe.threshold(sparsity) for p, probe in rec.probes.items()}
+        thresholds = {p: probe.threshold(sparsity) for p, probe in rec.probes.items()}
+        # Siblings reading one input (q/k/v, gate/up) see the same activations, so they get one
+        # threshold (their samples differ only by subsampling), which lets them run as one product.
+        from .patch.fused import shared_input_groups
+
+        for group in shared_input_groups(list(thresholds)):
+            for p in group[1:]:
+                thresholds[p] = thresholds[group[0]]
+        return thresholds
     sparsities = {p: sparsity for p in rec.probes}  # projections outside blocks stay uniform
     for (block_path, block), calls in tqdm(
         list(zip(rec.blocks, rec.block_calls)), desc="greedy allocation", disable=not progress

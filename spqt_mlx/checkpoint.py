@@ -297,7 +297,7 @@ def load(path, *, verify: bool = True, lazy: bool = False):
     """
     from mlx_lm.utils import load_tokenizer
 
-    from .patch import set_thresholds
+    from .patch import fuse_shared_inputs, set_thresholds
 
     path = Path(path)
     config = read_spqt_config(path)
@@ -322,6 +322,7 @@ def load(path, *, verify: bool = True, lazy: bool = False):
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
+        fuse_shared_inputs(model)  # stacking evaluates the weights, so a lazy load skips it
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
 

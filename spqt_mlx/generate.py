@@ -142,6 +142,10 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
 
             mx.random.seed(args.seed)  # sampling the calibration text used the global generator
         _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
+    from .patch import fuse_shared_inputs
+
+    groups = fuse_shared_inputs(model)
+    _log(f"{groups} groups of projections that share an input run as one product each")
     return paths
 
 

@@ -1,5 +1,6 @@
 """The mlx-lm patch layer: ZigzagLinear and the functions that put it into a model."""
 
+from .fused import fuse_shared_inputs, shared_input_groups
 from .linear import ZigzagLinear
 from .model import (
     achieved_sparsity,
@@ -14,10 +15,12 @@ from .model import (
 __all__ = [
     "ZigzagLinear",
     "achieved_sparsity",
+    "fuse_shared_inputs",
     "get_thresholds",
     "is_projection",
     "patch_model",
     "record_stats",
     "set_thresholds",
+    "shared_input_groups",
     "zigzag_layers",
 ]

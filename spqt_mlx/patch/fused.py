@@ -1,0 +1,135 @@
+"""Projections that read the same input, run as one zigzag product.
+
+Attention's q/k/v projections read the same normalized hidden state, and so do the MLP's gate and
+up projections. Stacking their bands gives one weight whose single-token product is one GEMV
+(and one active-column collection) instead of three or two: fewer, larger launches, which is what
+a host-bound decode step needs. Each layer keeps its own parameters as views into the stacked
+arrays, so memory is not duplicated and saving a model writes the same tensors as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .. import _ext
+from ..layout import ZigzagWeight
+from ..ops import _DENSE, _THRESHOLD, zigzag_matmul
+from .linear import ZigzagLinear
+
+# Sibling projections that read one input in mlx-lm's models, by attribute name.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def shared_input_groups(paths: Sequence[str]) -> list[list[str]]:
+    """Groups of at least two ``paths`` that are sibling projections reading one input."""
+    present = set(paths)
+    groups = []
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        for names in SHARED_INPUTS:
+            if name == names[0]:
+                members = [f"{parent}.{n}" if parent else n for n in names]
+                members = [m for m in members if m in present]
+                if len(members) >= 2:
+                    groups.append(members)
+    return groups
+
+
+class SharedInputGroup:
+    """The stacked weight of sibling ZigzagLinear layers and the last product computed with it.
+
+    The first sibling called with a given ``x`` computes the stacked product; the others called
+    with the same array take their slice of it. A sibling called with another array means the
+    inputs are not shared after all: the group then stops stacking and every layer runs alone.
+    """
+
+    def __init__(self, layers: Sequence[ZigzagLinear]):
+        first = layers[0]
+        self.layers = list(layers)
+        self.group_size, self.bits = first.group_size, first.bits
+        self.weight = mx.concatenate([m["weight"] for m in layers])
+        self.scales = mx.concatenate([m["scales"] for m in layers])
+        self.biases = mx.concatenate([m["biases"] for m in layers])
+        mx.eval(self.weight, self.scales, self.biases)
+        self.bounds = []
+        band = 0
+        for m in layers:
+            bands = m["weight"].shape[0]
+            self.bounds.append((band * self.group_size, (band + bands) * self.group_size))
+            band += bands
+        # By identity: modules are dicts, so == would compare their parameters.
+        self._bounds_of = {id(m): b for m, b in zip(layers, self.bounds)}
+        # The layers' parameters become views of the stacked arrays (their own copies are freed).
+        for m, (lo, hi) in zip(layers, self.bounds):
+            b0, b1 = lo // self.group_size, hi // self.group_size
+            m.weight, m.scales, m.biases = self.weight[b0:b1], self.scales[b0:b1], self.biases[b0:b1]
+            mx.eval(m.weight, m.scales, m.biases)
+        self._views = [(m["weight"], m["scales"], m["biases"]) for m in layers]
+        self.enabled = True
+        self._x = self._y = None
+        self._pending = 0
+
+    def is_intact(self) -> bool:
+        """False once any member's parameters were replaced (e.g. by ``load_weights``)."""
+        return all(
+            m["weight"] is w and m["scales"] is s and m["biases"] is b for m, (w, s, b) in zip(self.layers, self._views)
+        )
+
+    def product(self, layer: ZigzagLinear, x: mx.array) -> mx.array | None:
+        """``layer``'s slice of the stacked product for ``x``, or None to run the layer alone."""
+        if not self.enabled:
+            return None
+        if self._x is None or x is not self._x:
+            if self._pending:
+                # A sibling skipped the last input: not a shared one. Stop stacking for good.
+                self.enabled = False
+                self._x = self._y = None
+                return None
+            threshold = self.layers[0]._threshold_value
+            if any(m._threshold_value != threshold for m in self.layers) or not self.is_intact():
+                return None
+            if x.size == self.weight.shape[1]:
+                if threshold > 0:
+                    y = _ext.zigzag_gemv(x, self.weight, self.scales, self.biases, self.layers[0]["_threshold"],
+                                         _THRESHOLD, self.group_size, self.bits)
+                else:
+                    y = _ext.zigzag_gemv(x, self.weight, self.scales, self.biases, None, _DENSE,
+                                         self.group_size, self.bits)
+            else:
+                y = zigzag_matmul(x, ZigzagWeight(self.weight, self.scales, self.biases, self.group_size, self.bits))
+            self._x, self._y = x, y
+            self._pending = len(self.layers)
+        self._pending -= 1
+        lo, hi = self._bounds_of[id(layer)]
+        y = self._y[..., lo:hi]
+        if not self._pending:
+            self._x = self._y = None  # every sibling has its slice; keep no activations alive
+        return y
+
+
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Stack the weights of sibling projections that read one input (q/k/v; gate/up), so each
+    group runs one zigzag product per call. Returns the number of groups.
+
+    Thresholds must be equal within a group for the stacked path to run (uniform calibration
+    gives them one threshold; a group whose thresholds differ runs its layers one by one). Call it
+    after patching, and again after loading new weights into the layers.
+    """
+    layers = {p: m for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+              if isinstance(m, ZigzagLinear)}
+    count = 0
+    for paths in shared_input_groups(list(layers)):
+        members = [layers[p] for p in paths]
+        first = members[0]
+        if any(m.group_size != first.group_size or m.bits != first.bits or m["scales"].dtype != first["scales"].dtype
+               or m.input_dims != first.input_dims for m in members):
+            continue
+        group = SharedInputGroup(members)
+        for m in members:
+            m._shared = group
+        count += 1
+    return count
