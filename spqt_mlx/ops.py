@@ -108,7 +108,7 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
 
     Band b of the zigzag layout is an MLX-quantized (K, group_size) matrix with one group per row.
     Metal and CPU run all bands as one batched ``mx.quantized_matmul(transpose=False)``. MLX's CUDA
-    backend has only a naive kernel for that case, so on CUDA from 64 rows on the bands are
+    backend has only a naive kernel for that case, so on CUDA the bands are
     dequantized and go through one batched matmul instead (in float32 that matmul follows MLX's
     TF32 setting, ``MLX_ENABLE_TF32``). Single tokens are cheaper through ``zigzag_gemv``.
     """
@@ -128,9 +128,10 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
     return y.swapaxes(0, 1).reshape(*lead, N)
 
 
-# On an H100 the naive kernel wins below this many rows (benchmarks/prefill_cuda.py): dequantizing
-# writes and reads back the whole weight in float, a fixed cost that more rows amortize.
-_DEQUANTIZE_FROM_ROWS = 64
+# MLX's naive CUDA kernel for the per-band product takes about 30 s on its first call for each
+# dtype, bits and group size (H100), and is slower than dequantizing from a few dozen rows on
+# (benchmarks/prefill_cuda.py), so CUDA dequantizes for every multi-row product.
+_DEQUANTIZE_FROM_ROWS = 2
 
 
 def _on_cuda(stream) -> bool:
