@@ -83,10 +83,9 @@ def zigzag_quantize(w: mx.array, group_size: int = 64, bits: int = 4, *, stream=
     return ZigzagWeight(wq, scales.squeeze(-1), biases.squeeze(-1), group_size, bits)
 
 
-def zigzag_dequantize(qweight: ZigzagWeight, *, stream=None) -> mx.array:
-    """The (N, K) matrix that ``qweight`` represents, in the dtype of its scales."""
-    check_weight(qweight)
-    z = mx.dequantize(
+def dequantize_bands(qweight: ZigzagWeight, *, stream=None) -> mx.array:
+    """The weight band by band, (N/group_size, K, group_size): element (b, k, r) is w[b*gs + r, k]."""
+    return mx.dequantize(
         qweight.weight,
         qweight.scales[..., None],
         qweight.biases[..., None],
@@ -94,8 +93,13 @@ def zigzag_dequantize(qweight: ZigzagWeight, *, stream=None) -> mx.array:
         bits=qweight.bits,
         stream=stream,
     )
+
+
+def zigzag_dequantize(qweight: ZigzagWeight, *, stream=None) -> mx.array:
+    """The (N, K) matrix that ``qweight`` represents, in the dtype of its scales."""
+    check_weight(qweight)
     N, K = qweight.shape
-    return z.swapaxes(1, 2).reshape(N, K)
+    return dequantize_bands(qweight, stream=stream).swapaxes(1, 2).reshape(N, K)
 
 
 def check_weight(qweight) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import _ext
-from .layout import ZigzagWeight, check_weight
+from .layout import ZigzagWeight, check_weight, dequantize_bands
 
 _DENSE, _INDICES, _PACKED, _THRESHOLD = 0, 1, 2, 3
 
@@ -156,12 +156,5 @@ def _matmul_per_band(rows: mx.array, qweight: ZigzagWeight, stream) -> mx.array:
 
 
 def _matmul_dequantized(rows: mx.array, qweight: ZigzagWeight, stream) -> mx.array:
-    w = mx.dequantize(
-        qweight.weight,
-        qweight.scales[..., None],
-        qweight.biases[..., None],
-        group_size=qweight.group_size,
-        bits=qweight.bits,
-        stream=stream,
-    )  # (bands, K, gs), transient
+    w = dequantize_bands(qweight, stream=stream)  # transient, in float
     return mx.matmul(rows, w, stream=stream)
