@@ -108,9 +108,11 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
 
     Band b of the zigzag layout is an MLX-quantized (K, group_size) matrix with one group per row.
     Metal and CPU run all bands as one batched ``mx.quantized_matmul(transpose=False)``. MLX's CUDA
-    backend has only a naive kernel for that case, so on CUDA the bands are
-    dequantized and go through one batched matmul instead (in float32 that matmul follows MLX's
-    TF32 setting, ``MLX_ENABLE_TF32``). Single tokens are cheaper through ``zigzag_gemv``.
+    backend has only a naive kernel for that case, which takes about 30 s on its first call for
+    each dtype, bits and group size and is slower than dequantizing from a few dozen rows on
+    (benchmarks/prefill_cuda.py). So on CUDA the bands are dequantized and go through one batched
+    matmul (in float32 it follows MLX's TF32 setting, ``MLX_ENABLE_TF32``). Single tokens are
+    cheaper through ``zigzag_gemv``.
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
@@ -122,16 +124,9 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
         raise ValueError(f"x is {x.dtype} but the weight's scales are {qweight.dtype}; convert one to the other.")
     lead = x.shape[:-1]
     rows = x.reshape(1, -1, K)
-    dequantize_first = rows.shape[1] >= _DEQUANTIZE_FROM_ROWS and _on_cuda(stream)
-    product = _matmul_dequantized if dequantize_first else _matmul_per_band
+    product = _matmul_dequantized if _on_cuda(stream) else _matmul_per_band
     y = product(rows, qweight, stream)  # (bands, M, gs)
     return y.swapaxes(0, 1).reshape(*lead, N)
-
-
-# MLX's naive CUDA kernel for the per-band product takes about 30 s on its first call for each
-# dtype, bits and group size (H100), and is slower than dequantizing from a few dozen rows on
-# (benchmarks/prefill_cuda.py), so CUDA dequantizes for every multi-row product.
-_DEQUANTIZE_FROM_ROWS = 2
 
 
 def _on_cuda(stream) -> bool:

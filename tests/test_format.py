@@ -156,7 +156,6 @@ def test_zigzag_weight_shape_nbytes_astype(bits):
 def test_zigzag_matmul_matches_float64_reference(bits, group_size, lead, dtype, cuda_path, monkeypatch):
     # Both products run on any device; CUDA picks the dequantized one.
     monkeypatch.setattr(spqt_ops, "_on_cuda", lambda stream: cuda_path)
-    monkeypatch.setattr(spqt_ops, "_DEQUANTIZE_FROM_ROWS", 1)
     N, K = 2 * group_size, 70
     seed = bits + group_size + len(lead)
     q = zigzag_quantize(random_weight(N, K, dtype, seed), group_size=group_size, bits=bits)

@@ -113,3 +113,8 @@ def test_uniform_calibration_gives_siblings_one_threshold():
     for group in shared_input_groups(list(thresholds)):
         assert len({thresholds[p] for p in group}) == 1 and thresholds[group[0]] > 0
     assert thresholds["model.layers.0.self_attn.o_proj"] != thresholds["model.layers.0.self_attn.q_proj"]
+
+
+def test_fuse_rejects_what_is_not_a_model():
+    with pytest.raises(TypeError, match="must be an mlx.nn.Module"):
+        fuse_shared_inputs({"q_proj": 1})

@@ -119,6 +119,8 @@ def fuse_shared_inputs(model: nn.Module) -> int:
     gives them one threshold; a group whose thresholds differ runs its layers one by one). Call it
     after patching, and again after loading new weights into the layers.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}.")
     layers = {p: m for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
               if isinstance(m, ZigzagLinear)}
     count = 0
