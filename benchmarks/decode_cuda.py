@@ -60,6 +60,14 @@ def quantize_rest(model, group_size=64, bits=4):
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
 
 
+def zigzag_model(model):
+    """Patch ``model``'s projections to zigzag 4-bit g64 and quantize the rest as the baseline."""
+    patch_model(model, group_size=64, bits=4)
+    quantize_rest(model)
+    mx.eval(model.parameters())
+    return model
+
+
 def random_model(size):
     args = llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, vocab_size=128256, rope_theta=500000.0,
                            tie_word_embeddings=False, **SIZES[size])
@@ -159,9 +167,7 @@ def main(argv=None):
                          prefill_tps=pre, decode_tps=dec, achieved=0.0))
         print(rows[-1], flush=True)
         del baseline
-        patch_model(model, group_size=64, bits=4)
-        quantize_rest(model)
-        mx.eval(model.parameters())
+        zigzag_model(model)
         # Each projection alone first (UNSTACKED), then q/k/v and gate/up stacked, as spqt-generate runs.
         for stacked, sparsities in ((False, UNSTACKED), (True, SPARSITIES)):
             if stacked:

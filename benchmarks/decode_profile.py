@@ -30,12 +30,11 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_cuda import load_model, quantize_rest  # noqa: E402
+from decode_cuda import load_model, zigzag_model  # noqa: E402
 from gemv_cuda import copy_bandwidth  # noqa: E402
 
 import spqt_mlx.calibrate as calibrate  # noqa: E402
-from spqt_mlx.patch import (ZigzagLinear, achieved_sparsity, fuse_shared_inputs, patch_model, record_stats,
-                             set_thresholds)  # noqa: E402
+from spqt_mlx.patch import ZigzagLinear, achieved_sparsity, fuse_shared_inputs, record_stats, set_thresholds  # noqa: E402
 
 PROMPT_TOKENS = 128
 
@@ -47,8 +46,7 @@ def build(size, variant):
     if variant == "mlx":
         nn.quantize(model, group_size=64, bits=4)
     else:
-        patch_model(model, group_size=64, bits=4)
-        quantize_rest(model)
+        zigzag_model(model)
         fuse_shared_inputs(model)
         s = float(variant)
         set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)

@@ -118,3 +118,5 @@ def test_uniform_calibration_gives_siblings_one_threshold():
 def test_fuse_rejects_what_is_not_a_model():
     with pytest.raises(TypeError, match="must be an mlx.nn.Module"):
         fuse_shared_inputs({"q_proj": 1})
+    with pytest.raises(TypeError, match="sequence of module paths"):
+        shared_input_groups("model.layers.0.self_attn.q_proj")

@@ -15,10 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import _ext
-from ..layout import ZigzagWeight
-from ..ops import _DENSE, _THRESHOLD, zigzag_matmul
-from .linear import ZigzagLinear
+from .linear import ZigzagLinear, zigzag_product
 
 # Sibling projections that read one input in mlx-lm's models, by attribute name.
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -26,6 +23,8 @@ SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def shared_input_groups(paths: Sequence[str]) -> list[list[str]]:
     """Groups of at least two ``paths`` that are sibling projections reading one input."""
+    if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+        raise TypeError("paths must be a sequence of module paths (strings).")
     present = set(paths)
     groups = []
     for path in paths:
@@ -61,17 +60,26 @@ class SharedInputGroup:
             bands = m["weight"].shape[0]
             self.bounds.append((band * self.group_size, (band + bands) * self.group_size))
             band += bands
-        # By identity: modules are dicts, so == would compare their parameters.
-        self._bounds_of = {id(m): b for m, b in zip(layers, self.bounds)}
         # The layers' parameters become views of the stacked arrays (their own copies are freed).
         for m, (lo, hi) in zip(layers, self.bounds):
             b0, b1 = lo // self.group_size, hi // self.group_size
             m.weight, m.scales, m.biases = self.weight[b0:b1], self.scales[b0:b1], self.biases[b0:b1]
             mx.eval(m.weight, m.scales, m.biases)
         self._views = [(m["weight"], m["scales"], m["biases"]) for m in layers]
+        self._split_at = [hi for _, hi in self.bounds[:-1]]
+        self._index = {id(m): i for i, m in enumerate(layers)}  # by identity: modules compare as dicts
         self.enabled = True
-        self._x = self._y = None
+        self._pieces = None  # the siblings' outputs for _x, until each has taken its own
+        self._x = None
         self._pending = 0
+        self.thresholds_changed()
+
+    def thresholds_changed(self) -> None:
+        """Called by a member's threshold setter: stacking needs one threshold for all."""
+        first = self.layers[0]._threshold_value
+        self._threshold_owner = (
+            self.layers[0] if all(m._threshold_value == first for m in self.layers) else None
+        )
 
     def is_intact(self) -> bool:
         """False once any member's parameters were replaced (e.g. by ``load_weights``)."""
@@ -80,34 +88,26 @@ class SharedInputGroup:
         )
 
     def product(self, layer: ZigzagLinear, x: mx.array) -> mx.array | None:
-        """``layer``'s slice of the stacked product for ``x``, or None to run the layer alone."""
+        """``layer``'s part of the stacked product for ``x``, or None to run the layer alone."""
         if not self.enabled:
             return None
-        if self._x is None or x is not self._x:
+        if x is not self._x:
             if self._pending:
                 # A sibling skipped the last input: not a shared one. Stop stacking for good.
                 self.enabled = False
-                self._x = self._y = None
+                self._x = self._pieces = None
                 return None
-            threshold = self.layers[0]._threshold_value
-            if any(m._threshold_value != threshold for m in self.layers) or not self.is_intact():
+            owner = self._threshold_owner
+            if owner is None or not self.is_intact():
                 return None
-            if x.size == self.weight.shape[1]:
-                if threshold > 0:
-                    y = _ext.zigzag_gemv(x, self.weight, self.scales, self.biases, self.layers[0]["_threshold"],
-                                         _THRESHOLD, self.group_size, self.bits)
-                else:
-                    y = _ext.zigzag_gemv(x, self.weight, self.scales, self.biases, None, _DENSE,
-                                         self.group_size, self.bits)
-            else:
-                y = zigzag_matmul(x, ZigzagWeight(self.weight, self.scales, self.biases, self.group_size, self.bits))
-            self._x, self._y = x, y
+            y = zigzag_product(x, self.weight, self.scales, self.biases, self.group_size, self.bits,
+                               owner._threshold_value, owner["_threshold"])
+            self._x, self._pieces = x, mx.split(y, self._split_at, axis=-1)
             self._pending = len(self.layers)
         self._pending -= 1
-        lo, hi = self._bounds_of[id(layer)]
-        y = self._y[..., lo:hi]
+        y = self._pieces[self._index[id(layer)]]
         if not self._pending:
-            self._x = self._y = None  # every sibling has its slice; keep no activations alive
+            self._x = self._pieces = None  # every sibling has its part; keep no activations alive
         return y
 
 
