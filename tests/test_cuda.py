@@ -184,3 +184,35 @@ def test_prefill_matmul(bits, gs, rows, dtype):
     y = sq.zigzag_matmul(x, qw)
     assert y.dtype == dtype
     check(y, reference(x, qw), mx.float16 if dtype == mx.float32 else dtype)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.8], ids=["dense", "sparse"])
+def test_stacked_projections_match_layers_alone(threshold):
+    # q/k/v and gate/up as one product on the GPU; multi-row products run in fp16 here.
+    import copy
+
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from spqt_mlx.patch import fuse_shared_inputs, patch_model, set_thresholds
+
+    args = llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, vocab_size=1024, rope_theta=5e5,
+                           tie_word_embeddings=False, hidden_size=1024, num_hidden_layers=4,
+                           intermediate_size=2816, num_attention_heads=8, num_key_value_heads=2)
+    mx.random.seed(0)
+    alone = llama.Model(args)
+    alone.set_dtype(mx.float16)
+    patch_model(alone, group_size=64, bits=4)
+    set_thresholds(alone, threshold)
+    stacked = copy.deepcopy(alone)
+    assert fuse_shared_inputs(stacked) == 2 * args.num_hidden_layers
+
+    def run(model):
+        cache = make_prompt_cache(model)
+        out = [model(mx.array([[3, 9, 27, 81, 243]]), cache=cache)[:, -1]]
+        for _ in range(6):
+            out.append(model(mx.argmax(out[-1], -1)[:, None], cache=cache)[:, -1])
+        return np.array(mx.concatenate(out).astype(mx.float32))
+
+    a, b = run(alone), run(stacked)
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max()
