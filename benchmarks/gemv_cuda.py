@@ -9,6 +9,7 @@ on the bytes each call must read (codes, scales and biases of the active columns
 """
 
 import argparse
+import datetime
 import json
 import statistics
 import time
@@ -19,7 +20,9 @@ import mlx.core as mx
 
 import spqt_mlx as sq
 
-SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+# Llama-3-8B's (4096 hidden, 14336 MLP) and Llama-3-70B's (8192 hidden, 28672 MLP, 1024 for k/v).
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),
+          (8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]
 DENSITIES = [1.0, 0.75, 0.5, 0.4, 0.25, 0.1]
 ROTATE_BYTES = 256 << 20  # weight copies per variant, well past the 50 MB L2
 
@@ -151,7 +154,8 @@ def main(argv=None):
               f"{r['gbs']:>6.0f} {r['pct_copy_bw']:>5.1f} {base[key] / r['us']:>6.2f} {r['us'] / dense[key]:>9.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(copy_bandwidth_gbs=bw / 1e9, rows=rows), f, indent=1)
+            json.dump(dict(device=mx.device_info().get("device_name", str(mx.gpu)),
+                           date=datetime.date.today().isoformat(), copy_bandwidth_gbs=bw / 1e9, rows=rows), f, indent=1)
     if args.plot:
         plot(rows, args.plot)
 

@@ -21,6 +21,13 @@ constexpr int kMaxFusedK = kThreads * 64;  // the fused collection keeps 64 flag
 constexpr int kBlocksPerSM = 2;            // resident blocks per multiprocessor (launch bounds)
 constexpr int kMaxSplits = 32;
 constexpr int kMaxGridY = 65535;
+constexpr int kMmaBlocksPerSM = 4;            // resident blocks of the tensor-core kernel
+constexpr int kMmaMinColumnsPerSplit = 256;
+// Dense products of at least this many 4-bit weights (16 MB of codes) go to the tensor-core kernel.
+// Measured on an H200 (BENCHMARKS.md): 1.15-1.5x the general kernel from 8192x8192 up, slower at
+// 4096x4096 and below, where a call is dominated by its fixed costs. Sparse walks stay with the
+// general kernel, which is as fast or faster there: their time goes to scattered 32-byte reads.
+constexpr int64_t kMmaMinWeights = int64_t(1) << 25;
 
 std::string dtype_name(mx::Dtype t) {
   if (t == mx::float32) return "float32";
@@ -41,6 +48,23 @@ int split_count(int bands, int K, int group_size, mx::cu::CommandEncoder& enc) {
     splits *= 2;
   }
   return splits;
+}
+
+// Blocks per band for the tensor-core kernel: at least a few resident waves' worth, each block
+// keeping a few hundred columns. Also a function of the shape and the device only.
+int mma_split_count(int bands, int K, mx::cu::CommandEncoder& enc) {
+  const int target = kMmaBlocksPerSM * multiprocessor_count(enc);
+  int splits = 1;
+  while (splits < kMaxSplits && bands * splits < target &&
+         K / (2 * splits) >= kMmaMinColumnsPerSplit) {
+    splits *= 2;
+  }
+  return splits;
+}
+
+bool use_mma(const ZigzagGemv& p, int kind, int N, int K) {
+  const bool format = p.bits() == 4 && (p.group_size() == 64 || p.group_size() == 128);
+  return format && kind == int(ActiveKind::Dense) && int64_t(N) * K >= kMmaMinWeights;
 }
 
 // A row-contiguous input, as the kernels read them. The op functions make unevaluated inputs
@@ -147,7 +171,8 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     }
   }
 
-  int splits = split_count(bands, K, gs, enc);
+  const bool mma = use_mma(p, kind, N, K);
+  int splits = mma ? mma_split_count(bands, K, enc) : split_count(bands, K, gs, enc);
   void* partials = nullptr;
   void* counters = nullptr;
   if (splits > 1) {
@@ -161,7 +186,8 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     counters = mx::gpu_ptr<void>(count);
   }
 
-  const std::string name = "spqt_zigzag_gemv_" + dtype_name(x.dtype()) + "_b" +
+  const std::string name = std::string(mma ? "spqt_zigzag_gemv_mma_" : "spqt_zigzag_gemv_") +
+      dtype_name(x.dtype()) + "_b" +
       std::to_string(p.bits()) + "_g" + std::to_string(gs);
   CUfunction f = kernel(name, enc);
   enc.set_input_array(x);

@@ -6,10 +6,13 @@ Printed as a CMake list of `name,source,type,bits,group_size` entries by cmake/c
 DTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+# The tensor-core kernel (zigzag_gemv_mma.cu) reads 4-bit codes in groups of 64 or 128.
+MMA_BITS = 4
+MMA_GROUP_SIZES = (64, 128)
 
 
-def gemv_name(dtype: str, bits: int, group_size: int) -> str:
-    return f"spqt_zigzag_gemv_{dtype}_b{bits}_g{group_size}"
+def gemv_name(dtype: str, bits: int, group_size: int, mma: bool = False) -> str:
+    return f"spqt_zigzag_gemv{'_mma' if mma else ''}_{dtype}_b{bits}_g{group_size}"
 
 
 def instances():
@@ -18,6 +21,8 @@ def instances():
         for bits in BITS:
             for gs in GROUP_SIZES:
                 yield gemv_name(dtype, bits, gs), "zigzag_gemv.cu", ctype, bits, gs
+        for gs in MMA_GROUP_SIZES:
+            yield gemv_name(dtype, MMA_BITS, gs, mma=True), "zigzag_gemv_mma.cu", ctype, MMA_BITS, gs
 
 
 if __name__ == "__main__":

@@ -1,0 +1,330 @@
+// Zigzag GEMV on the tensor cores, for 4-bit codes and group sizes 64 and 128: y = x @ W.T over the
+// active input columns (docs/format.md). Same parameters and launch as zigzag_gemv.cu, which serves
+// every other format; dispatch/cuda.cpp picks this one where it measured faster.
+//
+// Why tensor cores. Reading 4-bit weights at full bandwidth leaves an SM about four instructions
+// per code; float32 arithmetic spends three on unpacking and multiplying alone. Here a pair of
+// codes becomes a bf16x2 register {128 + q0, 128 + q1} with one PRMT/2 + LOP3 (+ SHF for odd
+// rows), and mma.sync multiplies 256 codes per warp instruction, accumulating in float32. The
+// offset 128 is not subtracted per code: it adds 128 * sum_k B[k] to every row of the band, which
+// is folded into the band's bias term.
+//
+// The product as an MMA. For one band and 16 active columns, D (16x8) = A (16x16) B (16x8) with
+//   A[m][k] = 128 + q(band, column k, row of m)   (exact integers in bf16)
+//   B[k][n] = term n of x[k] * scale[band, k]
+// x*scale is split into bf16 terms whose float32 sum is the product to 16 bits (fp16 and bf16
+// inputs: two terms) or 24 bits (float32: three), so y = D[:, 0] + D[:, 1] (+ D[:, 2]) keeps
+// float32 accuracy; the other columns of B are ignored. x[k] * bias[band, k] is the same for every
+// row and summed once per block in float32 ("bias hoist").
+//
+// Which lane holds what (mma.m16n8k16, g = lane / 4, t = lane % 4): in a 16-column tile, lane
+// (g, t) reads the words of rows [g*R, g*R + R) (R = group_size / 8) of columns t, t+4, t+8, t+12
+// (MMA k = 2t, 2t+1, 2t+8, 2t+9: conflict-free shared-memory reads). MMA j takes byte j of those
+// words: its even nibbles are row m = g, its odd nibbles row m = g + 8, i.e. band rows g*R + 2j
+// and g*R + 2j + 1. One PRMT puts byte j of two columns' words side by side.
+//
+// Per block: one band and one share of the work, in windows of kWindow entries. Dense and
+// fused-threshold launches split the band's columns (each block scans only its own columns for
+// the fused active set); index lists are split evenly. A window first stages, in shared memory,
+// its active entries' byte offsets and B terms (x, scale and bias read once per block, all loads
+// in flight together, a block scan placing the active ones), then each warp streams its tiles
+// through a ring of kStages shared-memory buffers with cp.async, kStages - 1 tiles ahead of its
+// MMAs. Rows are reduced over warps in a fixed order and over splits through the workspace (the
+// last block in sums them in split order), so every output bit is reproducible.
+//
+// Instantiated by the build with SPQT_NAME, SPQT_T, SPQT_BITS (4) and SPQT_GS.
+#include "zigzag.cuh"
+
+namespace spqt {
+
+namespace mma4 {
+
+constexpr int kWindow = 1024;  // staged entries per window (a multiple of 16)
+
+// bf16 terms of x * scale: their sum carries the product to 16 bits, or 24 for float32 inputs.
+template <typename T>
+struct Terms {
+  static constexpr int n = 2;
+};
+template <>
+struct Terms<float> {
+  static constexpr int n = 3;
+};
+
+// The low nibbles of bytes 0 and 2 of p as bf16x2 {128 + q0, 128 + q2}: one LOP3, (p & m) | c
+// (the compiler splits the expression in two when both constants are immediates).
+__device__ __forceinline__ uint32_t codes_bf16x2(uint32_t p, uint32_t mask, uint32_t magic) {
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(p), "r"(mask), "r"(magic));
+  return v;
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint16_t bf16_bits(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+// 16 bytes from global to shared memory, asynchronously (no registers held while in flight).
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+template <typename T, int GS>
+__device__ __forceinline__ void zigzag_gemv(
+    const T* __restrict__ x,
+    const uint32_t* __restrict__ w,
+    const T* __restrict__ scales,
+    const T* __restrict__ biases,
+    const void* __restrict__ active,
+    T* __restrict__ y,
+    float* __restrict__ partials,
+    int* __restrict__ counters,
+    int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
+    float t_value, int splits) {
+  constexpr int kGroupBytes = GS / 2;                   // 4-bit codes
+  constexpr int kTileBytes = 16 * kGroupBytes;          // 16 columns of one band
+  constexpr int kCopies = kTileBytes / (32 * 16);       // 16-byte copies per lane and tile
+  constexpr int kPartsPerGroup = kGroupBytes / 16;
+  constexpr int kWordsPerLane = GS / 64;                // rows [g*GS/8, (g+1)*GS/8) of a column
+  constexpr int kMmas = GS / 16;
+  constexpr int kTerms = Terms<T>::n;
+  constexpr int kStages = 4;  // tile buffers per warp (more measured no faster)
+  constexpr int kPerThread = kWindow / kThreads;
+
+  __shared__ __align__(16) uint8_t stage[kWarps][kStages][kTileBytes];
+  __shared__ __align__(16) uint32_t offsets[kWindow];  // the entries' groups, in bytes from the band's start
+  __shared__ __align__(16) uint16_t bterm[kTerms][kWindow];
+  __shared__ float partial[kWarps][GS];
+  __shared__ float bias_part[kWarps];
+  __shared__ int scratch[kWarps];
+  __shared__ int arrived_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int term = g < kTerms ? g : 0;  // columns n >= kTerms of B are never read back
+  const int band = blockIdx.x / splits;
+  const int rank = blockIdx.x % splits;
+  const int bands = N / GS;
+  const char* wband = reinterpret_cast<const char*>(w + int64_t(band) * K * (kGroupBytes / 4));
+  uint32_t mask = 0x000F000Fu, magic = 0x43004300u;
+  asm volatile("" : "+r"(mask), "+r"(magic));  // kept in registers for the three-input LOP3
+  const T* sb = scales + int64_t(band) * K;
+  const T* bb = biases + int64_t(band) * K;
+  const float* th = static_cast<const float*>(active);
+  const bool by_column = kind == 0 || kind == 3;  // split the columns, else the list
+
+  for (int m = blockIdx.y; m < M; m += gridDim.y) {
+    const T* xm = x + int64_t(m) * K;
+    int n = K;
+    const int* list = nullptr;
+    if (kind == 1) {
+      n = n_host;
+      list = static_cast<const int*>(active);
+    } else if (kind == 2) {
+      list = static_cast<const int*>(active) + 1;
+      n = min(max(static_cast<const int*>(active)[0], 0), K);
+    }
+    int begin, count;
+    share(n, splits, rank, begin, count);
+
+    float acc[kMmas][4];
+#pragma unroll
+    for (int j = 0; j < kMmas; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    float bias_acc = 0.0f;
+
+    for (int win_begin = begin; win_begin < begin + count; win_begin += kWindow) {
+      const int win_len = min(kWindow, begin + count - win_begin);
+      // Stage the window: every thread reads its entries' x, scale and bias (all loads in
+      // flight at once), keeps the active ones, and a block scan gives them list positions.
+      int ks[kPerThread];
+      float xv[kPerThread], sv[kPerThread], bv[kPerThread];
+      bool on[kPerThread];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int e = j * kThreads + tid;
+        int k = -1;
+        if (e < win_len) k = by_column ? win_begin + e : list[win_begin + e];
+        on[j] = unsigned(k) < unsigned(K);
+        ks[j] = on[j] ? k : 0;
+        xv[j] = to_float(xm[int64_t(ks[j]) * x_stride]);
+        sv[j] = to_float(sb[ks[j]]);
+        bv[j] = to_float(bb[ks[j]]);
+        if (kind == 3) on[j] = on[j] && fabsf(xv[j]) > (threshold_per_column ? th[ks[j]] : t_value);
+      }
+      int mine = 0;
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) mine += on[j];
+      int total;
+      __syncthreads();  // the previous window's readers are done with the staging arrays
+      int pos = (kind == 3) ? block_exclusive_scan<kWarps>(mine, scratch, total) : 0;
+      if (kind != 3) total = win_len;
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int e = j * kThreads + tid;
+        int p = (kind == 3) ? pos : e;
+        if (kind == 3 ? on[j] : e < win_len) {
+          const float xs = on[j] ? xv[j] * sv[j] : 0.0f;
+          if (on[j]) bias_acc = fmaf(xv[j], bv[j], bias_acc);
+          // Within a tile, lane t's B values (columns t, t+4, t+8, t+12) sit side by side.
+          const int slot = (p & ~15) | ((p & 3) << 2) | ((p >> 2) & 3);
+          offsets[p] = uint32_t(ks[j]) * kGroupBytes;
+          float rest = xs;
+#pragma unroll
+          for (int i = 0; i < kTerms; ++i) {
+            const uint16_t h = bf16_bits(rest);
+            bterm[i][slot] = h;
+            const float hv = __bfloat162float(__ushort_as_bfloat16(h));
+            rest -= hv;
+            bias_acc = fmaf(-128.0f, hv, bias_acc);  // the codes' offset
+          }
+          ++pos;
+        }
+      }
+      // Pad the last tile: column 0, zero terms.
+      const int padded = (total + 15) & ~15;
+      if (tid < padded - total) {
+        const int p = total + tid;
+        const int slot = (p & ~15) | ((p & 3) << 2) | ((p >> 2) & 3);
+        offsets[p] = 0;
+#pragma unroll
+        for (int i = 0; i < kTerms; ++i) bterm[i][slot] = 0;
+      }
+      __syncthreads();
+
+      // Each warp streams its tiles (warp, warp + 8, ...) through a ring of kStages tile
+      // buffers with asynchronous copies, kStages - 1 tiles ahead of its MMAs.
+      const int tiles = padded / 16;
+      const int mine_tiles = tiles > warp ? (tiles - warp + kWarps - 1) / kWarps : 0;
+      auto issue = [&](int i) {
+        if (i < mine_tiles) {
+          const int tile = warp + i * kWarps;
+          uint8_t* buf = stage[warp][i % kStages];
+#pragma unroll
+          for (int c = 0; c < kCopies; ++c) {
+            const int q = c * 32 + lane;
+            const int col = q / kPartsPerGroup;
+            const int part = q % kPartsPerGroup;
+            copy16(buf + col * kGroupBytes + part * 16, wband + offsets[tile * 16 + col] + part * 16);
+          }
+        }
+        copy_commit();
+      };
+#pragma unroll
+      for (int i = 0; i < kStages - 1; ++i) issue(i);
+      for (int i = 0; i < mine_tiles; ++i) {
+        issue(i + kStages - 1);
+        copy_wait<kStages - 1>();
+        __syncwarp();
+        const int tile = warp + i * kWarps;
+        const uint8_t* buf = stage[warp][i % kStages];
+        const uint2 b = *reinterpret_cast<const uint2*>(&bterm[term][tile * 16 + 4 * t]);
+        uint32_t words[4][kWordsPerLane];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint32_t* src = reinterpret_cast<const uint32_t*>(buf + (t + 4 * c) * kGroupBytes) + g * kWordsPerLane;
+#pragma unroll
+          for (int v = 0; v < kWordsPerLane; ++v) words[c][v] = src[v];
+        }
+#pragma unroll
+        for (int j = 0; j < kMmas; ++j) {
+          const int wi = j / 4;
+          const uint32_t sel = (j % 4) | ((4 + j % 4) << 8);  // byte j of the two words -> bytes 0, 2
+          const uint32_t p01 = __byte_perm(words[0][wi], words[1][wi], sel);
+          const uint32_t p23 = __byte_perm(words[2][wi], words[3][wi], sel);
+          const uint32_t a[4] = {codes_bf16x2(p01, mask, magic), codes_bf16x2(p01 >> 4, mask, magic),
+                                 codes_bf16x2(p23, mask, magic), codes_bf16x2(p23 >> 4, mask, magic)};
+          mma_bf16(acc[j], a, b.x, b.y);
+        }
+        __syncwarp();  // the buffer is refilled by the next issue
+      }
+      copy_wait<0>();
+    }
+
+    // Lane (g, 0) holds D[g][0..1] and D[g+8][0..1], lane (g, 1) D[g][2..3] and D[g+8][2..3].
+    constexpr int kRowsPerLane = GS / 8;
+#pragma unroll
+    for (int j = 0; j < kMmas; ++j) {
+      float even = acc[j][0] + acc[j][1];
+      float odd = acc[j][2] + acc[j][3];
+      const float even3 = __shfl_down_sync(0xffffffffu, acc[j][0], 1);
+      const float odd3 = __shfl_down_sync(0xffffffffu, acc[j][2], 1);
+      if (kTerms == 3) {
+        even += even3;
+        odd += odd3;
+      }
+      if (t == 0) {
+        partial[warp][g * kRowsPerLane + 2 * j] = even;
+        partial[warp][g * kRowsPerLane + 2 * j + 1] = odd;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) bias_acc += __shfl_xor_sync(0xffffffffu, bias_acc, o);
+    if (lane == 0) bias_part[warp] = bias_acc;
+    __syncthreads();
+    const int64_t y_row = int64_t(m) * N + int64_t(band) * GS;
+    const int64_t slice = (int64_t(m) * bands + band) * splits;
+    if (tid < GS) {
+      float total = 0.0f, bias_total = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kWarps; ++i) {
+        total += partial[i][tid];
+        bias_total += bias_part[i];
+      }
+      if (splits == 1) {
+        y[y_row + tid] = from_float<T>(total + bias_total);
+      } else {
+        partials[(slice + rank) * GS + tid] = total + bias_total;
+      }
+    }
+    if (splits > 1) {
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) {
+        int* counter = counters + int64_t(m) * bands + band;
+        arrived_last = atomicAdd(counter, 1) == splits - 1;
+        if (arrived_last) *counter = 0;
+      }
+      __syncthreads();
+      if (arrived_last && tid < GS) {
+        __threadfence();
+        float total = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) total += __ldcg(partials + (slice + s) * GS + tid);
+        y[y_row + tid] = from_float<T>(total);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+} // namespace mma4
+
+} // namespace spqt
+
+#ifdef SPQT_NAME
+// Four resident blocks per multiprocessor (64 registers); group size 128 keeps twice the partials.
+extern "C" __global__ void __launch_bounds__(spqt::kThreads, SPQT_GS == 128 ? 3 : 4) SPQT_NAME(
+    const SPQT_T* x, const uint32_t* w, const SPQT_T* scales, const SPQT_T* biases,
+    const void* active, SPQT_T* y, float* partials, int* counters,
+    int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
+    float t_value, int splits) {
+  static_assert(SPQT_BITS == 4, "the tensor-core kernel reads 4-bit codes");
+  spqt::mma4::zigzag_gemv<SPQT_T, SPQT_GS>(
+      x, w, scales, biases, active, y, partials, counters,
+      M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits);
+}
+#endif
