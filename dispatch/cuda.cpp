@@ -21,13 +21,16 @@ constexpr int kMaxFusedK = kThreads * 64;  // the fused collection keeps 64 flag
 constexpr int kBlocksPerSM = 2;            // resident blocks per multiprocessor (launch bounds)
 constexpr int kMaxSplits = 32;
 constexpr int kMaxGridY = 65535;
-constexpr int kMmaBlocksPerSM = 4;            // resident blocks of the tensor-core kernel
+// The tensor-core kernel's grid: about two blocks per multiprocessor (of four that fit), each
+// keeping at least a few hundred columns. Measured on an H200, this beat four per multiprocessor
+// for sparse walks and the fused collection, and matched it for dense ones.
+constexpr int kMmaBlocksPerSM = 2;
 constexpr int kMmaMinColumnsPerSplit = 256;
-// Dense products of at least this many 4-bit weights (16 MB of codes) go to the tensor-core kernel.
-// Measured on an H200 (BENCHMARKS.md): 1.15-1.5x the general kernel from 8192x8192 up, slower at
-// 4096x4096 and below, where a call is dominated by its fixed costs. Sparse walks stay with the
-// general kernel, which is as fast or faster there: their time goes to scattered 32-byte reads.
-constexpr int64_t kMmaMinWeights = int64_t(1) << 25;
+// 4-bit weights (groups of 64 or 128) of at least this size go to the tensor-core kernel, every
+// kind of active set. Measured on an H200 (BENCHMARKS.md): 1.1-1.6x the general kernel's speed from
+// 4096x4096 up for dense walks, lists at density 0.5 and fused collection; below, where a call's
+// fixed costs dominate, it is not faster.
+constexpr int64_t kMmaMinWeights = int64_t(1) << 24;
 
 std::string dtype_name(mx::Dtype t) {
   if (t == mx::float32) return "float32";
@@ -62,9 +65,9 @@ int mma_split_count(int bands, int K, mx::cu::CommandEncoder& enc) {
   return splits;
 }
 
-bool use_mma(const ZigzagGemv& p, int kind, int N, int K) {
+bool use_mma(const ZigzagGemv& p, int N, int K) {
   const bool format = p.bits() == 4 && (p.group_size() == 64 || p.group_size() == 128);
-  return format && kind == int(ActiveKind::Dense) && int64_t(N) * K >= kMmaMinWeights;
+  return format && int64_t(N) * K >= kMmaMinWeights;
 }
 
 // A row-contiguous input, as the kernels read them. The op functions make unevaluated inputs
@@ -146,6 +149,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   }
 
   int kind = int(p.kind());
+  const bool mma = use_mma(p, N, K);
   int n_host = 0;
   int per_column = 0;
   float t_value = 0.0f;
@@ -158,8 +162,9 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
       n_host = a.size();
     } else if (p.kind() == ActiveKind::Threshold) {
       per_column = per_column_threshold(a, t_value);
-      if (K > kMaxFusedK) {
-        // Too many columns for the fused collection: collect once, then walk the list.
+      if (!mma && K > kMaxFusedK) {
+        // Too many columns for the general kernel's fused collection: collect once, then walk
+        // the list. (The tensor-core kernel's blocks each scan their own columns: no limit.)
         mx::array list({K + 1}, mx::int32, nullptr, {});
         allocate(list, list.nbytes(), enc);
         collect_into(enc, x, a, list);
@@ -171,7 +176,6 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     }
   }
 
-  const bool mma = use_mma(p, kind, N, K);
   int splits = mma ? mma_split_count(bands, K, enc) : split_count(bands, K, gs, enc);
   void* partials = nullptr;
   void* counters = nullptr;

@@ -83,11 +83,12 @@ def test_decode_shapes(shape, bits):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gs", (64, 128))
-@pytest.mark.parametrize("shape", [(8192, 4096), (4096, 8200)], ids=["8192x4096", "4096x8200"])
+@pytest.mark.parametrize("shape", [(8192, 4096), (4096, 8200), (1024, 20000)], ids=["8192x4096", "4096x8200", "1024x20000"])
 def test_tensor_core_path(shape, gs, dtype):
-    """Dense 4-bit products of at least 2**25 weights run on the tensor-core kernel: float32
-    accuracy for every input dtype, several rows, a K that is no multiple of the tile, and
-    reproducible bits."""
+    """4-bit weights of at least 2**24 elements run on the tensor-core kernel: float32 accuracy
+    for every input dtype, several rows, K no multiple of the tile (and above the general kernel's
+    fused-collection limit), lists with duplicates and junk, the fused collection at high and low
+    density, and reproducible bits."""
     N, K = shape
     qw = make(N, K, 4, gs, dtype, seed=N + K + gs)
     for rows in (1, 3):
@@ -99,6 +100,17 @@ def test_tensor_core_path(shape, gs, dtype):
     # Large activations: x * scale is split into bf16 terms, which have float32's range.
     x = (mx.random.normal((1, K)) * 30).astype(dtype)
     check(sq.zigzag_gemv(x, qw, stream=mx.gpu), reference(x, qw), dtype)
+    x = mx.random.normal((1, K)).astype(dtype)
+    rng = np.random.default_rng(K)
+    idx = np.concatenate([rng.permutation(K)[: K // 3], [-1, K, 7, 7]]).astype(np.int32)
+    check(sq.zigzag_gemv(x, qw, indices=mx.array(idx), stream=mx.gpu), reference(x, qw, idx), dtype)
+    xa = np.abs(np.array(x.astype(mx.float32))[0])
+    for density in (0.5, 0.05):
+        t = float(np.quantile(xa, 1 - density))
+        idx = np.flatnonzero(xa > np.float32(t))
+        for threshold in (mx.array(t), mx.full((K,), t)):
+            y = sq.zigzag_gemv(x, qw, indices=sq.collect_active(x, threshold), stream=mx.gpu)
+            check(y, reference(x, qw, idx), dtype)
 
 
 @pytest.mark.parametrize("K", [1, 100, 4097, 16384, 16385, 20000])

@@ -23,14 +23,16 @@
 // words: its even nibbles are row m = g, its odd nibbles row m = g + 8, i.e. band rows g*R + 2j
 // and g*R + 2j + 1. One PRMT puts byte j of two columns' words side by side.
 //
-// Per block: one band and one share of the work, in windows of kWindow entries. Dense and
-// fused-threshold launches split the band's columns (each block scans only its own columns for
-// the fused active set); index lists are split evenly. A window first stages, in shared memory,
-// its active entries' byte offsets and B terms (x, scale and bias read once per block, all loads
-// in flight together, a block scan placing the active ones), then each warp streams its tiles
-// through a ring of kStages shared-memory buffers with cp.async, kStages - 1 tiles ahead of its
-// MMAs. Rows are reduced over warps in a fixed order and over splits through the workspace (the
-// last block in sums them in split order), so every output bit is reproducible.
+// Per block: one band and one share of the work. Dense and fused-threshold launches split the
+// band's columns (each block scans only its own columns for the fused active set); index lists
+// are split evenly. The work is staged in shared memory a window at a time: the entries' byte
+// offsets and B terms (x, scale and bias read once per block, a thread's loads all in flight
+// together, a block scan placing the active columns of the fused kind; at low density a window
+// gathers several chunks' active columns). Then each warp streams its tiles through a ring of
+// kStages shared-memory buffers with cp.async, kStages - 1 tiles ahead of its MMAs; dense walks and
+// lists start those copies before their B terms are staged. Rows are reduced over warps in a
+// fixed order and over splits through the workspace (the last block in sums them in split
+// order), so every output bit is reproducible.
 //
 // Instantiated by the build with SPQT_NAME, SPQT_T, SPQT_BITS (4) and SPQT_GS.
 #include "zigzag.cuh"
@@ -39,7 +41,17 @@ namespace spqt {
 
 namespace mma4 {
 
-constexpr int kWindow = 1024;  // staged entries per window (a multiple of 16)
+// Entries staged per step, four per thread (more would spill the staging registers), and per
+// window: the fused collection gathers up to two steps' active columns, where shared memory allows.
+constexpr int kChunk = 1024;
+template <int GS>
+constexpr int kCap = GS == 64 ? 2 * kChunk : kChunk;
+
+// Position p of a window's entry -> its B slot: within a tile, lane t's values (columns t, t+4,
+// t+8, t+12) sit side by side.
+__device__ __forceinline__ int term_slot(int p) {
+  return (p & ~15) | ((p & 3) << 2) | ((p >> 2) & 3);
+}
 
 // bf16 terms of x * scale: their sum carries the product to 16 bits, or 24 for float32 inputs.
 template <typename T>
@@ -100,11 +112,11 @@ __device__ __forceinline__ void zigzag_gemv(
   constexpr int kMmas = GS / 16;
   constexpr int kTerms = Terms<T>::n;
   constexpr int kStages = 4;  // tile buffers per warp (more measured no faster)
-  constexpr int kPerThread = kWindow / kThreads;
+  constexpr int kPerThread = kChunk / kThreads;
 
   __shared__ __align__(16) uint8_t stage[kWarps][kStages][kTileBytes];
-  __shared__ __align__(16) uint32_t offsets[kWindow];  // the entries' groups, in bytes from the band's start
-  __shared__ __align__(16) uint16_t bterm[kTerms][kWindow];
+  __shared__ __align__(16) uint32_t offsets[kCap<GS>];  // the entries' groups, in bytes from the band's start
+  __shared__ __align__(16) uint16_t bterm[kTerms][kCap<GS>];
   __shared__ float partial[kWarps][GS];
   __shared__ float bias_part[kWarps];
   __shared__ int scratch[kWarps];
@@ -146,69 +158,12 @@ __device__ __forceinline__ void zigzag_gemv(
     for (int j = 0; j < kMmas; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     float bias_acc = 0.0f;
 
-    for (int win_begin = begin; win_begin < begin + count; win_begin += kWindow) {
-      const int win_len = min(kWindow, begin + count - win_begin);
-      // Stage the window: every thread reads its entries' x, scale and bias (all loads in
-      // flight at once), keeps the active ones, and a block scan gives them list positions.
-      int ks[kPerThread];
-      float xv[kPerThread], sv[kPerThread], bv[kPerThread];
-      bool on[kPerThread];
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) {
-        const int e = j * kThreads + tid;
-        int k = -1;
-        if (e < win_len) k = by_column ? win_begin + e : list[win_begin + e];
-        on[j] = unsigned(k) < unsigned(K);
-        ks[j] = on[j] ? k : 0;
-        xv[j] = to_float(xm[int64_t(ks[j]) * x_stride]);
-        sv[j] = to_float(sb[ks[j]]);
-        bv[j] = to_float(bb[ks[j]]);
-        if (kind == 3) on[j] = on[j] && fabsf(xv[j]) > (threshold_per_column ? th[ks[j]] : t_value);
-      }
-      int mine = 0;
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) mine += on[j];
-      int total;
-      __syncthreads();  // the previous window's readers are done with the staging arrays
-      int pos = (kind == 3) ? block_exclusive_scan<kWarps>(mine, scratch, total) : 0;
-      if (kind != 3) total = win_len;
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) {
-        const int e = j * kThreads + tid;
-        int p = (kind == 3) ? pos : e;
-        if (kind == 3 ? on[j] : e < win_len) {
-          const float xs = on[j] ? xv[j] * sv[j] : 0.0f;
-          if (on[j]) bias_acc = fmaf(xv[j], bv[j], bias_acc);
-          // Within a tile, lane t's B values (columns t, t+4, t+8, t+12) sit side by side.
-          const int slot = (p & ~15) | ((p & 3) << 2) | ((p >> 2) & 3);
-          offsets[p] = uint32_t(ks[j]) * kGroupBytes;
-          float rest = xs;
-#pragma unroll
-          for (int i = 0; i < kTerms; ++i) {
-            const uint16_t h = bf16_bits(rest);
-            bterm[i][slot] = h;
-            const float hv = __bfloat162float(__ushort_as_bfloat16(h));
-            rest -= hv;
-            bias_acc = fmaf(-128.0f, hv, bias_acc);  // the codes' offset
-          }
-          ++pos;
-        }
-      }
-      // Pad the last tile: column 0, zero terms.
-      const int padded = (total + 15) & ~15;
-      if (tid < padded - total) {
-        const int p = total + tid;
-        const int slot = (p & ~15) | ((p & 3) << 2) | ((p >> 2) & 3);
-        offsets[p] = 0;
-#pragma unroll
-        for (int i = 0; i < kTerms; ++i) bterm[i][slot] = 0;
-      }
-      __syncthreads();
-
-      // Each warp streams its tiles (warp, warp + 8, ...) through a ring of kStages tile
-      // buffers with asynchronous copies, kStages - 1 tiles ahead of its MMAs.
-      const int tiles = padded / 16;
-      const int mine_tiles = tiles > warp ? (tiles - warp + kWarps - 1) / kWarps : 0;
+    const int end = begin + count;
+    int cursor = begin;
+    while (cursor < end) {
+      // Each warp streams its tiles (warp, warp + 8, ...) of the staged window through a ring of
+      // kStages tile buffers with asynchronous copies, kStages - 1 tiles ahead of its MMAs.
+      int total = 0, padded = 0, mine_tiles = 0;
       auto issue = [&](int i) {
         if (i < mine_tiles) {
           const int tile = warp + i * kWarps;
@@ -223,8 +178,109 @@ __device__ __forceinline__ void zigzag_gemv(
         }
         copy_commit();
       };
+      auto stage_terms = [&](int p, float xs) {
+        float rest = xs;
 #pragma unroll
-      for (int i = 0; i < kStages - 1; ++i) issue(i);
+        for (int i = 0; i < kTerms; ++i) {
+          const uint16_t h = bf16_bits(rest);
+          bterm[i][term_slot(p)] = h;
+          const float hv = __bfloat162float(__ushort_as_bfloat16(h));
+          rest -= hv;
+          bias_acc = fmaf(-128.0f, hv, bias_acc);  // the codes' offset
+        }
+      };
+      auto pad = [&] {
+        padded = (total + 15) & ~15;
+        mine_tiles = padded / 16 > warp ? (padded / 16 - warp + kWarps - 1) / kWarps : 0;
+        if (tid < padded - total) {  // the last tile's padding: column 0, zero terms
+          offsets[total + tid] = 0;
+#pragma unroll
+          for (int i = 0; i < kTerms; ++i) bterm[i][term_slot(total + tid)] = 0;
+        }
+      };
+      __syncthreads();  // the previous window's readers are done with the staging arrays
+      if (kind == 3) {
+        // Fused collection: scan chunks of the block's columns (x, threshold, scale and bias of
+        // a chunk all in flight together), keeping the active ones in order, until another chunk
+        // might not fit; at low density one window then holds many chunks' active columns.
+        do {
+          const int len = min(kChunk, end - cursor);
+          int ks[kPerThread];
+          float xv[kPerThread], tv[kPerThread], sv[kPerThread], bv[kPerThread];
+          bool on[kPerThread];
+          int mine = 0;
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) {
+            const int e = j * kThreads + tid;
+            on[j] = e < len;
+            ks[j] = on[j] ? cursor + e : 0;
+            xv[j] = to_float(xm[int64_t(ks[j]) * x_stride]);
+            tv[j] = threshold_per_column ? th[ks[j]] : t_value;
+            sv[j] = to_float(sb[ks[j]]);
+            bv[j] = to_float(bb[ks[j]]);
+          }
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) {
+            on[j] = on[j] && fabsf(xv[j]) > tv[j];
+            mine += on[j];
+          }
+          int chunk_total;
+          int pos = total + block_exclusive_scan<kWarps>(mine, scratch, chunk_total);
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) {
+            if (!on[j]) continue;
+            offsets[pos] = uint32_t(ks[j]) * kGroupBytes;
+            bias_acc = fmaf(xv[j], bv[j], bias_acc);
+            stage_terms(pos++, xv[j] * sv[j]);
+          }
+          total += chunk_total;
+          cursor += len;
+        } while (cursor < end && total <= kCap<GS> - kChunk);
+        pad();
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < kStages - 1; ++i) issue(i);
+      } else {
+        // Dense walks and index lists: one chunk per window, staged in two steps so that the
+        // warps start copying codes before x * scale and the bias terms are ready: first the
+        // columns, then (while those copies fly) the terms. Every entry keeps its place; an
+        // out-of-range one reads column 0 with zero terms.
+        const int len = min(kChunk, end - cursor);
+        int ks[kPerThread];
+        bool on[kPerThread];
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+          const int e = j * kThreads + tid;
+          ks[j] = (e < len) ? (by_column ? cursor + e : list[cursor + e]) : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+          on[j] = unsigned(ks[j]) < unsigned(K);
+          ks[j] = on[j] ? ks[j] : 0;
+          if (j * kThreads + tid < len) offsets[j * kThreads + tid] = uint32_t(ks[j]) * kGroupBytes;
+        }
+        total = len;
+        pad();
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < kStages - 1; ++i) issue(i);
+        float xv[kPerThread], sv[kPerThread], bv[kPerThread];
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+          xv[j] = to_float(xm[int64_t(ks[j]) * x_stride]);
+          sv[j] = to_float(sb[ks[j]]);
+          bv[j] = to_float(bb[ks[j]]);
+        }
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+          const int e = j * kThreads + tid;
+          if (e >= len) continue;
+          if (on[j]) bias_acc = fmaf(xv[j], bv[j], bias_acc);
+          stage_terms(e, on[j] ? xv[j] * sv[j] : 0.0f);
+        }
+        cursor += len;
+      }
+      __syncthreads();
       for (int i = 0; i < mine_tiles; ++i) {
         issue(i + kStages - 1);
         copy_wait<kStages - 1>();
