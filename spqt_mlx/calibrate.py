@@ -136,19 +136,27 @@ class _Probe(nn.Module):
             y = a @ self._weight_t
             if self._bias is not None:
                 y += self._bias
-            return mx.array(y).reshape(*shape[:-1], -1).astype(dtype)
-        a = x.astype(mx.float32).reshape(-1, K)
+            y = mx.array(y)
+        else:
+            a = x.astype(mx.float32).reshape(-1, K)
+            if self.record:
+                self._sample(np.array(mx.abs(a)))
+            if self._thresholds is not None:
+                c = len(self._thresholds)
+                t = mx.array(self._thresholds)[:, None, None]
+                a = a.reshape(c, -1, K)
+                a = (a * (mx.abs(a) > t)).reshape(-1, K)
+            y = a @ self._weight_t
+            if self._bias is not None:
+                y = y + self._bias
+        y = y.reshape(*shape[:-1], -1).astype(dtype)
         if self.record:
-            self._sample(np.array(mx.abs(a)))
-        if self._thresholds is not None:
-            c = len(self._thresholds)
-            t = mx.array(self._thresholds)[:, None, None]
-            a = a.reshape(c, -1, K)
-            a = (a * (mx.abs(a) > t)).reshape(-1, K)
-        y = a @ self._weight_t
-        if self._bias is not None:
-            y = y + self._bias
-        return y.reshape(*shape[:-1], -1).astype(dtype)
+            # The recording pass calls each projection once: drop its float32 weight now, so that
+            # calibration holds one projection's float weight at a time, not the whole model's
+            # (280 GB for a 70B model).
+            mx.eval(y)
+            self.release()
+        return y
 
 
 def _use_numpy() -> bool:

@@ -133,3 +133,21 @@ def test_mlx_products_match_numpy_products(patched, calibration_tokens, monkeypa
         assert via_mlx[path] == pytest.approx(via_numpy[path], rel=1e-3), path
     errors = block_output_errors(patched, calibration_tokens, via_numpy)
     assert all(e > 0 for e in errors)
+
+
+def test_recording_holds_one_projection_weight_at_a_time(calibration_tokens):
+    """Calibration's dense pass dequantizes each projection to float32 for its product; it must
+    drop that copy after the call, or a 70B model needs 280 GB to calibrate."""
+    import tracemalloc
+
+    model = tiny_llama(hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
+    patch_model(model)
+    float_bytes = sum(4 * layer.input_dims * layer.output_dims for layer in zigzag_layers(model).values())
+    largest = max(4 * layer.input_dims * layer.output_dims for layer in zigzag_layers(model).values())
+    tracemalloc.start()
+    try:
+        calibrate(model, calibration_tokens[:64], 0.5, max_samples=256, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * largest < float_bytes / 4, (peak, largest, float_bytes)
