@@ -1,10 +1,12 @@
 """End-to-end decode speed: mlx-lm's own 4-bit model against the zigzag-patched model at several
 sparsities (issue 6, speed part).
 
-    python benchmarks/decode_cuda.py [--sizes 8b 1b smollm2] [--text book.txt] [--json out.json]
+    python benchmarks/decode_cuda.py [--sizes 70b 8b 1b smollm2] [--text book.txt] [--json out.json]
 
-Models: random-weight fp16 Llama models of the Llama-3-8B and Llama-3.2-1B shapes, and
-SmolLM2-135M-Instruct with its real weights (from the cached GGUF, see spqt_mlx.assets).
+Models: random-weight fp16 Llama models of the Llama-3-70B, Llama-3-8B and Llama-3.2-1B shapes,
+built and quantized block by block (peak memory: the quantized model plus one fp16 block, so the
+70B shape fits one 80 GB GPU), and SmolLM2-135M-Instruct with its real weights (from the cached
+GGUF, see spqt_mlx.assets).
 Baseline: mlx-lm's `nn.quantize` (4-bit, group 64; embeddings and lm_head included). Ours: the same
 float weights with the attention and MLP projections zigzag-quantized (4-bit, group 64) and the
 embeddings and lm_head quantized exactly as the baseline's, so the two differ only in the
@@ -16,6 +18,7 @@ tokens/s from the prompt; each figure is the median of three generations.
 
 import argparse
 import copy
+import datetime
 import json
 import time
 
@@ -29,6 +32,8 @@ from spqt_mlx.patch import (ZigzagLinear, achieved_sparsity, fuse_shared_inputs,
                              set_thresholds)
 
 SIZES = {
+    "70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+                num_key_value_heads=8),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
                num_key_value_heads=8),
     "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
@@ -36,45 +41,52 @@ SIZES = {
 }
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7]
 UNSTACKED = [0.0, 0.5]  # also measured with every projection run alone
-LABELS = {"8b": "Llama-3-8B arch (random)", "1b": "Llama-3.2-1B-sized (random)", "smollm2": "SmolLM2-135M (real)"}
+LABELS = {"70b": "Llama-3-70B arch (random)", "8b": "Llama-3-8B arch (random)", "1b": "Llama-3.2-1B-sized (random)", "smollm2": "SmolLM2-135M (real)"}
 
 
-def load_model(size):
-    """(fp16 model, tokenizer or None) for a benchmark size."""
+def baseline_quantize(module):
+    nn.quantize(module, group_size=64, bits=4)
+
+
+def zigzag_quantize(module):
+    patch_model(module, group_size=64, bits=4)
+
+
+def load_model(size, quantize_blocks):
+    """(model, tokenizer or None) for a benchmark size, its blocks quantized by ``quantize_blocks``
+    and its embeddings and lm_head as mlx-lm's 4-bit model has them."""
     if size == "smollm2":
         from mlx_lm import load
 
         from spqt_mlx.assets import default_model_dir
 
         model, tokenizer = load(str(default_model_dir(dtype="float16")))
-        return model, tokenizer
-    return random_model(size), None
+    else:
+        model, tokenizer = random_model(size), None
+    for block in model.layers:
+        quantize_blocks(block)
+        mx.eval(block.parameters())  # one float block at a time
+    quantize_rest(model)
+    mx.eval(model.parameters())
+    return model, tokenizer
 
 
 def quantize_rest(model, group_size=64, bits=4):
-    """Quantize what the patch leaves in float (embeddings, lm_head) as mlx-lm's baseline does."""
+    """Quantize what the blocks leave in float (embeddings, lm_head) as mlx-lm's baseline does."""
     def predicate(path, module):
         return hasattr(module, "to_quantized") and not isinstance(module, ZigzagLinear) and \
-            module.weight.shape[-1] % group_size == 0
+            not path.startswith("model.layers.") and module.weight.shape[-1] % group_size == 0
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
 
 
-def zigzag_model(model):
-    """Patch ``model``'s projections to zigzag 4-bit g64 and quantize the rest as the baseline."""
-    patch_model(model, group_size=64, bits=4)
-    quantize_rest(model)
-    mx.eval(model.parameters())
-    return model
-
-
 def random_model(size):
+    """A random fp16 Llama of ``size`` whose parameters stay lazy until its blocks are quantized."""
     args = llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, vocab_size=128256, rope_theta=500000.0,
                            tie_word_embeddings=False, **SIZES[size])
     mx.random.seed(0)
     model = llama.Model(args)
     model.set_dtype(mx.float16)
-    mx.eval(model.parameters())
     return model
 
 
@@ -139,6 +151,9 @@ def main(argv=None):
     p.add_argument("--plot", help="with --markdown: also plot them into this PNG")
     p.add_argument("--sizes", nargs="+", default=["8b", "1b"], choices=[*SIZES, "smollm2"])
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
+    p.add_argument("--unstacked", type=float, nargs="*", default=UNSTACKED,
+                   help="sparsities also measured with every projection run alone")
     p.add_argument("--text", help="UTF-8 text: prompt and calibration tokens for models with a tokenizer")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -150,7 +165,8 @@ def main(argv=None):
         return rows
     rows = []
     for size in args.sizes:
-        model, tokenizer = load_model(size)
+        # The baseline and ours are built one after the other from the same random weights.
+        model, tokenizer = load_model(size, baseline_quantize)
         vocab = model.args.vocab_size
         if args.text and tokenizer is not None:
             with open(args.text, encoding="utf-8") as f:
@@ -159,17 +175,15 @@ def main(argv=None):
         else:
             prompt = mx.random.randint(0, vocab, (128,), key=mx.random.key(1))
             calib = mx.random.randint(0, vocab, (256,), key=mx.random.key(2))
-        baseline = copy.deepcopy(model)
-        nn.quantize(baseline, group_size=64, bits=4)
-        mx.eval(baseline.parameters())
-        pre, dec = decode_speed(baseline, prompt, args.tokens)
+        pre, dec = decode_speed(model, prompt, args.tokens)
         rows.append(dict(size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)", sparsity=0.0,
                          prefill_tps=pre, decode_tps=dec, achieved=0.0))
         print(rows[-1], flush=True)
-        del baseline
-        zigzag_model(model)
-        # Each projection alone first (UNSTACKED), then q/k/v and gate/up stacked, as spqt-generate runs.
-        for stacked, sparsities in ((False, UNSTACKED), (True, SPARSITIES)):
+        del model
+        mx.clear_cache()
+        model, _ = load_model(size, zigzag_quantize)
+        # Each projection alone first (--unstacked), then q/k/v and gate/up stacked, as spqt-generate runs.
+        for stacked, sparsities in ((False, args.unstacked), (True, args.sparsities)):
             if stacked:
                 fuse_shared_inputs(model)
             for s in sparsities:
@@ -191,7 +205,8 @@ def main(argv=None):
               f"{r['decode_tps']:>12.1f} {r['decode_tps'] / base:>9.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=mx.device_info().get("device_name", ""), rows=rows), f, indent=1)
+            json.dump(dict(device=mx.device_info().get("device_name", ""), date=datetime.date.today().isoformat(),
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

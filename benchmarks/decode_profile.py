@@ -30,7 +30,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_cuda import load_model, zigzag_model  # noqa: E402
+from decode_cuda import baseline_quantize, load_model, zigzag_quantize  # noqa: E402
 from gemv_cuda import copy_bandwidth  # noqa: E402
 
 import spqt_mlx.calibrate as calibrate  # noqa: E402
@@ -40,13 +40,10 @@ PROMPT_TOKENS = 128
 
 
 def build(size, variant):
-    model, _ = load_model(size)
+    model, _ = load_model(size, baseline_quantize if variant == "mlx" else zigzag_quantize)
     vocab = model.args.vocab_size
     calib = mx.random.randint(0, vocab, (256,), key=mx.random.key(2))
-    if variant == "mlx":
-        nn.quantize(model, group_size=64, bits=4)
-    else:
-        zigzag_model(model)
+    if variant != "mlx":
         fuse_shared_inputs(model)
         s = float(variant)
         set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)
