@@ -14,6 +14,16 @@ using namespace nb::literals;
 NB_MODULE(_ext, m) {
   m.doc() = "spqt_mlx C++ ops: zigzag GEMV and active-column collection.";
 
+  nb::enum_<spqt::ActiveKind>(m, "ActiveKind", "How the active input columns of a zigzag GEMV are given.")
+      .value("Dense", spqt::ActiveKind::Dense, "every column")
+      .value("Indices", spqt::ActiveKind::Indices, "an integer list of column indices")
+      .value("Packed", spqt::ActiveKind::Packed, "a count-prefixed int32 list [n, idx...] of length K + 1")
+      .value("Threshold", spqt::ActiveKind::Threshold, "columns with |x| > threshold, collected in the kernel");
+  m.attr("SUPPORTED_BITS") = nb::tuple(nb::cast(std::vector<int>(std::begin(spqt::kSupportedBits),
+                                                                 std::end(spqt::kSupportedBits))));
+  m.attr("SUPPORTED_GROUP_SIZES") = nb::tuple(nb::cast(std::vector<int>(
+      std::begin(spqt::kSupportedGroupSizes), std::end(spqt::kSupportedGroupSizes))));
+
   m.def(
       "zigzag_gemv",
       [](const mx::array& x,
@@ -21,18 +31,14 @@ NB_MODULE(_ext, m) {
          const mx::array& scales,
          const mx::array& biases,
          const std::optional<mx::array>& active,
-         int kind,
+         spqt::ActiveKind kind,
          int group_size,
          int bits,
          mx::StreamOrDevice s) {
-        if (kind < 0 || kind > 3) {
-          throw std::invalid_argument("[zigzag_gemv] unknown kind of active set.");
-        }
-        if (kind != 0 && !active) {
+        if (kind != spqt::ActiveKind::Dense && !active) {
           throw std::invalid_argument("[zigzag_gemv] this kind of active set needs an array.");
         }
-        return spqt::zigzag_gemv(
-            x, w, scales, biases, active, static_cast<spqt::ActiveKind>(kind), group_size, bits, s);
+        return spqt::zigzag_gemv(x, w, scales, biases, active, kind, group_size, bits, s);
       },
       "x"_a,
       "w"_a,

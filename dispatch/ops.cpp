@@ -36,13 +36,21 @@ bool is_float_dtype(mx::Dtype t) {
   return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
 }
 
+template <size_t N>
+void check_one_of(const std::string& where, const char* what, int value, const int (&allowed)[N]) {
+  std::string list;
+  for (int a : allowed) {
+    if (a == value) {
+      return;
+    }
+    list += (list.empty() ? "" : ", ") + std::to_string(a);
+  }
+  fail(where, std::string(what) + " must be one of " + list + ", got " + std::to_string(value) + ".");
+}
+
 void check_bits_group_size(const std::string& where, int group_size, int bits) {
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
-    fail(where, "bits must be one of 2, 3, 4, 5, 6, 8, got " + std::to_string(bits) + ".");
-  }
-  if (group_size != 32 && group_size != 64 && group_size != 128) {
-    fail(where, "group_size must be one of 32, 64, 128, got " + std::to_string(group_size) + ".");
-  }
+  check_one_of(where, "bits", bits, kSupportedBits);
+  check_one_of(where, "group_size", group_size, kSupportedGroupSizes);
 }
 
 // Checks one single-token activation and its threshold.

@@ -7,17 +7,11 @@
 #include "mlx/array.h"
 #include "mlx/utils.h"
 
+#include "kernels/contract.h"
+
 namespace spqt {
 
 namespace mx = mlx::core;
-
-// How the active input columns of a zigzag GEMV are given.
-enum class ActiveKind : int {
-  Dense = 0,      // every column
-  Indices = 1,    // int32 list of column indices; its length is the count
-  Packed = 2,     // int32 (K + 1,): [n, idx_0, ..., idx_{n-1}, unspecified...]
-  Threshold = 3,  // float32 () or (K,): columns with |x| > threshold, collected inside the kernel
-};
 
 // y = x @ W.T for the zigzag-quantized W = (w, scales, biases), restricted to the active columns.
 mx::array zigzag_gemv(

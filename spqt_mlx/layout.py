@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
+from . import _ext
+
+SUPPORTED_BITS = _ext.SUPPORTED_BITS  # from kernels/contract.h
+SUPPORTED_GROUP_SIZES = _ext.SUPPORTED_GROUP_SIZES
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import _ext
+from ._ext import ActiveKind
 from .layout import ZigzagWeight, check_weight, dequantize_bands
-
-_DENSE, _INDICES, _PACKED, _THRESHOLD = 0, 1, 2, 3
 
 
 class ActiveColumns:
@@ -86,11 +85,11 @@ def zigzag_gemv(
     args = (x, qweight.weight, qweight.scales, qweight.biases)
     meta = dict(group_size=qweight.group_size, bits=qweight.bits, stream=stream)
     if indices is None:
-        return _ext.zigzag_gemv(*args, None, _DENSE, **meta)
+        return _ext.zigzag_gemv(*args, None, ActiveKind.Dense, **meta)
     if isinstance(indices, ActiveColumns):
         if indices.x is x:
-            return _ext.zigzag_gemv(*args, indices.threshold, _THRESHOLD, **meta)
-        return _ext.zigzag_gemv(*args, indices.packed, _PACKED, **meta)
+            return _ext.zigzag_gemv(*args, indices.threshold, ActiveKind.Threshold, **meta)
+        return _ext.zigzag_gemv(*args, indices.packed, ActiveKind.Packed, **meta)
     if not isinstance(indices, mx.array):
         raise TypeError(f"indices must be an mx.array or ActiveColumns, got {type(indices).__name__}.")
     if not mx.issubdtype(indices.dtype, mx.integer):
@@ -100,7 +99,7 @@ def zigzag_gemv(
         lo, hi = mx.min(indices).item(), mx.max(indices).item()
         if lo < 0 or hi >= K:
             raise IndexError(f"indices must lie in [0, {K}), got values in [{lo}, {hi}].")
-    return _ext.zigzag_gemv(*args, indices, _INDICES, **meta)
+    return _ext.zigzag_gemv(*args, indices, ActiveKind.Indices, **meta)
 
 
 def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.array:

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs MLX's CUDA backend and an NVIDIA GPU",
 )
 
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+from spqt_mlx.layout import SUPPORTED_BITS as BITS
+from spqt_mlx.layout import SUPPORTED_GROUP_SIZES as GROUP_SIZES
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.5e-2}
 

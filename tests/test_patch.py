@@ -73,7 +73,7 @@ def test_single_token_with_threshold_runs_the_sparse_kernel(monkeypatch):
     calls = spy_on_gemv(monkeypatch)
     x = mx.random.normal((1, 1, 128))
     y = layer(x)
-    assert calls == [spqt_ops._THRESHOLD]  # the fused collection, with the layer's threshold
+    assert calls == [spqt_ops.ActiveKind.Threshold]  # the fused collection, with the layer's threshold
     idx = np.flatnonzero(np.abs(np.array(x).reshape(-1)) > 0.8)
     assert 0 < idx.size < 128
     w = np.array(layer.dequantized_weight())
@@ -94,7 +94,7 @@ def test_multi_token_and_zero_threshold_calls_are_dense(monkeypatch):
     calls = spy_on_gemv(monkeypatch)
     x1 = mx.random.normal((1, 1, 64))
     np.testing.assert_allclose(layer(x1), np.array(x1) @ w.T, rtol=1e-4, atol=1e-4)
-    assert calls == [spqt_ops._DENSE]
+    assert calls == [spqt_ops.ActiveKind.Dense]
 
 
 def test_patch_model_swaps_projections_only():

@@ -3,9 +3,21 @@
 Printed as a CMake list of `name,source,type,bits,group_size` entries by cmake/cuda_kernels.cmake.
 """
 
+import re
+from pathlib import Path
+
 DTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+
+
+def _contract(name: str) -> tuple[int, ...]:
+    """One of the format lists of kernels/contract.h (read as text: the build has no extension yet)."""
+    text = (Path(__file__).resolve().parent.parent / "contract.h").read_text()
+    values = re.search(rf"{name}\[\]\s*=\s*\{{([^}}]*)\}}", text).group(1)
+    return tuple(int(v) for v in values.split(","))
+
+
+BITS = _contract("kSupportedBits")
+GROUP_SIZES = _contract("kSupportedGroupSizes")
 # The tensor-core kernel (zigzag_gemv_mma.cu) reads 4-bit codes in groups of 64 or 128.
 MMA_BITS = 4
 MMA_GROUP_SIZES = (64, 128)

@@ -5,7 +5,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../contract.h"
+
 namespace spqt {
+
+// The kinds of active set, as the kernels receive them (an int argument).
+constexpr int kDense = int(ActiveKind::Dense);
+constexpr int kIndices = int(ActiveKind::Indices);
+constexpr int kPacked = int(ActiveKind::Packed);
+constexpr int kThreshold = int(ActiveKind::Threshold);
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;

@@ -12,12 +12,12 @@
 // resets the counter to zero for the workspace's next use. Which block arrives last varies; the
 // summation order does not, so every output bit is reproducible. No float atomics.
 //
-// Kinds of active set (run-time, uniform per launch): 0 every column, 1 an index list of length
-// n_host, 2 a count-prefixed list [n, idx...], 3 columns with |x| > threshold, collected by every
+// Kinds of active set (kernels/contract.h; run-time, uniform per launch): every column, an index
+// list of length n_host, a count-prefixed list [n, idx...], or columns with |x| > threshold, collected by every
 // block into shared memory (no list in global memory, no extra launch; the list is ordered by
 // column modulo 256, then by column). Entries outside [0, K) are skipped.
 //
-// The threshold of kind 3: one per column, t[k], or the scalar t_value, passed by value (MLX keeps
+// The threshold of the fused kind: one per column, t[k], or the scalar t_value, passed by value (MLX keeps
 // scalars in unified memory, slow to read from every block).
 //
 // x is read with a column stride (a single row may be any strided view); several rows must be
@@ -74,13 +74,13 @@ __device__ __forceinline__ void zigzag_gemv(
     const int* cols = nullptr;
     uint64_t my_mask = 0;
     int my_rank = 0;
-    if (kind == 1) {
+    if (kind == kIndices) {
       n = n_host;
       cols = static_cast<const int*>(active);
-    } else if (kind == 2) {
+    } else if (kind == kPacked) {
       cols = static_cast<const int*>(active) + 1;
       n = min(max(static_cast<const int*>(active)[0], 0), K);
-    } else if (kind == 3) {
+    } else if (kind == kThreshold) {
       // Thread tid flags columns tid, tid + 256, ... (coalesced loads, all in flight); a block
       // scan gives every flag its rank in the list, so all blocks agree on the same list, in
       // the same order, without writing it anywhere.
@@ -107,7 +107,7 @@ __device__ __forceinline__ void zigzag_gemv(
     }
     int begin, count;
     share(n, splits, rank, begin, count);
-    const int windows = (kind == 3) ? max(1, (count + kListCapacity - 1) / kListCapacity) : 1;
+    const int windows = (kind == kThreshold) ? max(1, (count + kListCapacity - 1) / kListCapacity) : 1;
 
     float acc[32];
 #pragma unroll
@@ -116,7 +116,7 @@ __device__ __forceinline__ void zigzag_gemv(
 
     for (int win = 0; win < windows; ++win) {
       int win_begin = begin, win_count = count;
-      if (kind == 3) {
+      if (kind == kThreshold) {
         win_begin = begin + win * kListCapacity;
         win_count = min(kListCapacity, begin + count - win_begin);
         __syncthreads();  // the previous window's readers are done
@@ -141,7 +141,7 @@ __device__ __forceinline__ void zigzag_gemv(
           int k = -1;
           if (e < win_count) {
             const int p = win_begin + e;
-            k = (kind == 0) ? p : (kind == 3) ? list[e] : cols[p];
+            k = (kind == kDense) ? p : (kind == kThreshold) ? list[e] : cols[p];
           }
           if (unsigned(k) < unsigned(K)) {
             load_chunk<BITS>(wb + k * kWordsPerGroup, words[u]);

@@ -113,6 +113,7 @@ __device__ __forceinline__ void zigzag_gemv(
   constexpr int kTerms = Terms<T>::n;
   constexpr int kStages = 4;  // tile buffers per warp (more measured no faster)
   constexpr int kPerThread = kChunk / kThreads;
+  static_assert(kChunk % kThreads == 0, "a staging step gives every thread the same number of entries");
 
   __shared__ __align__(16) uint8_t stage[kWarps][kStages][kTileBytes];
   __shared__ __align__(16) uint32_t offsets[kCap<GS>];  // the entries' groups, in bytes from the band's start
@@ -137,16 +138,16 @@ __device__ __forceinline__ void zigzag_gemv(
   const T* sb = scales + int64_t(band) * K;
   const T* bb = biases + int64_t(band) * K;
   const float* th = static_cast<const float*>(active);
-  const bool by_column = kind == 0 || kind == 3;  // split the columns, else the list
+  const bool by_column = kind == kDense || kind == kThreshold;  // split the columns, else the list
 
   for (int m = blockIdx.y; m < M; m += gridDim.y) {
     const T* xm = x + int64_t(m) * K;
     int n = K;
     const int* list = nullptr;
-    if (kind == 1) {
+    if (kind == kIndices) {
       n = n_host;
       list = static_cast<const int*>(active);
-    } else if (kind == 2) {
+    } else if (kind == kPacked) {
       list = static_cast<const int*>(active) + 1;
       n = min(max(static_cast<const int*>(active)[0], 0), K);
     }
@@ -199,7 +200,7 @@ __device__ __forceinline__ void zigzag_gemv(
         }
       };
       __syncthreads();  // the previous window's readers are done with the staging arrays
-      if (kind == 3) {
+      if (kind == kThreshold) {
         // Fused collection: scan chunks of the block's columns (x, threshold, scale and bias of
         // a chunk all in flight together), keeping the active ones in order, until another chunk
         // might not fit; at low density one window then holds many chunks' active columns.

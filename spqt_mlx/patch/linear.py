@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from ..layout import ZigzagWeight, check_bits_group_size, zigzag_dequantize, zigzag_quantize
 from .. import _ext
-from ..ops import _DENSE, _THRESHOLD, collect_active, zigzag_matmul
+from ..ops import ActiveKind, collect_active, zigzag_matmul
 
 # How many decode steps a layer's lazy statistics may accumulate before they are scheduled for
 # evaluation; bounds the graph (and the activations it keeps alive) without a host sync.
@@ -23,8 +23,8 @@ def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value,
     ``zigzag_matmul`` for several tokens."""
     if x.size == weight.shape[1]:
         if threshold_value > 0:
-            return _ext.zigzag_gemv(x, weight, scales, biases, threshold, _THRESHOLD, group_size, bits)
-        return _ext.zigzag_gemv(x, weight, scales, biases, None, _DENSE, group_size, bits)
+            return _ext.zigzag_gemv(x, weight, scales, biases, threshold, ActiveKind.Threshold, group_size, bits)
+        return _ext.zigzag_gemv(x, weight, scales, biases, None, ActiveKind.Dense, group_size, bits)
     return zigzag_matmul(x, ZigzagWeight(weight, scales, biases, group_size, bits))
 
 

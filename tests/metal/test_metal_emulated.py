@@ -17,8 +17,8 @@ from spqt_mlx import ActiveColumns
 
 import metal_emulator as emu
 
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+from spqt_mlx.layout import SUPPORTED_BITS as BITS
+from spqt_mlx.layout import SUPPORTED_GROUP_SIZES as GROUP_SIZES
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # The GPU and the CPU sum in different orders; after rounding to the output dtype they may differ by
 # one unit in the last place.
