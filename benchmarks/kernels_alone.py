@@ -1,0 +1,255 @@
+"""The CUDA GEMV kernels alone, without MLX: the general kernel (kernels/cuda/zigzag_gemv.cu)
+against the tensor-core kernel (zigzag_gemv_mma.cu) on the same launches, with torch's fp16 GEMV
+and the copy bandwidth measured in the same run.
+
+Each kernel is compiled here with nvcc for sm_90, loaded with CuPy and launched as the dispatch
+launches it (dispatch/cuda.cpp: same arguments, the same split policy). Correctness: every kernel
+against a float64 reference on fresh random inputs (fp16, bf16, float32; dense, index lists with
+duplicates and junk, fused collection; several split counts). Timing: a CUDA graph of 200 dependent
+launches over rotating weight copies larger than the L2, replayed 5 times; the median per launch.
+
+    python benchmarks/kernels_alone.py [--json out.json]      (needs nvcc, CuPy and PyTorch)
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+import torch
+
+KERNELS = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+SOURCES = {"general": "zigzag_gemv.cu", "tensor-core": "zigzag_gemv_mma.cu"}
+CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+SHAPES = [(14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672), (8192, 8192), (4096, 4096),
+          (1024, 4096), (1024, 8192)]
+THREADS = 256
+SMS = cp.cuda.Device(0).attributes["MultiProcessorCount"]
+
+
+def build(out_dir):
+    """{(kernel, dtype, group_size): CuPy function}, 4-bit."""
+    fns = {}
+    for kernel, source in SOURCES.items():
+        for dtype, ctype in CTYPES.items():
+            for gs in (64, 128):
+                name = f"k_{kernel.replace('-', '_')}_{dtype}_g{gs}"
+                cubin = Path(out_dir) / f"{name}.cubin"
+                subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90,code=sm_90",
+                                f"-DSPQT_NAME={name}", f"-DSPQT_T={ctype}", "-DSPQT_BITS=4", f"-DSPQT_GS={gs}",
+                                str(KERNELS / source), "-o", str(cubin)], check=True)
+                fns[kernel, dtype, gs] = cp.RawModule(path=str(cubin)).get_function(name)
+    return fns
+
+
+def splits(kernel, bands, K, gs):
+    """The dispatch's split policy (dispatch/cuda.cpp)."""
+    s = 1
+    if kernel == "general":
+        per_step = 8 * (32 // (gs // 32))
+        while s < 32 and bands * s * 2 <= 2 * SMS and K // (2 * s) >= 2 * per_step:
+            s *= 2
+    else:
+        while s < 32 and bands * s < 2 * SMS and K // (2 * s) >= 256:
+            s *= 2
+    return s
+
+
+def bf16_bits(a):
+    u = a.view(cp.uint32)
+    return ((u + ((u >> 16) & 1) + 0x7FFF) >> 16).astype(cp.uint16)
+
+
+class Problem:
+    """Random 4-bit zigzag weights (random codes, scales and biases) and an activation."""
+
+    def __init__(self, N, K, gs, dtype, seed):
+        rs = cp.random.RandomState(seed)
+        self.N, self.K, self.gs, self.dtype = N, K, gs, dtype
+        bands = N // gs
+        self.w = rs.randint(0, 2**32, size=(bands, K, gs // 8), dtype=cp.uint64).astype(cp.uint32)
+        self.s = self.cast(rs.standard_normal((bands, K), dtype=cp.float32) * 0.005)
+        self.b = self.cast(rs.standard_normal((bands, K), dtype=cp.float32) * 0.05)
+        self.x = self.cast(rs.standard_normal((K,), dtype=cp.float32))
+
+    def cast(self, v):
+        return bf16_bits(v) if self.dtype == "bfloat16" else v.astype(self.dtype)
+
+    def f64(self, v):
+        if self.dtype == "bfloat16":
+            v = (v.astype(cp.uint32) << 16).view(cp.float32)
+        return cp.asnumpy(v).astype(np.float64)
+
+    def reference(self, idx=None):
+        bands, K, gs = self.N // self.gs, self.K, self.gs
+        words = cp.asnumpy(self.w)
+        q = np.stack([(words[:, :, r // 8] >> (4 * (r % 8))) & 15 for r in range(gs)], axis=-1).astype(np.float64)
+        count = np.ones(K) if idx is None else np.bincount(idx[(idx >= 0) & (idx < K)], minlength=K)
+        xm = self.f64(self.x) * count
+        return (np.einsum("k,bk,bkr->br", xm, self.f64(self.s), q) + (self.f64(self.b) @ xm)[:, None]).reshape(-1)
+
+    def launch(self, fn, kernel, weights, kind, active, n, t_value, out, work, count):
+        w, s, b = weights
+        bands = self.N // self.gs
+        sp = splits(kernel, bands, self.K, self.gs)
+        fn((bands * sp, 1), (THREADS,), (self.x, w, s, b, active, out, work, count, np.int32(1), np.int32(self.N),
+                                          np.int32(self.K), np.int32(1), np.int32(kind), np.int32(n), np.int32(0),
+                                          np.float32(t_value), np.int32(sp)))
+
+    def buffers(self):
+        out = cp.empty((self.N,), {"float16": cp.float16, "bfloat16": cp.uint16, "float32": cp.float32}[self.dtype])
+        work = cp.zeros((self.N * 32,), cp.float32)
+        count = cp.zeros((self.N // self.gs,), cp.int32)
+        return out, work, count
+
+
+def correctness(fns):
+    worst = {}
+    rng = np.random.default_rng(0)
+    for N, K, gs in [(128, 333, 64), (4096, 4096, 64), (14336, 4096, 64), (1024, 14336, 64), (256, 1000, 128),
+                     (4096, 4096, 128)]:
+        for dtype in CTYPES:
+            p = Problem(N, K, gs, dtype, seed=N + K)
+            xa = np.abs(p.f64(p.x))
+            t = float(np.float32(np.quantile(xa, 0.5)))
+            idx = np.concatenate([rng.permutation(K)[: K // 2], [-1, K, 3, 3]]).astype(np.int32)
+            cases = [(0, None, 0, 0.0, None), (1, cp.asarray(idx), len(idx), 0.0, idx),
+                     (3, p.x, 0, t, np.flatnonzero(xa > t))]
+            for kind, active, n, tv, ref_idx in cases:
+                ref = p.reference(ref_idx)
+                for kernel in SOURCES:
+                    out, work, count = p.buffers()
+                    tol = {"float16": 2e-3, "bfloat16": 1.5e-2, "float32": 1e-5}[dtype]
+                    ys = []
+                    for _ in range(2):
+                        p.launch(fns[kernel, dtype, gs], kernel, (p.w, p.s, p.b), kind,
+                                 p.x if active is None else active, n, tv, out, work, count)
+                        ys.append(p.f64(out))
+                    err = np.linalg.norm(ys[0] - ref) / np.linalg.norm(ref)
+                    assert np.isfinite(err) and err < tol, (kernel, dtype, N, K, gs, kind, err)
+                    assert np.array_equal(ys[0], ys[1]), "not reproducible"
+                    worst[kernel, dtype] = max(worst.get((kernel, dtype), 0.0), float(err))
+    return worst
+
+
+def graph_time(launch, n=200, reps=5):
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        launch(0)
+        stream.synchronize()
+        stream.begin_capture()
+        for i in range(n):
+            launch(i)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / n)
+    return float(np.median(times))
+
+
+def torch_gemv_time(N, K, n=200):
+    copies = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(2, (512 << 20) // (N * K * 2)))]
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for w in copies:
+            x @ w.T
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(n):
+                x @ copies[i % len(copies)].T
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / n)
+    return float(np.median(times))
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 28, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * a.nbytes / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def timings(fns):
+    rows = []
+    rng = np.random.default_rng(1)
+    for N, K in SHAPES:
+        rows.append(dict(shape=f"{N}x{K}", variant="fp16 x @ W.T (torch)", density=1.0, us=torch_gemv_time(N, K)))
+        p = Problem(N, K, 64, "float16", seed=3)
+        nbytes = p.w.nbytes + p.s.nbytes + p.b.nbytes
+        copies = [(p.w.copy(), p.s.copy(), p.b.copy()) for _ in range(max(2, (256 << 20) // nbytes))]
+        xa = np.abs(p.f64(p.x))
+        for kernel in SOURCES:
+            fn = fns[kernel, "float16", 64]
+            bufs = [p.buffers() for _ in copies]
+            for kind, density in [(0, 1.0), (1, 0.5), (1, 0.25), (3, 0.5), (3, 0.25)]:
+                lists = [cp.asarray(np.sort(rng.permutation(K)[: int(density * K)]).astype(np.int32)) for _ in range(4)]
+                t = float(np.quantile(xa, 1 - density))
+
+                def go(i):
+                    out, work, count = bufs[i % len(copies)]
+                    active = lists[i % 4] if kind == 1 else p.x
+                    p.launch(fn, kernel, copies[i % len(copies)], kind, active, len(lists[i % 4]), t, out, work, count)
+
+                name = {0: "dense", 1: "given indices", 3: "fused collection"}[kind]
+                rows.append(dict(shape=f"{N}x{K}", variant=f"{kernel} {name}", density=density, us=graph_time(go)))
+        del copies
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = build(tmp)
+        worst = correctness(fns)
+        for (kernel, dtype), err in sorted(worst.items()):
+            print(f"worst relative error vs float64: {kernel:<12} {dtype:<9} {err:.2e}")
+        bw = copy_bandwidth()
+        rows = timings(fns)
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth: {bw:.0f} GB/s")
+    at = {(r["shape"], r["variant"], r["density"]): r["us"] for r in rows}
+    cols = [("dense", 1.0), ("given indices", 0.5), ("given indices", 0.25), ("fused collection", 0.5),
+            ("fused collection", 0.25)]
+    print("| N×K | fp16 x@W.T | " + " | ".join(f"{v} d={d:g}: general / tensor-core" for v, d in cols) + " |")
+    print("|---" * (2 + len(cols)) + "|")
+    for N, K in SHAPES:
+        s = f"{N}x{K}"
+        print(f"| {s} | {at[s, 'fp16 x @ W.T (torch)', 1.0]:.1f} | " + " | ".join(
+            f"{at[s, 'general ' + v, d]:.1f} / {at[s, 'tensor-core ' + v, d]:.1f}" for v, d in cols) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                           copy_bandwidth_gbs=bw, worst_error=[dict(kernel=k, dtype=d, error=e) for (k, d), e in worst.items()],
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
