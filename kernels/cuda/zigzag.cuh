@@ -133,4 +133,53 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& to
   return before + incl - v;
 }
 
+// The end of a block's work on one band and row m: sums the warps' partial rows and bias terms in
+// a fixed order and writes y; with several splits, stores this block's rows in the workspace and
+// counts it in, and the block that arrives last sums all splits in split order, writes y and
+// resets the band's counter for the workspace's next use. Every output bit is reproducible, with no
+// float atomics. `partial` holds WARPS rows of GS floats, `bias` WARPS floats; `arrived_last` is
+// shared. Starts and ends with a barrier.
+template <typename T, int GS, int WARPS>
+__device__ __forceinline__ void write_band(
+    const float (*partial)[GS], const float* bias, T* __restrict__ y, float* __restrict__ partials,
+    int* __restrict__ counters, int m, int N, int band, int rank, int splits, int& arrived_last) {
+  const int tid = threadIdx.x;
+  const int bands = N / GS;
+  __syncthreads();
+  const int64_t y_row = int64_t(m) * N + int64_t(band) * GS;
+  const int64_t slice = (int64_t(m) * bands + band) * splits;  // this band's partials
+  if (tid < GS) {
+    float total = 0.0f, bias_total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < WARPS; ++i) {
+      total += partial[i][tid];
+      bias_total += bias[i];
+    }
+    if (splits == 1) {
+      y[y_row + tid] = from_float<T>(total + bias_total);
+    } else {
+      partials[(slice + rank) * GS + tid] = total + bias_total;
+    }
+  }
+  if (splits > 1) {
+    // Publish the partial rows, then count this block in; the last one in sums them all.
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      int* counter = counters + int64_t(m) * bands + band;
+      arrived_last = atomicAdd(counter, 1) == splits - 1;
+      if (arrived_last) *counter = 0;  // every other block of this band has counted in
+    }
+    __syncthreads();
+    if (arrived_last && tid < GS) {
+      __threadfence();
+      float total = 0.0f;
+#pragma unroll 8
+      for (int s = 0; s < splits; ++s) total += __ldcg(partials + (slice + s) * GS + tid);
+      y[y_row + tid] = from_float<T>(total);
+    }
+  }
+  __syncthreads();  // shared memory is rewritten for the next row
+}
+
 } // namespace spqt

@@ -61,7 +61,6 @@ __device__ __forceinline__ void zigzag_gemv(
   const int slot = warp * kColsPerWarp + lane / kLanesPerGroup;
   const int band = blockIdx.x / splits;
   const int rank = blockIdx.x % splits;
-  const int bands = N / GS;
   const uint32_t* wb = w + int64_t(band) * K * kWordsPerGroup + chunk * BITS;
   const T* sb = scales + int64_t(band) * K;
   const T* bb = biases + int64_t(band) * K;
@@ -185,41 +184,7 @@ __device__ __forceinline__ void zigzag_gemv(
 #pragma unroll
     for (int v = 0; v < kRowsPerLane; ++v) partial[warp][row0 + v] = acc[v];
     if (lane == 0) partial_bias[warp] = bias_acc;
-    __syncthreads();
-    const int64_t y_row = int64_t(m) * N + int64_t(band) * GS;
-    const int64_t slice = (int64_t(m) * bands + band) * splits;  // this band's partials
-    if (tid < GS) {
-      float total = 0.0f, bias_total = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kWarps; ++i) {
-        total += partial[i][tid];
-        bias_total += partial_bias[i];
-      }
-      if (splits == 1) {
-        y[y_row + tid] = from_float<T>(total + bias_total);
-      } else {
-        partials[(slice + rank) * GS + tid] = total + bias_total;
-      }
-    }
-    if (splits > 1) {
-      // Publish the partial rows, then count this block in; the last one in sums them all.
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) {
-        int* counter = counters + int64_t(m) * bands + band;
-        arrived_last = atomicAdd(counter, 1) == splits - 1;
-        if (arrived_last) *counter = 0;  // every other block of this band has counted in
-      }
-      __syncthreads();
-      if (arrived_last && tid < GS) {
-        __threadfence();
-        float total = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s) total += __ldcg(partials + (slice + s) * GS + tid);
-        y[y_row + tid] = from_float<T>(total);
-      }
-    }
-    __syncthreads();  // shared memory is rewritten for the next row
+    write_band<T, GS, kWarps>(partial, partial_bias, y, partials, counters, m, N, band, rank, splits, arrived_last);
   }
 }
 

@@ -131,7 +131,6 @@ __device__ __forceinline__ void zigzag_gemv(
   const int term = g < kTerms ? g : 0;  // columns n >= kTerms of B are never read back
   const int band = blockIdx.x / splits;
   const int rank = blockIdx.x % splits;
-  const int bands = N / GS;
   const char* wband = reinterpret_cast<const char*>(w + int64_t(band) * K * (kGroupBytes / 4));
   uint32_t mask = 0x000F000Fu, magic = 0x43004300u;
   asm volatile("" : "+r"(mask), "+r"(magic));  // kept in registers for the three-input LOP3
@@ -331,40 +330,7 @@ __device__ __forceinline__ void zigzag_gemv(
 #pragma unroll
     for (int o = 16; o >= 1; o >>= 1) bias_acc += __shfl_xor_sync(0xffffffffu, bias_acc, o);
     if (lane == 0) bias_part[warp] = bias_acc;
-    __syncthreads();
-    const int64_t y_row = int64_t(m) * N + int64_t(band) * GS;
-    const int64_t slice = (int64_t(m) * bands + band) * splits;
-    if (tid < GS) {
-      float total = 0.0f, bias_total = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kWarps; ++i) {
-        total += partial[i][tid];
-        bias_total += bias_part[i];
-      }
-      if (splits == 1) {
-        y[y_row + tid] = from_float<T>(total + bias_total);
-      } else {
-        partials[(slice + rank) * GS + tid] = total + bias_total;
-      }
-    }
-    if (splits > 1) {
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) {
-        int* counter = counters + int64_t(m) * bands + band;
-        arrived_last = atomicAdd(counter, 1) == splits - 1;
-        if (arrived_last) *counter = 0;
-      }
-      __syncthreads();
-      if (arrived_last && tid < GS) {
-        __threadfence();
-        float total = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s) total += __ldcg(partials + (slice + s) * GS + tid);
-        y[y_row + tid] = from_float<T>(total);
-      }
-    }
-    __syncthreads();
+    write_band<T, GS, kWarps>(partial, bias_part, y, partials, counters, m, N, band, rank, splits, arrived_last);
   }
 }
 
