@@ -99,6 +99,21 @@ __device__ __forceinline__ void accumulate_codes(
   }
 }
 
+// The entries a launch walks: K columns, or the index list of the list kinds (a count-prefixed
+// list's count clamped to [0, K], so that a corrupted list is never read past its end).
+__device__ __forceinline__ int walked(int kind, const void* active, int n_host, int K, const int*& list) {
+  list = nullptr;
+  if (kind == kIndices) {
+    list = static_cast<const int*>(active);
+    return n_host;
+  }
+  if (kind == kPacked) {
+    list = static_cast<const int*>(active) + 1;
+    return min(max(static_cast<const int*>(active)[0], 0), K);
+  }
+  return K;
+}
+
 // Balanced share of n entries among `parts` workers: the first n % parts take one extra.
 __device__ __forceinline__ void share(int n, int parts, int part, int& begin, int& count) {
   const int base = n / parts;

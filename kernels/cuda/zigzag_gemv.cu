@@ -69,17 +69,11 @@ __device__ __forceinline__ void zigzag_gemv(
     const T* xm = x + int64_t(m) * K;
 
     // Size of the active set and this block's share of it.
-    int n = K;
-    const int* cols = nullptr;
+    const int* cols;
+    int n = walked(kind, active, n_host, K, cols);
     uint64_t my_mask = 0;
     int my_rank = 0;
-    if (kind == kIndices) {
-      n = n_host;
-      cols = static_cast<const int*>(active);
-    } else if (kind == kPacked) {
-      cols = static_cast<const int*>(active) + 1;
-      n = min(max(static_cast<const int*>(active)[0], 0), K);
-    } else if (kind == kThreshold) {
+    if (kind == kThreshold) {
       // Thread tid flags columns tid, tid + 256, ... (coalesced loads, all in flight); a block
       // scan gives every flag its rank in the list, so all blocks agree on the same list, in
       // the same order, without writing it anywhere.

@@ -141,15 +141,8 @@ __device__ __forceinline__ void zigzag_gemv(
 
   for (int m = blockIdx.y; m < M; m += gridDim.y) {
     const T* xm = x + int64_t(m) * K;
-    int n = K;
-    const int* list = nullptr;
-    if (kind == kIndices) {
-      n = n_host;
-      list = static_cast<const int*>(active);
-    } else if (kind == kPacked) {
-      list = static_cast<const int*>(active) + 1;
-      n = min(max(static_cast<const int*>(active)[0], 0), K);
-    }
+    const int* list;
+    const int n = walked(kind, active, n_host, K, list);
     int begin, count;
     share(n, splits, rank, begin, count);
 
