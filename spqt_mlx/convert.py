@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import _cli
 from .gguf import DTYPES
 
 CALIBRATION_METHODS = ("uniform", "greedy")
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """The work of ``spqt-convert``: parse ``argv``, convert, print the summary and return it."""
     args = build_parser().parse_args(argv)
     summary = convert(
         args.model,
@@ -302,6 +304,11 @@ def main(argv=None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def main(argv=None) -> None:
+    """``spqt-convert``: exit status 0 on success, 2 with a one-line message on an expected error."""
+    _cli.run("spqt-convert", run, argv)
 
 
 if __name__ == "__main__":

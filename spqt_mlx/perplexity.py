@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import _cli
 from .convert import CALIBRATION_METHODS, DTYPES, calibration_tokens, load_source, read_text, sparsify, text_tokens
 
 PROTOCOLS = ("nonoverlap", "sliding")
@@ -400,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """The work of ``spqt-perplexity``: parse ``argv``, evaluate, write what was asked and return the results."""
     args = build_parser().parse_args(argv)
     results = evaluate(
         args.model, args.text, sparsities=args.sparsity, methods=args.method, calibration_text=args.calibration_text,
@@ -413,6 +415,11 @@ def main(argv=None) -> dict:
     if args.plot:
         plot(results, args.plot)
     return results
+
+
+def main(argv=None) -> None:
+    """``spqt-perplexity``: exit status 0 on success, 2 with a one-line message on an expected error."""
+    _cli.run("spqt-perplexity", run, argv)
 
 
 if __name__ == "__main__":

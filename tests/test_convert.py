@@ -31,7 +31,7 @@ def achieved(model, tokens):
 
 def test_convert_with_calibration_text(tiny_model_dir, tmp_path, text_file, capsys):
     out = tmp_path / "spqt"
-    summary = convert.main(["--model", str(tiny_model_dir), "--out", str(out), "--sparsity", "0.5",
+    summary = convert.run(["--model", str(tiny_model_dir), "--out", str(out), "--sparsity", "0.5",
                             "--calibration-text", str(text_file), "--calibration-tokens", "48",
                             "--json", str(tmp_path / "summary.json")])
     printed = capsys.readouterr().out
@@ -49,7 +49,7 @@ def test_convert_with_calibration_text(tiny_model_dir, tmp_path, text_file, caps
 
 def test_convert_self_generated_greedy_from_gguf(tiny_gguf, tmp_path):
     out = tmp_path / "spqt"
-    summary = convert.main(["--model", str(tiny_gguf[0]), "--out", str(out), "--sparsity", "0.4", "--bits", "3",
+    summary = convert.run(["--model", str(tiny_gguf[0]), "--out", str(out), "--sparsity", "0.4", "--bits", "3",
                             "--group-size", "32", "--calibration-method", "greedy", "--calibration-tokens", "32",
                             "--dtype", "float32"])
     assert summary["calibration"] == "32 tokens of self-generated text"
@@ -77,7 +77,7 @@ def test_sparsity_zero_needs_no_calibration(tiny_model_dir, tmp_path, monkeypatc
         raise AssertionError("calibrate was called for sparsity 0")
 
     monkeypatch.setattr(spqt_mlx.calibrate, "calibrate", no_calibration)
-    convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "dense"), "--sparsity", "0"])
+    convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "dense"), "--sparsity", "0"])
     model, _ = checkpoint.load(tmp_path / "dense")
     assert set(get_thresholds(model).values()) == {0.0}
 
@@ -92,7 +92,7 @@ def test_repo_id_goes_through_the_hub(tiny_model_dir, tmp_path, monkeypatch):
         return str(tiny_model_dir)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    convert.main(["--model", "someone/tiny-llama", "--out", str(tmp_path / "o"), "--sparsity", "0"])
+    convert.run(["--model", "someone/tiny-llama", "--out", str(tmp_path / "o"), "--sparsity", "0"])
     assert asked == ["someone/tiny-llama"]
 
     def offline(repo_id, **kwargs):
@@ -100,7 +100,7 @@ def test_repo_id_goes_through_the_hub(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match="someone/other.*no network"):
-        convert.main(["--model", "someone/other", "--out", str(tmp_path / "p")])
+        convert.run(["--model", "someone/other", "--out", str(tmp_path / "p")])
     assert not (tmp_path / "p").exists()
 
 
@@ -112,7 +112,7 @@ def test_failure_during_conversion_leaves_nothing(tiny_model_dir, tmp_path, text
 
     monkeypatch.setattr(spqt_mlx.calibrate, "calibrate", broken)
     with pytest.raises(RuntimeError, match="calibration failed"):
-        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
                       "--calibration-text", str(text_file)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.txt"]
 
@@ -122,21 +122,45 @@ def test_bad_arguments(tiny_model_dir, tmp_path, text_file):
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite"):
-        convert.main(["--model", str(tiny_model_dir), "--out", str(existing)])
+        convert.run(["--model", str(tiny_model_dir), "--out", str(existing)])
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     with pytest.raises(ValueError, match="sparsity"):
-        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--sparsity", "1.0"])
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--sparsity", "1.0"])
     with pytest.raises(FileNotFoundError):
-        convert.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+        convert.run(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError):
-        convert.main(["--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
+        convert.run(["--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="not a .gguf"):
-        convert.main(["--model", str(text_file), "--out", str(tmp_path / "o")])
+        convert.run(["--model", str(text_file), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="calibration text|text file"):
-        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
                       "--calibration-text", str(tmp_path / "none.txt")])
     with pytest.raises(ValueError, match="bits"):
-        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--bits", "7", "--sparsity", "0"])
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--bits", "7", "--sparsity", "0"])
     with pytest.raises(SystemExit):
-        convert.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calibration-method", "best"])
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calibration-method", "best"])
+    assert not (tmp_path / "o").exists()
+
+
+def cli(module, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_exit_codes(tiny_model_dir, tmp_path, text_file):
+    """Success exits 0 with the summary on stdout only; an expected error exits 2 with one line and no traceback."""
+    out = tmp_path / "spqt"
+    done = cli("spqt_mlx.convert", "--model", tiny_model_dir, "--out", out, "--sparsity", "0.5",
+               "--calibration-text", text_file, "--calibration-tokens", "32")
+    assert done.returncode == 0, done.stderr
+    assert f"Saved {out}" in done.stdout and "{" not in done.stderr
+    for args, message in [(["--model", tiny_model_dir, "--out", out], "overwrite"),
+                          (["--model", tmp_path / "nowhere", "--out", tmp_path / "o"], "nowhere"),
+                          (["--model", tiny_model_dir, "--out", tmp_path / "o", "--sparsity", "1.5"], "sparsity")]:
+        failed = cli("spqt_mlx.convert", *args)
+        assert failed.returncode == 2
+        lines = failed.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("spqt-convert: error:") and message in lines[0], failed.stderr
     assert not (tmp_path / "o").exists()

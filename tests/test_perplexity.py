@@ -96,7 +96,7 @@ def test_masked_evaluation_matches_the_decode_kernels(tiny):
 
 def test_cli_with_baselines_and_methods(tiny_model_dir, tmp_path, text_file, capsys):
     pytest.importorskip("matplotlib")
-    results = perplexity.main([
+    results = perplexity.run([
         "--model", str(tiny_model_dir), "--text", str(text_file), "--sparsity", "0", "0.5",
         "--method", "uniform", "greedy", "--calibration-text", str(text_file), "--calibration-tokens", "32",
         "--window", "16", "--max-tokens", "32", "--baselines",
@@ -120,9 +120,9 @@ def test_cli_on_a_saved_checkpoint(tiny_model_dir, tmp_path, text_file, capsys):
     from spqt_mlx import convert
 
     out = tmp_path / "spqt"
-    convert.main(["--model", str(tiny_model_dir), "--out", str(out), "--sparsity", "0.3",
+    convert.run(["--model", str(tiny_model_dir), "--out", str(out), "--sparsity", "0.3",
                   "--calibration-text", str(text_file), "--calibration-tokens", "32"])
-    results = perplexity.main(["--model", str(out), "--text", str(text_file), "--protocol", "sliding",
+    results = perplexity.run(["--model", str(out), "--text", str(text_file), "--protocol", "sliding",
                                "--window", "16", "--stride", "8", "--max-tokens", "24"])
     assert "sliding windows of 16 tokens, stride 8" in capsys.readouterr().out
     [row] = results["rows"]
@@ -132,16 +132,34 @@ def test_cli_on_a_saved_checkpoint(tiny_model_dir, tmp_path, text_file, capsys):
     expected = perplexity.perplexity(model, tokens, window=16, protocol="sliding", stride=8)
     assert math.isclose(row["perplexity"], expected["perplexity"], rel_tol=1e-6)
     with pytest.raises(ValueError, match="baselines"):
-        perplexity.main(["--model", str(out), "--text", str(text_file), "--baselines"])
+        perplexity.run(["--model", str(out), "--text", str(text_file), "--baselines"])
 
 
 def test_cli_errors(tiny_model_dir, tmp_path, text_file):
     with pytest.raises(FileNotFoundError):
-        perplexity.main(["--model", str(tiny_model_dir), "--text", str(tmp_path / "none.txt")])
+        perplexity.run(["--model", str(tiny_model_dir), "--text", str(tmp_path / "none.txt")])
     with pytest.raises(ValueError, match="sparsity"):
-        perplexity.main(["--model", str(tiny_model_dir), "--text", str(text_file), "--sparsity", "-0.1"])
+        perplexity.run(["--model", str(tiny_model_dir), "--text", str(text_file), "--sparsity", "-0.1"])
     with pytest.raises(ValueError, match="stride"):
-        perplexity.main(["--model", str(tiny_model_dir), "--text", str(text_file), "--stride", "4"])
+        perplexity.run(["--model", str(tiny_model_dir), "--text", str(text_file), "--stride", "4"])
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
-        perplexity.main(["--model", str(tiny_model_dir), "--text", str(tmp_path / "empty.txt")])
+        perplexity.run(["--model", str(tiny_model_dir), "--text", str(tmp_path / "empty.txt")])
+
+
+def test_command_line_exit_codes(tiny_model_dir, text_file, tmp_path):
+    """Success exits 0 without printing the results dict to stderr; an expected error exits 2 with one line."""
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "spqt_mlx.perplexity", *map(str, args)], capture_output=True,
+                              text=True, timeout=300)
+
+    done = cli("--model", tiny_model_dir, "--text", text_file, "--sparsity", "0", "--window", "16",
+               "--max-tokens", "32", "--json", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    assert "{" not in done.stderr and json.loads((tmp_path / "r.json").read_text())
+    failed = cli("--model", tiny_model_dir, "--text", tmp_path / "none.txt")
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(lines) == 1 and lines[0].startswith("spqt-perplexity: error:"), failed.stderr

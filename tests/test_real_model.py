@@ -155,13 +155,13 @@ def test_clis_end_to_end(real_model_dir, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "smollm2-spqt"
-    convert.main(["--model", str(real_model_dir), "--out", str(out), "--sparsity", "0.5",
+    convert.run(["--model", str(real_model_dir), "--out", str(out), "--sparsity", "0.5",
                   "--calibration-text", str(text), "--calibration-tokens", "64"])
     assert "zigzag layers 210 (4-bit, group size 64)" in capsys.readouterr().out
     model, tokenizer = checkpoint.load(out)
     assert "Paris" in greedy(model, tokenizer, n=3)
 
-    results = perplexity.main(["--model", str(out), "--text", str(text), "--window", "32", "--max-tokens", "64",
+    results = perplexity.run(["--model", str(out), "--text", str(text), "--window", "32", "--max-tokens", "64",
                                "--json", str(tmp_path / "ppl.json")])
     [row] = results["rows"]
     assert row["tokens"] == 62 and 0.4 < row["achieved_sparsity"] < 0.6

@@ -1,0 +1,19 @@
+"""What the command-line tools share: how they end."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+# Errors a user can cause and fix (a missing file, an existing output, a bad value): one line, no traceback.
+EXPECTED = (OSError, ValueError, TypeError)
+
+
+def run(prog: str, work: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None) -> None:
+    """Run ``work(argv)``. Return normally (exit status 0) on success; on an expected error print
+    ``prog: error: ...`` on stderr and exit with status 2, as argparse does for bad arguments."""
+    try:
+        work(argv)
+    except EXPECTED as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
