@@ -122,6 +122,10 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
     if x.dtype != qweight.dtype:
         raise ValueError(f"x is {x.dtype} but the weight's scales are {qweight.dtype}; convert one to the other.")
     lead = x.shape[:-1]
+    if x.size == 0:
+        # No rows (an empty batch or sequence): an empty result, as nn.Linear gives; MLX's quantized
+        # matmul would divide by the zero row count.
+        return mx.zeros((*lead, N), dtype=x.dtype)
     rows = x.reshape(1, -1, K)
     product = _matmul_dequantized if _on_cuda(stream) else _matmul_per_band
     y = product(rows, qweight, stream)  # (bands, M, gs)
@@ -129,11 +133,13 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
 
 
 def _on_cuda(stream) -> bool:
+    """Whether ``stream`` (None, a Stream, a Device or a DeviceType such as ``mx.cpu``) runs on CUDA."""
     if stream is None:
-        device = mx.default_device()
-    else:
-        device = stream if isinstance(stream, mx.Device) else stream.device
-    return device.type == mx.gpu and mx.cuda.is_available()
+        stream = mx.default_device()
+    if isinstance(stream, mx.Stream):
+        stream = stream.device
+    kind = stream.type if isinstance(stream, mx.Device) else stream
+    return kind == mx.gpu and mx.cuda.is_available()
 
 
 def _matmul_per_band(rows: mx.array, qweight: ZigzagWeight, stream) -> mx.array:

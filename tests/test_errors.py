@@ -285,3 +285,48 @@ def test_interpreter_survives(q, x):
     """After all of the above, the library still computes correctly."""
     y = zigzag_gemv(x, q, indices=mx.array([0, 1]))
     assert y.shape == (64,) and not np.isnan(np.array(y)).any()
+
+
+# ---- empty inputs and stream forms --------------------------------------------------------------
+
+
+def test_empty_inputs_give_empty_outputs():
+    """Zero rows or a zero-length sequence give an empty result, as nn.Linear does (MLX's quantized
+    matmul divides by the row count: run in a subprocess, so that a crash fails this test only)."""
+    import subprocess
+    import sys
+
+    code = """
+import mlx.core as mx, mlx.nn as nn, spqt_mlx as sq
+from spqt_mlx.patch import patch_model, set_thresholds
+q = sq.zigzag_quantize(mx.random.normal((64, 40)), group_size=32, bits=4)
+shapes = [sq.zigzag_matmul(mx.zeros((0, 40)), q).shape, sq.zigzag_matmul(mx.zeros((2, 0, 40)), q).shape,
+          sq.zigzag_gemv(mx.zeros((0, 40)), q).shape]
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.up_proj = nn.Linear(64, 128)
+block = Block()
+patch_model(block)
+for t in (0.0, 0.5):
+    set_thresholds(block, t)
+    y = block.mlp.up_proj(mx.zeros((1, 0, 64)))
+    mx.eval(y)
+    shapes.append(y.shape)
+print(shapes)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[(0, 64), (2, 0, 64), (0, 64), (1, 0, 128), (1, 0, 128)]"
+
+
+@pytest.mark.parametrize("stream", [mx.cpu, mx.Device(mx.cpu), mx.default_stream(mx.cpu)], ids=["type", "device", "stream"])
+def test_every_op_takes_the_same_stream_forms(q, x, stream):
+    rows = mx.random.normal((3, K))
+    reference = zigzag_matmul(rows, q)
+    assert mx.allclose(zigzag_matmul(rows, q, stream=stream), reference)
+    assert mx.allclose(zigzag_gemv(rows, q, stream=stream), reference, atol=1e-5)
+    active = collect_active(x, 0.5, stream=stream)
+    assert mx.allclose(zigzag_gemv(x, q, indices=active, stream=stream), zigzag_gemv(x, q, indices=active.indices()),
+                       atol=1e-5)
