@@ -219,7 +219,34 @@ def read_spqt_config(path) -> dict:
     for key in ("bits", "group_size", "layers", "thresholds", "files"):
         if key not in section:
             raise ValueError(f"{path}: the spqt section lacks {key!r}.")
+    _check_section(Path(path), section)
     return config
+
+
+def _check_section(path: Path, section: dict) -> None:
+    """The spqt section's types, and its weight files confined to the checkpoint directory."""
+    def kind(value, expected, what):
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ValueError(f"{path}: config.json's spqt {what} has the wrong type ({type(value).__name__}).")
+
+    kind(section["bits"], int, "bits")
+    kind(section["group_size"], int, "group_size")
+    kind(section["layers"], list, "layers")
+    kind(section["thresholds"], dict, "thresholds")
+    kind(section["files"], dict, "files")
+    for name in section["layers"]:
+        kind(name, str, "layer name")
+    for name, value in section["thresholds"].items():
+        kind(value, (int, float), f"threshold of {name}")
+    for name, entry in section["files"].items():
+        kind(entry, dict, f"entry of file {name}")
+        # Only plain file names in the checkpoint's own directory: a manifest must not make load()
+        # read anything else (a path with '..', an absolute path, a link out of the directory).
+        inside = (path / name).resolve().is_relative_to(path.resolve())
+        if Path(name).name != name or name in (".", "..") or not inside:
+            raise ValueError(
+                f"{path}: config.json names the weight file {name!r}, which is not a file of this directory."
+            )
 
 
 def is_spqt_checkpoint(path) -> bool:

@@ -270,3 +270,33 @@ def test_quantized_source_keeps_its_other_quantized_layers(tiny_model_dir, tmp_p
         assert isinstance(loaded.model.embed_tokens, nn.QuantizedEmbedding)
         assert len(get_layers(loaded)) == 14
         assert mx.array_equal(loaded(TOKENS), model(TOKENS)).item()
+
+
+def test_manifest_cannot_name_files_outside_the_directory(saved, tmp_path):
+    """config.json is data from wherever the directory came from: its file names must not make load() read
+    files elsewhere (a '..' path, an absolute path, a link out of the directory), even matching ones."""
+    import shutil
+
+    _, out = saved
+    original = (out / "config.json").read_text()
+    outside = tmp_path / "elsewhere" / checkpoint.WEIGHTS_FILE
+    outside.parent.mkdir()
+    shutil.copy(out / checkpoint.WEIGHTS_FILE, outside)  # same bytes: the sha256 check alone would pass
+    (out / "link.safetensors").symlink_to(outside)
+    for name in [f"../{tmp_path.name}/elsewhere/{checkpoint.WEIGHTS_FILE}", str(outside), "link.safetensors"]:
+        config = json.loads(original)
+        config["spqt"]["files"] = {name: next(iter(config["spqt"]["files"].values()))}
+        (out / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="not a file of this directory"):
+            checkpoint.load(out)
+
+
+@pytest.mark.parametrize("key,value", [("files", ["model.safetensors"]), ("thresholds", [0.1]), ("layers", "q_proj"),
+                                       ("bits", "4"), ("group_size", True)])
+def test_malformed_manifest_types_are_refused(saved, key, value):
+    _, out = saved
+    config = json.loads((out / "config.json").read_text())
+    config["spqt"][key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"spqt {key}.*wrong type"):
+        checkpoint.load(out)

@@ -321,7 +321,8 @@ print(shapes)
     assert done.stdout.strip() == "[(0, 64), (2, 0, 64), (0, 64), (1, 0, 128), (1, 0, 128)]"
 
 
-@pytest.mark.parametrize("stream", [mx.cpu, mx.Device(mx.cpu), mx.default_stream(mx.cpu)], ids=["type", "device", "stream"])
+@pytest.mark.parametrize("stream", [mx.cpu, mx.Device(mx.cpu), mx.default_stream(mx.cpu)],
+                         ids=["type", "device", "stream"])
 def test_every_op_takes_the_same_stream_forms(q, x, stream):
     rows = mx.random.normal((3, K))
     reference = zigzag_matmul(rows, q)
