@@ -130,6 +130,10 @@ mx::array zigzag_gemv(
   const int bands = w.shape(0);
   const int K = w.shape(1);
   const int N = bands * group_size;
+  if (bands == 0 || K == 0) {
+    fail(where, "the packed weight " + shape_str(w.shape()) +
+                    " is empty: it needs at least one band of output rows and one input column.");
+  }
   if (w.shape(2) != group_size * bits / 32) {
     fail(where, "the packed weight's last dimension is " + std::to_string(w.shape(2)) +
                     " words, but group_size=" + std::to_string(group_size) + " and bits=" +

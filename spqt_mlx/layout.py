@@ -115,6 +115,8 @@ def check_weight(qweight) -> None:
             f"packed weight must be uint32 of shape (N/group_size, K, {qweight.group_size * qweight.bits // 32}),"
             f" got {w.dtype} {tuple(w.shape)}."
         )
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"the packed weight {tuple(w.shape)} is empty: it needs at least one band and one column.")
     _check_float_dtype(qweight.scales.dtype, "scales")
     if qweight.scales.shape != w.shape[:2] or qweight.biases.shape != w.shape[:2]:
         raise ValueError(

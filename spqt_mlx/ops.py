@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 from . import _ext
@@ -54,6 +56,8 @@ def collect_active(x: mx.array, threshold, *, stream=None) -> ActiveColumns:
     if not isinstance(threshold, mx.array):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a number or an mx.array, got {type(threshold).__name__}.")
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}.")
         threshold = mx.array(threshold, dtype=mx.float32)
     _ext.check_collect_active(x, threshold)
     return ActiveColumns(None, x, threshold, stream=stream)

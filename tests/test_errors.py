@@ -331,3 +331,22 @@ def test_every_op_takes_the_same_stream_forms(q, x, stream):
     active = collect_active(x, 0.5, stream=stream)
     assert mx.allclose(zigzag_gemv(x, q, indices=active, stream=stream), zigzag_gemv(x, q, indices=active.indices()),
                        atol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_threshold(x, threshold):
+    with pytest.raises(ValueError, match="finite"):
+        collect_active(x, threshold)
+
+
+@pytest.mark.parametrize("bands,k", [(0, K), (2, 0)])
+def test_empty_packed_weight(q, bands, k):
+    empty = ZigzagWeight(mx.zeros((bands, k, 4), dtype=mx.uint32), mx.zeros((bands, k)), mx.zeros((bands, k)), 32, 4)
+    with pytest.raises(ValueError, match="empty"):
+        zigzag_gemv(mx.zeros((k,)), empty)
+    with pytest.raises(ValueError, match="empty"):
+        zigzag_matmul(mx.zeros((3, k)), empty)
+    from spqt_mlx import _ext
+
+    with pytest.raises(ValueError, match="empty"):  # the op itself, as patched layers call it
+        _ext.zigzag_gemv(mx.zeros((k,)), empty.weight, empty.scales, empty.biases, None, _ext.ActiveKind.Dense, 32, 4)
