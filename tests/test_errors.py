@@ -350,3 +350,13 @@ def test_empty_packed_weight(q, bands, k):
 
     with pytest.raises(ValueError, match="empty"):  # the op itself, as patched layers call it
         _ext.zigzag_gemv(mx.zeros((k,)), empty.weight, empty.scales, empty.biases, None, _ext.ActiveKind.Dense, 32, 4)
+
+
+@pytest.mark.parametrize("args,kwargs,error", [((40.5, 64), {}, TypeError), ((40, "64"), {}, TypeError),
+                                               ((True, 64), {}, TypeError), ((40, 64), {"dtype": mx.int32}, TypeError),
+                                               ((0, 64), {}, ValueError), ((40, 48), {}, ValueError)])
+def test_empty_layer_arguments(args, kwargs, error):
+    from spqt_mlx.patch import ZigzagLinear
+
+    with pytest.raises(error):
+        ZigzagLinear.empty(*args, **kwargs)
