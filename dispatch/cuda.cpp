@@ -53,8 +53,8 @@ int split_count(int bands, int K, int group_size, mx::cu::CommandEncoder& enc) {
   return splits;
 }
 
-// Blocks per band for the tensor-core kernel: at least a few resident waves' worth, each block
-// keeping a few hundred columns. Also a function of the shape and the device only.
+// Blocks per band for the tensor-core kernel: about kMmaBlocksPerSM per multiprocessor in all,
+// each keeping a few hundred columns. Also a function of the shape and the device only.
 int mma_split_count(int bands, int K, mx::cu::CommandEncoder& enc) {
   const int target = kMmaBlocksPerSM * multiprocessor_count(enc);
   int splits = 1;
@@ -66,8 +66,11 @@ int mma_split_count(int bands, int K, mx::cu::CommandEncoder& enc) {
 }
 
 bool use_mma(const ZigzagGemv& p, int N, int K) {
-  const bool format = p.bits() == 4 && (p.group_size() == 64 || p.group_size() == 128);
-  return format && int64_t(N) * K >= kMmaMinWeights;
+  const auto listed = [](int v, const auto& values) {
+    return std::find(std::begin(values), std::end(values), v) != std::end(values);
+  };
+  return listed(p.bits(), kTensorCoreBits) && listed(p.group_size(), kTensorCoreGroupSizes) &&
+      int64_t(N) * K >= kMmaMinWeights;
 }
 
 // A row-contiguous input, as the kernels read them. The op functions make unevaluated inputs

@@ -17,5 +17,8 @@ enum class ActiveKind : int {
 // Formats the kernels are instantiated for.
 constexpr int kSupportedBits[] = {2, 3, 4, 5, 6, 8};
 constexpr int kSupportedGroupSizes[] = {32, 64, 128};
+// The formats the CUDA tensor-core GEMV (kernels/cuda/zigzag_gemv_mma.cu) reads.
+constexpr int kTensorCoreBits[] = {4};
+constexpr int kTensorCoreGroupSizes[] = {64, 128};
 
 } // namespace spqt

@@ -18,9 +18,8 @@ def _contract(name: str) -> tuple[int, ...]:
 
 BITS = _contract("kSupportedBits")
 GROUP_SIZES = _contract("kSupportedGroupSizes")
-# The tensor-core kernel (zigzag_gemv_mma.cu) reads 4-bit codes in groups of 64 or 128.
-MMA_BITS = 4
-MMA_GROUP_SIZES = (64, 128)
+MMA_BITS = _contract("kTensorCoreBits")
+MMA_GROUP_SIZES = _contract("kTensorCoreGroupSizes")
 
 
 def gemv_name(dtype: str, bits: int, group_size: int, mma: bool = False) -> str:
@@ -33,8 +32,9 @@ def instances():
         for bits in BITS:
             for gs in GROUP_SIZES:
                 yield gemv_name(dtype, bits, gs), "zigzag_gemv.cu", ctype, bits, gs
-        for gs in MMA_GROUP_SIZES:
-            yield gemv_name(dtype, MMA_BITS, gs, mma=True), "zigzag_gemv_mma.cu", ctype, MMA_BITS, gs
+        for bits in MMA_BITS:
+            for gs in MMA_GROUP_SIZES:
+                yield gemv_name(dtype, bits, gs, mma=True), "zigzag_gemv_mma.cu", ctype, bits, gs
 
 
 if __name__ == "__main__":
