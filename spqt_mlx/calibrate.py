@@ -243,8 +243,17 @@ class _Recording:
     block_calls: list[list] = field(default_factory=list)
 
 
-def _token_batch(tokens) -> mx.array:
-    """Token ids as a (batch, L) array: each row is one calibration sequence."""
+def _vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's (first) embedding table, or None if it has none."""
+    for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)):
+            return m.weight.shape[0]
+    return None
+
+
+def _token_batch(tokens, model: nn.Module) -> mx.array:
+    """Token ids as a (batch, L) array: each row is one calibration sequence. Ids outside the
+    model's vocabulary are refused (an embedding lookup does not check them)."""
     if isinstance(tokens, mx.array):
         arr = tokens
     else:
@@ -255,6 +264,10 @@ def _token_batch(tokens) -> mx.array:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] < 2:
         raise ValueError(f"tokens must have shape (L,) or (batch, L) with L >= 2, got {tuple(arr.shape)}.")
+    vocab = _vocabulary_size(model)
+    lo, hi = mx.min(arr).item(), mx.max(arr).item()
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"token ids must lie in [0, {vocab}), the model's vocabulary; got values in [{lo}, {hi}].")
     return arr
 
 
@@ -266,7 +279,7 @@ def _record(model, tokens, *, with_blocks: bool, max_samples: int, seed: int, pr
     layers = _modules_at(model, paths)
     probes = {p: _Probe(layers[p], max_samples, rng) for p in paths}
     rec = _Recording(probes)
-    batch = _token_batch(tokens)
+    batch = _token_batch(tokens, model)
     try:
         blocks = _blocks(model)
     except ValueError:

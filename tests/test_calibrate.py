@@ -151,3 +151,12 @@ def test_recording_holds_one_projection_weight_at_a_time(calibration_tokens):
     finally:
         tracemalloc.stop()
     assert peak < 4 * largest < float_bytes / 4, (peak, largest, float_bytes)
+
+
+@pytest.mark.parametrize("bad", [-1, 320, 1 << 20])
+def test_token_ids_outside_the_vocabulary_are_refused(patched, bad):
+    tokens = [3, 7, bad, 11]
+    with pytest.raises(ValueError, match="vocabulary"):
+        calibrate(patched, tokens, 0.5, progress=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        input_sparsity(patched, tokens, {})
