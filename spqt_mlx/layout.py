@@ -80,6 +80,9 @@ def zigzag_quantize(w: mx.array, group_size: int = 64, bits: int = 4, *, stream=
         raise ValueError(
             f"the zigzag layout groups output rows: N={N} must be a multiple of group_size={group_size}."
         )
+    if not mx.all(mx.isfinite(w), stream=stream).item():
+        # mx.quantize would turn them into finite codes and scales: a silently wrong layer.
+        raise ValueError("w has non-finite values (NaN or inf); they cannot be quantized.")
     z = w.reshape(N // group_size, group_size, K).swapaxes(1, 2)
     wq, scales, biases = mx.quantize(z, group_size=group_size, bits=bits, stream=stream)
     return ZigzagWeight(wq, scales.squeeze(-1), biases.squeeze(-1), group_size, bits)

@@ -360,3 +360,30 @@ def test_empty_layer_arguments(args, kwargs, error):
 
     with pytest.raises(error):
         ZigzagLinear.empty(*args, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(bad):
+    w = mx.random.normal((64, K))
+    w[3, 5] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        zigzag_quantize(w, group_size=32, bits=4)
+
+
+def test_patch_model_names_the_non_finite_layer_and_changes_nothing():
+    import mlx.nn as nn
+
+    from spqt_mlx.patch import patch_model
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Module()
+            self.mlp.up_proj = nn.Linear(64, 128)
+            self.mlp.down_proj = nn.Linear(128, 64)
+
+    block = Block()
+    block.mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="mlp.down_proj.*non-finite"):
+        patch_model(block)
+    assert isinstance(block.mlp.up_proj, nn.Linear) and isinstance(block.mlp.down_proj, nn.Linear)

@@ -99,16 +99,22 @@ def patch_model(
         if reason:
             skipped.append(f"{path} ({reason})")
             return module
-        patched.append(path)
         if allocate_only:
+            patched.append(path)
             dtype = module.scales.dtype if isinstance(module, nn.QuantizedLinear) else module.weight.dtype
             return ZigzagLinear.empty(
                 _input_dims(module), _output_dims(module), bias="bias" in module,
                 group_size=group_size, bits=bits, dtype=dtype,
             )
-        if isinstance(module, nn.QuantizedLinear):
-            return ZigzagLinear.from_quantized(module, group_size, bits)
-        return ZigzagLinear.from_linear(module, group_size, bits)
+        try:
+            if isinstance(module, nn.QuantizedLinear):
+                layer = ZigzagLinear.from_quantized(module, group_size, bits)
+            else:
+                layer = ZigzagLinear.from_linear(module, group_size, bits)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None  # nothing was replaced yet
+        patched.append(path)
+        return layer
 
     model.update_modules(tree_map_with_path(convert, leaves, is_leaf=nn.Module.is_module))
     if skipped:
