@@ -387,3 +387,32 @@ def test_patch_model_names_the_non_finite_layer_and_changes_nothing():
     with pytest.raises(ValueError, match="mlp.down_proj.*non-finite"):
         patch_model(block)
     assert isinstance(block.mlp.up_proj, nn.Linear) and isinstance(block.mlp.down_proj, nn.Linear)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), "0.3"])
+def test_bad_threshold_changes_no_layer(bad):
+    """set_thresholds and patch_model check every value before changing any layer."""
+    import mlx.nn as nn
+
+    from spqt_mlx.patch import get_thresholds, patch_model, set_thresholds
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Module()
+            self.mlp.up_proj = nn.Linear(64, 128)
+            self.mlp.down_proj = nn.Linear(128, 64)
+
+    block = Block()
+    patch_model(block, thresholds=0.1)
+    before = get_thresholds(block)
+    with pytest.raises((TypeError, ValueError), match="mlp.up_proj"):
+        set_thresholds(block, {"mlp.down_proj": 0.7, "mlp.up_proj": bad})
+    assert get_thresholds(block) == before
+    fresh = Block()
+    with pytest.raises((TypeError, ValueError), match="mlp.up_proj"):
+        patch_model(fresh, thresholds={"mlp.down_proj": 0.7, "mlp.up_proj": bad})
+    assert isinstance(fresh.mlp.up_proj, nn.Linear) and isinstance(fresh.mlp.down_proj, nn.Linear)
+    with pytest.raises((TypeError, ValueError)):
+        patch_model(fresh, thresholds=bad)
+    assert isinstance(fresh.mlp.up_proj, nn.Linear)

@@ -28,6 +28,20 @@ def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value,
     return zigzag_matmul(x, ZigzagWeight(weight, scales, biases, group_size, bits))
 
 
+def check_threshold(value) -> float:
+    """A layer threshold as a float, or a TypeError/ValueError saying what is wrong with it."""
+    if isinstance(value, mx.array):
+        if value.size != 1:
+            raise ValueError(f"threshold must be a scalar, got shape {tuple(value.shape)}.")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"threshold must be a number, got {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"threshold must be finite and >= 0, got {value}.")
+    return value
+
+
 class ZigzagLinear(nn.Module):
     """A linear layer over a zigzag-quantized weight with a per-layer activation threshold.
 
@@ -150,15 +164,7 @@ class ZigzagLinear(nn.Module):
 
     @threshold.setter
     def threshold(self, value) -> None:
-        if isinstance(value, mx.array):
-            if value.size != 1:
-                raise ValueError(f"threshold must be a scalar, got shape {tuple(value.shape)}.")
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"threshold must be a number, got {type(value).__name__}.")
-        value = float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"threshold must be finite and >= 0, got {value}.")
+        value = check_threshold(value)
         # The float decides the path on the host; the array feeds the kernel (made once, not per call).
         self._threshold_value = value
         self._threshold = mx.array(value, dtype=mx.float32)

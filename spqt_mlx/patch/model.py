@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..layout import check_bits_group_size
-from .linear import ZigzagLinear
+from .linear import ZigzagLinear, check_threshold
 
 # Path components that mark attention and MLP blocks across mlx-lm's model families
 # (self_attn / attn / attention, mlp / feed_forward / ffn): matched by name, not by model type.
@@ -79,11 +79,14 @@ def patch_model(
     select = predicate or is_projection
     leaves = model.leaf_modules()
     if isinstance(thresholds, Mapping):
-        # Check names before changing anything: a typo must not leave a half-configured model.
+        # Check names and values before changing anything: a typo must not leave a half-configured model.
         known = {p for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if select(p, m) or isinstance(m, ZigzagLinear)}
         unknown = sorted(set(thresholds) - known)
         if unknown:
             raise ValueError(f"thresholds name layers that are not projections of this model: {unknown}")
+        _checked(thresholds)
+    elif thresholds is not None:
+        check_threshold(thresholds)
     patched: list[str] = []
     skipped: list[str] = []
 
@@ -153,8 +156,18 @@ def set_thresholds(model: nn.Module, thresholds: float | Mapping[str, float]) ->
     unknown = sorted(set(thresholds) - set(layers))
     if unknown:
         raise ValueError(f"no ZigzagLinear layer at: {unknown}")
-    for path, value in thresholds.items():
+    for path, value in _checked(thresholds).items():  # every value checked before any layer changes
         layers[path].threshold = value
+
+
+def _checked(thresholds: Mapping[str, object]) -> dict[str, float]:
+    checked = {}
+    for path, value in thresholds.items():
+        try:
+            checked[path] = check_threshold(value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
+    return checked
 
 
 def record_stats(model: nn.Module, enabled: bool = True) -> None:
