@@ -86,28 +86,45 @@ def gguf_config(meta: dict, tensor_names) -> dict:
             raise ValueError(f"the GGUF metadata lacks {arch}.{key}.")
         return value
 
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
+    def count(key, value):
+        # Sizes come from the file: check them before anything is allocated from them.
+        if isinstance(value, (bool, list)) or not isinstance(value, (int, np.integer)) or not 0 < value < 1 << 31:
+            raise ValueError(f"the GGUF metadata's {arch}.{key} must be a positive integer, got {value!r}.")
+        return int(value)
+
+    hidden = count("embedding_length", get("embedding_length"))
+    heads = count("attention.head_count", get("attention.head_count"))
     kv_heads = get("attention.head_count_kv", heads)
     if isinstance(kv_heads, list):
         raise ValueError("per-layer KV head counts are not supported.")
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    kv_heads = count("attention.head_count_kv", kv_heads)
+    if heads % kv_heads:
+        raise ValueError(f"the GGUF metadata gives {heads} attention heads, not a multiple of its {kv_heads} KV heads.")
+    head_dim = count("attention.key_length", meta.get(f"{arch}.attention.key_length", hidden // heads))
+    blocks = count("block_count", get("block_count"))
+    stored = {int(name.split(".")[1]) for name in tensor_names if name.startswith("blk.")}
+    if len(stored) != blocks or min(stored) != 0 or max(stored) != blocks - 1:  # the set is range(blocks)
+        raise ValueError(
+            f"the GGUF metadata gives {blocks} blocks, but the file has tensors for "
+            f"{len(stored)} (indices {min(stored, default=None)} to {max(stored, default=None)})."
+        )
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     if not vocab:
         raise ValueError("the GGUF metadata gives no vocabulary size.")
+    vocab = count("vocab_size", vocab)
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": hidden,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": blocks,
+        "intermediate_size": count("feed_forward_length", get("feed_forward_length")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(kv_heads),
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
         "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
-        "vocab_size": int(vocab),
+        "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": False,
         "mlp_bias": False,

@@ -66,21 +66,25 @@ def gguf_name(name):
     return f"blk.{i}.{GGUF_NAMES[rest]}"
 
 
-def write_tiny_gguf(path, weights, encode=None, *, arch="llama", permute=True, extra_tensors=(), add_bos=False):
+def write_tiny_gguf(path, weights, encode=None, *, arch="llama", permute=True, extra_tensors=(), add_bos=False,
+                    sizes=None):
     """Write ``weights`` (mlx-lm names, float32) as a tiny Llama GGUF.
 
     ``encode(array) -> (data, qtype)`` stores a 2-D weight quantized (norms stay F32, as in
     llama.cpp); by default everything is F32. Q and K rows are interleaved as llama.cpp does.
+    ``sizes`` overrides the metadata's block_count, head_count and head_count_kv (bad headers).
     """
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(TINY["layers"])
+    sizes = {"block_count": TINY["layers"], "head_count": TINY["heads"], "head_count_kv": TINY["kv_heads"],
+             **(sizes or {})}
+    w.add_block_count(sizes["block_count"])
     w.add_context_length(256)
     w.add_embedding_length(TINY["hidden"])
     w.add_feed_forward_length(TINY["ff"])
-    w.add_head_count(TINY["heads"])
-    w.add_head_count_kv(TINY["kv_heads"])
+    w.add_head_count(sizes["head_count"])
+    w.add_head_count_kv(sizes["head_count_kv"])
     w.add_rope_dimension_count(TINY["head_dim"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)

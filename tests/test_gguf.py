@@ -264,3 +264,19 @@ def test_bad_inputs(tmp_path, tiny_gguf):
         gguf_to_mlx(tiny_gguf[0], existing)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftover temp dirs
+
+
+@pytest.mark.parametrize("sizes,message", [({"block_count": 10**9}, "blocks"), ({"block_count": 0}, "block_count"),
+                                           ({"head_count": 0}, "head_count"), ({"head_count_kv": 3}, "multiple"),
+                                           ({"head_count_kv": 0}, "head_count_kv")])
+def test_absurd_header_sizes_fail_fast(tmp_path, sizes, message):
+    """Sizes in a GGUF header are checked against each other and the stored tensors before anything is
+    allocated from them: a clear ValueError in well under a second, and nothing written."""
+    import time
+
+    path = write_tiny_gguf(tmp_path / "bad.gguf", tiny_source_weights(), sizes=sizes)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        gguf_to_mlx(path, tmp_path / "out")
+    assert time.perf_counter() - start < 1.0
+    assert not (tmp_path / "out").exists()
