@@ -204,6 +204,11 @@ def install(namespace: dict):
                 state["args"] = args
                 _install_generate(namespace, state)
             else:
+                model = getattr(args, "model", None)
+                if model and _spqt_config(model) is not None:
+                    # mlx-lm would fail on its zigzag weights and suggest trust_remote_code, which
+                    # skips our verified load.
+                    parser.error(f"{args.model} was written by spqt-convert: pass --spqt to load it.")
                 state.clear()
             return args
 

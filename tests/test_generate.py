@@ -155,6 +155,10 @@ def test_converted_directory_is_loaded_with_its_thresholds(model_dir, tmp_path, 
     assert "loaded the spqt-converted model" in captured.err and "calibrating" not in captured.err
     match = SPARSITY_LINE.search(captured.out)
     assert match and 30 < float(match.group(1)) < 70
+    # Without --spqt: one clear line saying what to do, not mlx-lm's failure on zigzag weights.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(out), *COMMON])
+    assert exit_info.value.code == 2 and "pass --spqt" in capsys.readouterr().err
 
 
 def test_the_hook_never_breaks_mlx_lm(monkeypatch, capsys):
