@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 _MARK = "__spqt_hook__"
+DEFAULT_SPARSITY = 0.5
 
 # Short, generic openings for self-generated calibration text (spqt-mlx ships no corpus).
 
@@ -32,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--sparsity",
         type=float,
-        default=0.5,
-        help="Target fraction of skipped projection inputs per decoded token (default: 0.5).",
+        default=None,
+        help=f"Target fraction of skipped projection inputs per decoded token (default: {DEFAULT_SPARSITY}; a "
+        "directory from spqt-convert keeps its calibrated thresholds unless this is given).",
     )
     group.add_argument(
         "--calibration-text",
@@ -58,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.sparsity < 1.0:
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise ValueError(f"--sparsity must lie in [0, 1), got {args.sparsity}.")
     if args.calibration_tokens < 2:
         raise ValueError(f"--calibration-tokens must be at least 2, got {args.calibration_tokens}.")
@@ -122,7 +124,6 @@ def _load_converted(path, *, return_config: bool = False, lazy: bool = False, **
 
 def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     """Patch ``model`` in memory and calibrate its thresholds for ``args.sparsity``."""
-    from .calibrate import apply_thresholds, calibrate
     from .patch import patch_model
 
     t0 = time.perf_counter()
@@ -130,23 +131,33 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     if not paths:
         raise ValueError("--spqt: the model has no attention or MLP projections that can be patched.")
     _log(f"{len(paths)} projections -> {args.bits}-bit zigzag (group size {args.group_size}) in {time.perf_counter() - t0:.1f} s")
-    if args.sparsity > 0:
-        t0 = time.perf_counter()
-        tokens = calibration_tokens(model, tokenizer, args)
-        source = args.calibration_text or "self-generated text"
-        _log(f"calibrating {args.calibration_method} thresholds for {args.sparsity:.0%} sparsity on {len(tokens)} tokens of {source}")
-        thresholds = calibrate(model, tokens, args.sparsity, method=args.calibration_method)
-        apply_thresholds(model, thresholds)
-        if getattr(args, "seed", None) is not None:
-            import mlx.core as mx
-
-            mx.random.seed(args.seed)  # sampling the calibration text used the global generator
-        _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
+    sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
+    if sparsity > 0:
+        recalibrate(model, tokenizer, args, sparsity)
     from .patch import fuse_shared_inputs
 
     groups = fuse_shared_inputs(model)
     _log(f"{groups} groups of projections that share an input run as one product each")
     return paths
+
+
+def recalibrate(model, tokenizer, args, sparsity: float) -> None:
+    """Calibrate the thresholds of a patched ``model`` for ``sparsity`` (0 turns sparsity off)."""
+    from .calibrate import apply_thresholds, calibrate
+
+    if sparsity == 0:
+        apply_thresholds(model, 0.0)
+        return
+    t0 = time.perf_counter()
+    tokens = calibration_tokens(model, tokenizer, args)
+    source = args.calibration_text or "self-generated text"
+    _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of {source}")
+    apply_thresholds(model, calibrate(model, tokens, sparsity, method=args.calibration_method))
+    if getattr(args, "seed", None) is not None:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)  # sampling the calibration text used the global generator
+    _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
 
 
 def report(model, elapsed: float | None = None, file=None) -> str:
@@ -220,9 +231,11 @@ def install(namespace: dict):
         args = state.get("args")
         if args is None or state.get("model") is not None:
             return base_load(path_or_hf_repo, *a, **kw)  # plain runs, and the draft model
-        if _spqt_config(path_or_hf_repo) is not None:
+        if (saved := _spqt_config(path_or_hf_repo)) is not None:
             out = _load_converted(path_or_hf_repo, **kw)
             _log(f"loaded the spqt-converted model at {path_or_hf_repo}")
+            if args.sparsity is not None and args.sparsity != saved.get("sparsity"):
+                recalibrate(out[0], out[1], args, args.sparsity)
         else:
             out = base_load(path_or_hf_repo, *a, **kw)
             convert_and_calibrate(out[0], out[1], args)

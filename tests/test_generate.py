@@ -135,7 +135,8 @@ def test_install_wraps_and_restores_a_generate_namespace():
     restore = install(ns)
     assert install(ns)() is None  # a second install changes nothing
     args = ns["setup_arg_parser"]().parse_args(["--model", "m"])
-    assert args.spqt is False and args.sparsity == 0.5 and args.calibration_method == "uniform"
+    # No --sparsity: 0.5, or a converted directory's own thresholds.
+    assert args.spqt is False and args.sparsity is None and args.calibration_method == "uniform"
     # Without --spqt everything passes straight through.
     assert ns["load"]("m", lazy=True) == ("model", "tokenizer", {"path": "m"})
     assert ns["generate"] is generate
@@ -155,6 +156,12 @@ def test_converted_directory_is_loaded_with_its_thresholds(model_dir, tmp_path, 
     assert "loaded the spqt-converted model" in captured.err and "calibrating" not in captured.err
     match = SPARSITY_LINE.search(captured.out)
     assert match and 30 < float(match.group(1)) < 70
+    # --sparsity given for a converted directory recalibrates for it.
+    main(["--model", str(out), *COMMON, "--spqt", "--sparsity", "0.2"])
+    captured = capsys.readouterr()
+    assert "calibrating uniform thresholds for 20% sparsity" in captured.err
+    match = SPARSITY_LINE.search(captured.out)
+    assert match and 5 < float(match.group(1)) < 40
     # Without --spqt: one clear line saying what to do, not mlx-lm's failure on zigzag weights.
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(out), *COMMON])
