@@ -370,19 +370,23 @@ def test_non_finite_weights_are_refused(bad):
         zigzag_quantize(w, group_size=32, bits=4)
 
 
+def mlp_block():
+    """A module with two MLP projections, as patch_model finds them in a transformer block."""
+    import mlx.nn as nn
+
+    block = nn.Module()
+    block.mlp = nn.Module()
+    block.mlp.up_proj = nn.Linear(64, 128)
+    block.mlp.down_proj = nn.Linear(128, 64)
+    return block
+
+
 def test_patch_model_names_the_non_finite_layer_and_changes_nothing():
     import mlx.nn as nn
 
     from spqt_mlx.patch import patch_model
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = nn.Module()
-            self.mlp.up_proj = nn.Linear(64, 128)
-            self.mlp.down_proj = nn.Linear(128, 64)
-
-    block = Block()
+    block = mlp_block()
     block.mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="mlp.down_proj.*non-finite"):
         patch_model(block)
@@ -396,20 +400,13 @@ def test_bad_threshold_changes_no_layer(bad):
 
     from spqt_mlx.patch import get_thresholds, patch_model, set_thresholds
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = nn.Module()
-            self.mlp.up_proj = nn.Linear(64, 128)
-            self.mlp.down_proj = nn.Linear(128, 64)
-
-    block = Block()
+    block = mlp_block()
     patch_model(block, thresholds=0.1)
     before = get_thresholds(block)
     with pytest.raises((TypeError, ValueError), match="mlp.up_proj"):
         set_thresholds(block, {"mlp.down_proj": 0.7, "mlp.up_proj": bad})
     assert get_thresholds(block) == before
-    fresh = Block()
+    fresh = mlp_block()
     with pytest.raises((TypeError, ValueError), match="mlp.up_proj"):
         patch_model(fresh, thresholds={"mlp.down_proj": 0.7, "mlp.up_proj": bad})
     assert isinstance(fresh.mlp.up_proj, nn.Linear) and isinstance(fresh.mlp.down_proj, nn.Linear)
