@@ -50,6 +50,7 @@ def atomic_directory(target, *, overwrite: bool = False):
     new directory is complete.
     """
     target = Path(target)
+    _recover(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it.")
     if target.exists() and not target.is_dir():
@@ -77,6 +78,22 @@ def _fsync_tree(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _moved_aside(target: Path) -> list[Path]:
+    """Previous versions of ``target`` that a replacement moved aside, newest first."""
+    return sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _recover(target: Path) -> None:
+    """Finish what a replacement killed between its two renames left behind: with ``target``
+    missing, its previous version (moved aside, complete) goes back; versions moved aside from a
+    ``target`` that is in place are dropped."""
+    for old in _moved_aside(target):
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
 
 
 def _swap_in(tmp: Path, target: Path, overwrite: bool) -> None:
@@ -200,6 +217,11 @@ def read_spqt_config(path) -> dict:
     """The config of a saved SpQt directory, with its ``spqt`` section checked."""
     path = Path(path)
     if not path.is_dir():
+        if aside := _moved_aside(path):
+            raise FileNotFoundError(
+                f"no model directory at {path}: an interrupted replacement left the previous one at {aside[0]}"
+                " (the next spqt-convert to this path puts it back)."
+            )
         raise FileNotFoundError(f"no model directory at {path}")
     config_file = path / "config.json"
     if not config_file.is_file():

@@ -300,3 +300,41 @@ def test_malformed_manifest_types_are_refused(saved, key, value):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"spqt {key}.*wrong type"):
         checkpoint.load(out)
+
+
+def test_replacement_killed_between_its_renames_is_recovered(tmp_path):
+    """A process killed after moving the old directory aside and before moving the new one in
+    leaves no directory at the target; the next write to it puts the old one back first."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    code = f"""
+import os, signal
+from pathlib import Path
+from spqt_mlx import checkpoint
+target = Path({str(target)!r})
+real = os.replace
+def replace(src, dst):
+    if Path(dst) == target and ".tmp-" in Path(src).name:
+        os.kill(os.getpid(), signal.SIGKILL)  # between the two renames
+    return real(src, dst)
+os.replace = replace
+with checkpoint.atomic_directory(target, overwrite=True) as tmp:
+    (tmp / "new.txt").write_text("new")
+"""
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert not target.exists()
+    with pytest.raises(FileNotFoundError, match="interrupted replacement"):
+        checkpoint.read_spqt_config(target)
+    with pytest.raises(FileExistsError):  # the old directory is back, so not replaced without overwrite
+        with checkpoint.atomic_directory(target):
+            pass
+    assert (target / "old.txt").read_text() == "old"
+    with checkpoint.atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model.old-")) == []
