@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-# Errors a user can cause and fix (a missing file, an existing output, a bad value): one line, no traceback.
-EXPECTED = (OSError, ValueError, TypeError)
+# Errors a user can cause and fix (a missing file, an existing output, a bad value): one line, no
+# traceback. Anything else is a bug and keeps its traceback.
+EXPECTED = (OSError, ValueError)
 
 
 def run(prog: str, work: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None) -> None:

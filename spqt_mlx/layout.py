@@ -43,7 +43,7 @@ class ZigzagWeight:
 
     def astype(self, dtype: mx.Dtype) -> "ZigzagWeight":
         """The same codes with scales and biases in another float dtype."""
-        _check_float_dtype(dtype, "dtype")
+        check_float_dtype(dtype, "dtype")
         return ZigzagWeight(
             self.weight, self.scales.astype(dtype), self.biases.astype(dtype), self.group_size, self.bits
         )
@@ -56,7 +56,7 @@ def check_bits_group_size(group_size: int, bits: int) -> None:
         raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}.")
 
 
-def _check_float_dtype(dtype, what: str) -> None:
+def check_float_dtype(dtype, what: str) -> None:
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}.")
 
@@ -70,7 +70,7 @@ def zigzag_quantize(w: mx.array, group_size: int = 64, bits: int = 4, *, stream=
     if not isinstance(w, mx.array):
         raise TypeError(f"w must be an mx.array, got {type(w).__name__}.")
     check_bits_group_size(group_size, bits)
-    _check_float_dtype(w.dtype, "w")
+    check_float_dtype(w.dtype, "w")
     if w.ndim != 2:
         raise ValueError(f"w must have shape (N, K), got {tuple(w.shape)}.")
     N, K = w.shape
@@ -120,7 +120,7 @@ def check_weight(qweight) -> None:
         )
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"the packed weight {tuple(w.shape)} is empty: it needs at least one band and one column.")
-    _check_float_dtype(qweight.scales.dtype, "scales")
+    check_float_dtype(qweight.scales.dtype, "scales")
     if qweight.scales.shape != w.shape[:2] or qweight.biases.shape != w.shape[:2]:
         raise ValueError(
             f"scales and biases must have shape {tuple(w.shape[:2])}, got "

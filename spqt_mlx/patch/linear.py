@@ -8,7 +8,7 @@ import numbers
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..layout import FLOAT_DTYPES, ZigzagWeight, check_bits_group_size, zigzag_dequantize, zigzag_quantize
+from ..layout import ZigzagWeight, check_bits_group_size, check_float_dtype, zigzag_dequantize, zigzag_quantize
 from .. import _ext
 from ..ops import ActiveKind, collect_active, zigzag_matmul
 
@@ -126,8 +126,7 @@ class ZigzagLinear(nn.Module):
         for name, value in (("input_dims", input_dims), ("output_dims", output_dims)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}.")
+        check_float_dtype(dtype, "dtype")
         if input_dims < 1 or output_dims < 1 or output_dims % group_size:
             raise ValueError(
                 f"output_dims={output_dims} must be a positive multiple of group_size={group_size}"
