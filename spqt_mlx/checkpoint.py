@@ -14,18 +14,15 @@ not match what the config records.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+
+from .files import atomic_directory, moved_aside, sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -39,92 +36,6 @@ _MLX_LM_HOOK_SOURCE = '''"""Builds this SpQt model for mlx_lm.load(..., trust_re
 from spqt_mlx.checkpoint import MlxLmArgs as ModelArgs
 from spqt_mlx.checkpoint import mlx_lm_model as Model  # noqa: F401
 '''
-
-
-@contextlib.contextmanager
-def atomic_directory(target, *, overwrite: bool = False):
-    """Yield a temporary directory beside ``target`` that becomes ``target`` on success.
-
-    If the body raises (or is interrupted) the temporary directory is removed and ``target`` is
-    untouched. An existing ``target`` is replaced only with ``overwrite=True``, and only once the
-    new directory is complete.
-    """
-    target = Path(target)
-    _recover(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it.")
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-        yield tmp
-        _fsync_tree(tmp)
-        _swap_in(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _moved_aside(target: Path) -> list[Path]:
-    """Previous versions of ``target`` that a replacement moved aside, newest first."""
-    return sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def _recover(target: Path) -> None:
-    """Finish what a replacement killed between its two renames left behind: with ``target``
-    missing, its previous version (moved aside, complete) goes back; versions moved aside from a
-    ``target`` that is in place are dropped."""
-    for old in _moved_aside(target):
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, target)
-
-
-def _swap_in(tmp: Path, target: Path, overwrite: bool) -> None:
-    # os.replace cannot replace a non-empty directory: move the old one aside first, and put it
-    # back if the new one cannot be moved in.
-    if not target.exists():
-        try:
-            os.replace(tmp, target)
-            return
-        except OSError:
-            if not target.exists():
-                raise
-    if not overwrite:  # another process finished first
-        raise FileExistsError(f"{target} appeared while it was being written; not replacing it.")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _spqt_section(spqt_meta: dict, thresholds: dict[str, float]) -> dict:
@@ -217,7 +128,7 @@ def read_spqt_config(path) -> dict:
     """The config of a saved SpQt directory, with its ``spqt`` section checked."""
     path = Path(path)
     if not path.is_dir():
-        if aside := _moved_aside(path):
+        if aside := moved_aside(path):
             raise FileNotFoundError(
                 f"no model directory at {path}: an interrupted replacement left the previous one at {aside[0]}"
                 " (the next spqt-convert to this path puts it back)."
@@ -281,13 +192,13 @@ def is_spqt_checkpoint(path) -> bool:
         return False
 
 
-def _read_weights(path: Path, files: dict, verify: bool) -> dict:
+def _read_weights(path: Path, files: dict, verify: bool, progress: bool) -> dict:
     weights = {}
     for name, entry in files.items():
         f = path / name
         if not f.is_file():
             raise FileNotFoundError(f"weight file {f} is missing.")
-        if verify and sha256_file(f) != entry.get("sha256"):
+        if verify and sha256_file(f, progress=progress) != entry.get("sha256"):
             raise ValueError(f"weight file {f} does not match the sha256 recorded in config.json (corrupted or modified).")
         try:
             shard = mx.load(str(f))
@@ -337,12 +248,13 @@ def build_model(config: dict, weights: dict | None = None) -> nn.Module:
     return model
 
 
-def load(path, *, verify: bool = True, lazy: bool = False):
+def load(path, *, verify: bool = True, lazy: bool = False, progress: bool = True):
     """Load a directory written by ``save``. Returns ``(model, tokenizer)``.
 
     Refuses (ValueError/FileNotFoundError) a directory whose format version differs, whose weight
     files are missing or do not match their recorded sha256 (skip that check with
-    ``verify=False``), or whose tensors are missing, extra or of the wrong shape.
+    ``verify=False``), or whose tensors are missing, extra or of the wrong shape. ``progress``
+    shows the checksum verification's progress (it reads every byte).
     """
     from mlx_lm.utils import load_tokenizer
 
@@ -351,7 +263,7 @@ def load(path, *, verify: bool = True, lazy: bool = False):
     path = Path(path)
     config = read_spqt_config(path)
     section = config["spqt"]
-    weights = _read_weights(path, section["files"], verify)
+    weights = _read_weights(path, section["files"], verify, progress)
     model = build_model(config, weights)
 
     expected = dict(tree_flatten(model.parameters()))

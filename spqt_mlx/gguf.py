@@ -15,12 +15,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .files import atomic_directory
+from .layout import DTYPES, dtype_from_name
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 # Tensor types this importer accepts, all dequantized by gguf.quants.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -182,23 +183,24 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
-def gguf_weights(reader, config: dict, dtype: str = "float32") -> dict[str, mx.array]:
+def gguf_weights(reader, config: dict, dtype: str = "float32", *, progress: bool = True) -> dict[str, mx.array]:
     """All tensors of the file, dequantized, keyed by mlx-lm parameter paths, in ``dtype``.
 
     Tensors are converted one at a time, so only one float32 copy exists at any moment.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    from tqdm.auto import tqdm
+
+    dtype_from_name(dtype)
     heads = {"self_attn.q_proj.weight": config["num_attention_heads"],
              "self_attn.k_proj.weight": config["num_key_value_heads"]}
     weights = {}
-    for tensor in reader.tensors:
+    for tensor in tqdm(reader.tensors, desc="reading GGUF tensors", unit="tensor", disable=not progress, leave=False):
         name = mlx_name(tensor.name)
         w = dequantize_tensor(tensor)
         for suffix, n in heads.items():
             if name.endswith(suffix):
                 w = unpermute_rows(w, n)
-        weights[name] = mx.array(w).astype(DTYPES[dtype])
+        weights[name] = mx.array(w).astype(dtype_from_name(dtype))
         mx.eval(weights[name])
     return weights
 
@@ -299,7 +301,7 @@ def _save_weights(directory: Path, weights: dict) -> None:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def gguf_to_mlx(gguf_path, out_dir, *, dtype: str = "float16", overwrite: bool = False) -> Path:
+def gguf_to_mlx(gguf_path, out_dir, *, dtype: str = "float16", overwrite: bool = False, progress: bool = True) -> Path:
     """Convert a Llama-family GGUF file into an mlx-lm model directory that ``mlx_lm.load`` reads.
 
     Args:
@@ -307,18 +309,16 @@ def gguf_to_mlx(gguf_path, out_dir, *, dtype: str = "float16", overwrite: bool =
         out_dir: the directory to create. It is written atomically: a failure leaves nothing
             behind, and an existing directory is replaced only when ``overwrite`` is set.
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the saved weights.
+        progress: show a progress bar over the tensors.
     """
-    from .checkpoint import atomic_directory
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    dtype_from_name(dtype)
     reader = _reader(gguf_path)
     meta = read_metadata(reader)
     config = gguf_config(meta, {t.name for t in reader.tensors})
     tokenizer, tokenizer_config = gguf_tokenizer(meta)
     if Path(out_dir).exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
-    weights = gguf_weights(reader, config, dtype)
+    weights = gguf_weights(reader, config, dtype, progress=progress)
     if "model.embed_tokens.weight" not in weights:
         raise ValueError(f"{gguf_path} has no token_embd.weight tensor.")
     config["torch_dtype"] = dtype

@@ -10,7 +10,9 @@ from . import _ext
 
 SUPPORTED_BITS = _ext.SUPPORTED_BITS  # from kernels/contract.h
 SUPPORTED_GROUP_SIZES = _ext.SUPPORTED_GROUP_SIZES
-FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+# The float dtypes the kernels take, by the names that CLIs and saved configs use.
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+FLOAT_DTYPES = tuple(DTYPES.values())
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ def check_bits_group_size(group_size: int, bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}.")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}.")
+
+
+def dtype_from_name(name: str) -> mx.Dtype:
+    """The MLX dtype called ``name`` ("float32", "float16" or "bfloat16"); ValueError otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}.")
+    return DTYPES[name]
 
 
 def check_float_dtype(dtype, what: str) -> None:

@@ -27,9 +27,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import _cli
-from .convert import CALIBRATION_METHODS, DTYPES, calibration_tokens, load_source, read_text, sparsify, text_tokens
+from .calibrate import METHODS, sparsify
+from .files import atomic_write_text
+from .layout import DTYPES, dtype_from_name
+from .sources import load_source
+from .texts import calibration_tokens, read_text, text_tokens
 
 PROTOCOLS = ("nonoverlap", "sliding")
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5)
@@ -161,7 +166,7 @@ def _decode_losses(model, ids: mx.array, first: int) -> mx.array:
 
 
 def token_losses(model, tokens, *, window: int = 512, protocol: str = "nonoverlap", stride: int | None = None,
-                 mode: str = "masked", also_eval=list) -> np.ndarray:
+                 mode: str = "masked", also_eval=list, progress: bool = True) -> np.ndarray:
     """Negative log-likelihood of every scored token (natural log), in text order.
 
     ``also_eval()`` returns arrays to evaluate with each window's losses (e.g. counters), so no
@@ -171,7 +176,8 @@ def token_losses(model, tokens, *, window: int = 512, protocol: str = "nonoverla
     ids = mx.array(np.asarray(tokens, dtype=np.int32))
     out = []
     step = _decode_losses if mode == "decode" else _window_losses
-    for start, end, first in windows(ids.size, window, protocol, stride):
+    spans = list(windows(ids.size, window, protocol, stride))
+    for start, end, first in tqdm(spans, desc="perplexity windows", unit="window", disable=not progress, leave=False):
         losses = step(model, ids[start:end], first - start)
         mx.eval(losses, also_eval())
         out.append(np.array(losses))
@@ -179,7 +185,7 @@ def token_losses(model, tokens, *, window: int = 512, protocol: str = "nonoverla
 
 
 def perplexity(model, tokens, *, window: int = 512, protocol: str = "nonoverlap", stride: int | None = None,
-               mode: str = "masked", sparse_prefill: bool = True) -> dict:
+               mode: str = "masked", sparse_prefill: bool = True, progress: bool = True) -> dict:
     """Perplexity of ``model`` on ``tokens``: ``{"perplexity", "stderr", "tokens", "achieved_sparsity"}``.
 
     With ``sparse_prefill`` (and ``mode="masked"``) zigzag layers sparsify every token as decode
@@ -187,7 +193,7 @@ def perplexity(model, tokens, *, window: int = 512, protocol: str = "nonoverlap"
     """
     from .patch import zigzag_layers
 
-    kwargs = dict(window=window, protocol=protocol, stride=stride, mode=mode)
+    kwargs = dict(window=window, protocol=protocol, stride=stride, mode=mode, progress=progress)
     achieved = None
     if sparse_prefill and mode == "masked" and zigzag_layers(model):
         with thresholded_inputs(model) as wrapped:
@@ -261,8 +267,8 @@ def evaluate(
     from .patch import patch_model
 
     for m in methods:
-        if m not in CALIBRATION_METHODS:
-            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {m!r}.")
+        if m not in METHODS:
+            raise ValueError(f"calibration method must be one of {METHODS}, got {m!r}.")
     is_spqt = Path(model).is_dir() and checkpoint.is_spqt_checkpoint(model)
     if sparsities is None:
         sparsities = () if is_spqt else DEFAULT_SPARSITIES
@@ -282,7 +288,7 @@ def evaluate(
         section = checkpoint.read_spqt_config(model)["spqt"]
         bits, group_size = section["bits"], section["group_size"]
         if dtype is not None:
-            net.set_dtype(DTYPES[dtype])
+            net.set_dtype(dtype_from_name(dtype))
     else:
         net, tokenizer, _ = load_source(model, dtype=dtype)
     tokens = text_tokens(tokenizer, text, max_tokens)
@@ -382,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("--sparsity", type=float, nargs="+",
                    help="target sparsities (default 0 0.25 0.4 0.5; for an SpQt checkpoint: only as saved)")
-    p.add_argument("--method", nargs="+", choices=CALIBRATION_METHODS, default=["uniform"], help="calibration methods")
+    p.add_argument("--method", nargs="+", choices=METHODS, default=["uniform"], help="calibration methods")
     p.add_argument("--calibration-text", help="text to calibrate on (default: self-generated text)")
     p.add_argument("--calibration-tokens", type=int, default=512)
     p.add_argument("--protocol", choices=PROTOCOLS, default="nonoverlap")
@@ -411,7 +417,7 @@ def run(argv=None) -> dict:
         dtype=args.dtype, baselines=args.baselines, mode=args.mode, seed=args.seed,
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.json, json.dumps(results, indent=2))
     if args.plot:
         plot(results, args.plot)
     return results

@@ -17,9 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import ActiveColumns, collect_active, zigzag_dequantize, zigzag_gemv, zigzag_quantize
-from .layout import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .layout import DTYPES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Largest acceptable difference, relative to the largest output magnitude.
 TOLERANCE = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}
 

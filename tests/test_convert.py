@@ -5,7 +5,7 @@ import json
 import mlx.core as mx
 import pytest
 
-from spqt_mlx import checkpoint, convert
+from spqt_mlx import checkpoint, convert, sources, texts
 from spqt_mlx.patch import get_thresholds, zigzag_layers
 from spqt_mlx.perplexity import thresholded_inputs
 
@@ -43,7 +43,7 @@ def test_convert_with_calibration_text(tiny_model_dir, tmp_path, text_file, caps
     assert (spqt["sparsity"], spqt["method"], spqt["source"]) == (0.5, "uniform", str(tiny_model_dir))
     assert spqt["thresholds"] == get_thresholds(model) and min(spqt["thresholds"].values()) > 0
     # the saved thresholds skip about half of every projection's inputs on the calibration text
-    tokens = convert.text_tokens(tokenizer, CALIBRATION_TEXT, 48)
+    tokens = texts.text_tokens(tokenizer, CALIBRATION_TEXT, 48)
     assert 0.4 < achieved(model, tokens) < 0.6
 
 
@@ -61,11 +61,11 @@ def test_convert_self_generated_greedy_from_gguf(tiny_gguf, tmp_path):
 
 
 def test_self_generated_tokens_are_reproducible(tiny_model_dir):
-    model, tokenizer, _ = convert.load_source(str(tiny_model_dir))
-    a = convert.self_generated_tokens(model, tokenizer, 24, seed=3)
-    b = convert.self_generated_tokens(model, tokenizer, 24, seed=3)
+    model, tokenizer, _ = sources.load_source(str(tiny_model_dir))
+    a = texts.self_generated_tokens(model, tokenizer, 24, seed=3)
+    b = texts.self_generated_tokens(model, tokenizer, 24, seed=3)
     assert a == b and len(a) == 24
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": convert.CALIBRATION_PROMPTS[0]}],
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": texts.CALIBRATION_PROMPTS[0]}],
                                            add_generation_prompt=True)
     assert a[: len(prompt)] == list(prompt)[:24]
 
@@ -164,3 +164,23 @@ def test_command_line_exit_codes(tiny_model_dir, tmp_path, text_file):
         lines = failed.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("spqt-convert: error:") and message in lines[0], failed.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_long_steps_show_progress(tiny_gguf, tmp_path, capsys):
+    """Reading a GGUF, writing calibration text, quantizing, calibrating, checking a saved model and
+    scoring perplexity windows each show a progress bar; progress=False silences them."""
+    from spqt_mlx import perplexity
+
+    out = tmp_path / "spqt"
+    convert.convert(str(tiny_gguf[0]), out, sparsity=0.5, calibration_tokens_count=32, dtype="float32")
+    model, tokenizer = checkpoint.load(out)
+    perplexity.perplexity(model, list(range(3, 40)), window=16)
+    err = capsys.readouterr().err
+    for step in ("reading GGUF tensors", "writing calibration text", "zigzag-quantizing", "calibration forward",
+                 "checking model.safetensors", "perplexity windows"):
+        assert step in err, step
+    convert.convert(str(tiny_gguf[0]), out, sparsity=0.5, calibration_tokens_count=32, dtype="float32",
+                    overwrite=True, progress=False)
+    checkpoint.load(out, progress=False)
+    perplexity.perplexity(model, list(range(3, 40)), window=16, progress=False)
+    assert "|" not in capsys.readouterr().err

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from spqt_mlx import checkpoint, convert, perplexity, zigzag_dequantize
+from spqt_mlx import checkpoint, convert, perplexity, sources, texts, zigzag_dequantize
 from spqt_mlx.calibrate import calibrate
 from spqt_mlx.patch import achieved_sparsity, patch_model, record_stats, set_thresholds, zigzag_layers
 
@@ -110,7 +110,7 @@ def sparse_half(real_model_dir):
     """The model at 50 % sparsity, calibrated on TEXT."""
     model, tokenizer, config = fresh(real_model_dir)
     patch_model(model, group_size=64, bits=4)
-    tokens = convert.text_tokens(tokenizer, TEXT, 64)
+    tokens = texts.text_tokens(tokenizer, TEXT, 64)
     set_thresholds(model, calibrate(model, tokens, 0.5, method="uniform", progress=False))
     return model, tokenizer, config
 
@@ -167,7 +167,7 @@ def test_clis_end_to_end(real_model_dir, tmp_path, capsys):
     assert row["tokens"] == 62 and 0.4 < row["achieved_sparsity"] < 0.6
     # 50 % sparsity costs something, but far from the ~49152 of a broken model
     set_thresholds(model, 0.0)
-    tokens = convert.text_tokens(tokenizer, TEXT, 64)
+    tokens = texts.text_tokens(tokenizer, TEXT, 64)
     dense = perplexity.perplexity(model, tokens, window=32)["perplexity"]
     assert 5 < dense < row["perplexity"] < 2.5 * dense
     assert json.loads((tmp_path / "ppl.json").read_text())["rows"][0]["perplexity"] == row["perplexity"]
@@ -178,7 +178,7 @@ def test_gguf_file_as_convert_source(tmp_path):
     from spqt_mlx.assets import smollm2_gguf
 
     gguf = smollm2_gguf()
-    model, tokenizer, config = convert.load_source(str(gguf), dtype="float32")
+    model, tokenizer, config = sources.load_source(str(gguf), dtype="float32")
     assert config["model_type"] == "llama"
     assert model.model.embed_tokens.weight.dtype == mx.float32
     logits = model(mx.array([tokenizer.encode(PROMPT)]))[0, -1]
