@@ -1,48 +1,53 @@
-"""Adds the SpQt options to ``mlx_lm.generate`` (mlx-lm has no plugin hook).
+"""Adds the SpQt options to mlx-lm's generate, chat, benchmark and server CLIs (mlx-lm has no
+plugin hook).
 
 A ``.pth`` file imports this module at interpreter start, so it must stay cheap and harmless: it
-imports nothing beyond ``sys``, and only installs a finder that acts when ``mlx_lm.generate`` is
-imported. The finder lets mlx-lm load the module as usual, then wraps its ``setup_arg_parser``;
-the first call imports ``spqt_mlx.generate``, which swaps in the SpQt ``setup_arg_parser`` and
-``load``. For ``python -m mlx_lm.generate``, which runs the module's code as ``__main__``, the
-code is recompiled with the same wrapping placed just before its ``if __name__ == "__main__"``
-block. Any failure leaves mlx-lm untouched.
+imports nothing beyond ``sys``, and only installs a finder that acts when one of those modules is
+imported. The finder lets mlx-lm load the module as usual, then wraps its ``setup_arg_parser``
+(or, for the server, which builds its parser in ``main``, its ``main``); the first call imports
+``spqt_mlx.generate``, which swaps in the SpQt argument parser and ``load``. For ``python -m
+mlx_lm.generate`` and the like, which run the module's code as ``__main__``, the code is
+recompiled with the same wrapping placed just before its ``if __name__ == "__main__"`` block. Any
+failure leaves mlx-lm untouched.
 """
 
 import sys
 
-_TARGET = "mlx_lm.generate"
+_TARGETS = ("mlx_lm.generate", "mlx_lm.chat", "mlx_lm.benchmark", "mlx_lm.server")
 _MARK = "__spqt_hook__"
 
 
 def _report(error):
     try:
-        sys.stderr.write(f"spqt-mlx: the mlx_lm.generate hook is disabled ({type(error).__name__}: {error})\n")
+        sys.stderr.write(f"spqt-mlx: the mlx-lm hook is disabled ({type(error).__name__}: {error})\n")
     except Exception:
         pass
 
 
 def install(namespace):
-    """Wrap ``setup_arg_parser`` in mlx_lm.generate's globals; the SpQt code loads on first use."""
+    """Wrap ``setup_arg_parser`` (else ``main``) in an mlx-lm CLI module's globals; the SpQt code
+    loads on first use."""
     try:
-        base = namespace.get("setup_arg_parser")
+        name = "setup_arg_parser" if "setup_arg_parser" in namespace else "main"
+        base = namespace.get(name)
         if base is None or getattr(base, _MARK, False):
             return
 
-        def setup_arg_parser():
-            namespace["setup_arg_parser"] = base
+        def first_call(*args, **kwargs):
+            namespace[name] = base
             try:
                 from spqt_mlx.generate import install as install_spqt
 
                 install_spqt(namespace)
             except Exception as error:  # never break mlx-lm
-                namespace["setup_arg_parser"] = base
+                namespace[name] = base
                 _report(error)
-            return namespace["setup_arg_parser"]()
+            return namespace[name](*args, **kwargs)
 
-        setup_arg_parser.__doc__ = base.__doc__
-        setattr(setup_arg_parser, _MARK, True)
-        namespace["setup_arg_parser"] = setup_arg_parser
+        first_call.__doc__ = base.__doc__
+        first_call.__name__ = name
+        setattr(first_call, _MARK, True)
+        namespace[name] = first_call
     except Exception as error:
         _report(error)
 
@@ -99,12 +104,12 @@ def _with_install_before_main(loader, fullname):
 
 
 class _Finder:
-    """Finds ``mlx_lm.generate`` through the other finders and wraps its loader."""
+    """Finds the target modules through the other finders and wraps their loaders."""
 
     _busy = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TARGET or self._busy:
+        if fullname not in _TARGETS or self._busy:
             return None
         self._busy = True
         try:

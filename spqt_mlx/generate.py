@@ -1,9 +1,11 @@
-"""``mlx_lm.generate`` with SpQt: every mlx-lm option plus ``--spqt`` and its settings.
+"""mlx-lm's command-line tools with SpQt: every mlx-lm option plus ``--spqt`` and its settings.
 
-``python -m spqt_mlx.generate`` and ``spqt-generate`` run mlx-lm's own generate CLI with two of its
-module globals swapped for the run: ``setup_arg_parser`` (adds the SpQt options) and ``load``
-(patches and calibrates the loaded model). The same swap is installed into ``mlx_lm.generate``
-itself by the import hook that spqt-mlx ships, so ``mlx_lm.generate --spqt`` works as well.
+``spqt-generate`` (``python -m spqt_mlx.generate``) runs mlx-lm's own generate CLI with two of its
+module globals swapped for the run: the argument parser (adds the SpQt options) and ``load``
+(patches and calibrates the loaded model, or loads a directory from spqt-convert). The import hook
+that spqt-mlx ships makes the same swap in ``mlx_lm.generate``, ``mlx_lm.chat``,
+``mlx_lm.benchmark`` and ``mlx_lm.server``, so each of them takes ``--spqt`` as well. Everywhere
+``--model smollm2`` names the offline default model.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import importlib
 import json
 import sys
 import time
+import types
 from pathlib import Path
+
+from .calibrate import METHODS
 
 _MARK = "__spqt_hook__"
 DEFAULT_SPARSITY = 0.5
-
-# Short, generic openings for self-generated calibration text (spqt-mlx ships no corpus).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--calibration-method",
-        choices=("uniform", "greedy"),
+        choices=METHODS,
         default="uniform",
         help="uniform: one sparsity for every projection; greedy: TEAL's per-block allocation.",
     )
@@ -73,23 +76,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def _log(message: str) -> None:
     print(f"[spqt] {message}", file=sys.stderr, flush=True)
-
-
-# ---- calibration data ----------------------------------------------------------------------------
-
-
-def calibration_tokens(model, tokenizer, args) -> list[int]:
-    if args.calibration_text is not None:
-        from .convert import text_tokens  # tokenizes a prefix only, not a whole novel
-
-        text = Path(args.calibration_text).read_text(encoding="utf-8")
-        tokens = text_tokens(tokenizer, text, args.calibration_tokens)
-        if len(tokens) < 2:
-            raise ValueError(f"--calibration-text {args.calibration_text} holds fewer than 2 tokens.")
-        return tokens
-    from .convert import self_generated_tokens  # the one source of self-generated calibration text
-
-    return self_generated_tokens(model, tokenizer, args.calibration_tokens)
 
 
 # ---- model preparation ---------------------------------------------------------------------------
@@ -127,7 +113,7 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     from .patch import patch_model
 
     t0 = time.perf_counter()
-    paths = patch_model(model, group_size=args.group_size, bits=args.bits)
+    paths = patch_model(model, group_size=args.group_size, bits=args.bits, progress=True)
     if not paths:
         raise ValueError("--spqt: the model has no attention or MLP projections that can be patched.")
     _log(f"{len(paths)} projections -> {args.bits}-bit zigzag (group size {args.group_size}) in {time.perf_counter() - t0:.1f} s")
@@ -148,8 +134,10 @@ def recalibrate(model, tokenizer, args, sparsity: float) -> None:
     if sparsity == 0:
         apply_thresholds(model, 0.0)
         return
+    from .texts import calibration_tokens
+
     t0 = time.perf_counter()
-    tokens = calibration_tokens(model, tokenizer, args)
+    tokens, _ = calibration_tokens(model, tokenizer, text_file=args.calibration_text, n_tokens=args.calibration_tokens)
     source = args.calibration_text or "self-generated text"
     _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of {source}")
     apply_thresholds(model, calibrate(model, tokens, sparsity, method=args.calibration_method))
@@ -186,50 +174,55 @@ def report(model, elapsed: float | None = None, file=None) -> str:
 # ---- mlx_lm.generate hooks -----------------------------------------------------------------------
 
 
-def install(namespace: dict):
-    """Swap ``setup_arg_parser`` and ``load`` in ``namespace`` (mlx_lm.generate's globals).
+def install(namespace: dict, *, strict: bool = False):
+    """Swap the SpQt argument parser and ``load`` into an mlx-lm CLI module's globals.
 
-    Without ``--spqt`` the wrapped functions behave exactly like mlx-lm's. Returns a function that
-    restores the originals; installing twice is a no-op (its restore is too).
+    ``namespace`` is the globals of ``mlx_lm.generate``, ``mlx_lm.chat``, ``mlx_lm.benchmark`` or
+    ``mlx_lm.server``: the parser comes from their ``setup_arg_parser``, or (the server builds its
+    parser inside ``main``) from their ``argparse``. Without ``--spqt`` the wrapped functions
+    behave exactly like mlx-lm's, except that ``--model smollm2`` names the offline default model
+    and a directory from spqt-convert asks for ``--spqt``. ``strict`` (spqt-generate's own CLI)
+    also rejects a negative ``--max-tokens`` without ``--spqt``. Returns a function that restores
+    the originals; installing twice is a no-op (its restore is too).
     """
-    if getattr(namespace.get("setup_arg_parser"), _MARK, False):
+    if getattr(namespace.get("load"), _MARK, False):
         return lambda: None
-    base_parser = namespace["setup_arg_parser"]
     base_load = namespace["load"]
     state: dict = {}
 
-    @functools.wraps(base_parser)
-    def setup_arg_parser():
-        parser = base_parser()
-        add_arguments(parser)
-        base_parse = parser.parse_args
+    def parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+        state.clear()
+        model = getattr(args, "model", None)
+        if model:
+            from .sources import resolve_short_name
 
-        def parse_args(*a, **kw):
-            args = base_parse(*a, **kw)
-            if args.spqt:
-                try:
-                    check_arguments(args)
-                except ValueError as e:
-                    parser.error(str(e))
-                state.clear()
-                state["args"] = args
+            try:
+                args.model = resolve_short_name(model)
+            except (OSError, RuntimeError, ValueError) as e:
+                parser.error(f"--model {model}: {e}")
+        max_tokens = getattr(args, "max_tokens", None)
+        if (args.spqt or strict) and isinstance(max_tokens, int) and max_tokens < 0:
+            parser.error(f"--max-tokens must be 0 or more, got {max_tokens}.")
+        if args.spqt:
+            try:
+                check_arguments(args)
+            except ValueError as e:
+                parser.error(str(e))
+            state["args"] = args
+            if "generate" in namespace:  # mlx_lm.generate: report the achieved sparsity
                 _install_generate(namespace, state)
-            else:
-                model = getattr(args, "model", None)
-                if model and _spqt_config(model) is not None:
-                    # mlx-lm would fail on its zigzag weights and suggest trust_remote_code, which
-                    # skips our verified load.
-                    parser.error(f"{args.model} was written by spqt-convert: pass --spqt to load it.")
-                state.clear()
-            return args
+        elif args.model and _spqt_config(args.model) is not None:
+            # mlx-lm would fail on its zigzag weights and suggest trust_remote_code, which skips
+            # our verified load.
+            parser.error(f"{args.model} was written by spqt-convert: pass --spqt to load it.")
+        return args
 
-        parser.parse_args = parse_args
-        return parser
+    restore_parser = _wrap_parser(namespace, parsed)
 
     @functools.wraps(base_load)
     def load(path_or_hf_repo, *a, **kw):
         args = state.get("args")
-        if args is None or state.get("model") is not None:
+        if args is None or (state.get("model") is not None and path_or_hf_repo == getattr(args, "draft_model", None)):
             return base_load(path_or_hf_repo, *a, **kw)  # plain runs, and the draft model
         if (saved := _spqt_config(path_or_hf_repo)) is not None:
             out = _load_converted(path_or_hf_repo, **kw)
@@ -242,15 +235,67 @@ def install(namespace: dict):
         state["model"] = out[0]
         return out
 
-    setattr(setup_arg_parser, _MARK, True)
     setattr(load, _MARK, True)
-    namespace["setup_arg_parser"] = setup_arg_parser
     namespace["load"] = load
 
     def restore():
-        namespace["setup_arg_parser"] = base_parser
+        restore_parser()
         namespace["load"] = base_load
         _uninstall_generate(namespace)
+
+    return restore
+
+
+def _wrap_parser(namespace: dict, parsed) -> callable:
+    """Make the module's argument parsers add the SpQt options and pass their result to
+    ``parsed(parser, args)``. Returns a function that undoes it."""
+
+    def add_and_parse(parser, parse_args):
+        add_arguments(parser)
+
+        def wrapped(*a, **kw):
+            return parsed(parser, parse_args(*a, **kw))
+
+        parser.parse_args = wrapped
+        return parser
+
+    if "setup_arg_parser" in namespace:
+        base_parser = namespace["setup_arg_parser"]
+
+        @functools.wraps(base_parser)
+        def setup_arg_parser():
+            parser = base_parser()
+            return add_and_parse(parser, parser.parse_args)
+
+        setattr(setup_arg_parser, _MARK, True)
+        namespace["setup_arg_parser"] = setup_arg_parser
+
+        def restore():
+            namespace["setup_arg_parser"] = base_parser
+
+        return restore
+
+    base_argparse = namespace.get("argparse")
+    if not isinstance(base_argparse, types.ModuleType):
+        raise ValueError("this module has neither setup_arg_parser nor argparse: nothing to add --spqt to.")
+
+    class ArgumentParser(base_argparse.ArgumentParser):
+        """The module's top-level parser: the first one built gets the SpQt options."""
+
+        def parse_args(self, *a, **kw):
+            if not getattr(self, "_spqt_options", False):
+                self._spqt_options = True
+                add_and_parse(self, super().parse_args)
+            return self.parse_args(*a, **kw)
+
+    # A stand-in for the argparse module, seen only by this module's code.
+    proxy = types.ModuleType(base_argparse.__name__, base_argparse.__doc__)
+    proxy.__dict__.update({k: v for k, v in vars(base_argparse).items() if not k.startswith("__")})
+    proxy.ArgumentParser = ArgumentParser
+    namespace["argparse"] = proxy
+
+    def restore():
+        namespace["argparse"] = base_argparse
 
     return restore
 
@@ -291,7 +336,7 @@ def _uninstall_generate(namespace: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run ``mlx_lm.generate``'s CLI with the SpQt options (``argv`` defaults to ``sys.argv[1:]``)."""
     G = importlib.import_module("mlx_lm.generate")
-    restore = install(G.__dict__)
+    restore = install(G.__dict__, strict=True)
     saved_argv = sys.argv
     if argv is not None:
         sys.argv = [saved_argv[0] if saved_argv else "spqt-generate", *argv]

@@ -53,7 +53,14 @@ def train_tokenizer(vocab_size: int = CONFIG["vocab_size"]):
     return tok
 
 
-def write_model_dir(path: Path, seed: int = 0) -> Path:
+# A minimal chat template, for the tools that need one (mlx_lm.chat, the server's chat endpoint).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def write_model_dir(path: Path, seed: int = 0, *, chat_template: bool = False) -> Path:
     """Save the tiny Llama and its tokenizer so that ``mlx_lm.load(path)`` works offline."""
     from mlx_lm.utils import save_config, save_model
 
@@ -69,6 +76,7 @@ def write_model_dir(path: Path, seed: int = 0) -> Path:
                 "eos_token": "</s>",
                 "unk_token": "<unk>",
                 "model_max_length": 1024,
+                **({"chat_template": CHAT_TEMPLATE} if chat_template else {}),
             }
         )
     )

@@ -185,3 +185,104 @@ def test_the_hook_never_breaks_mlx_lm(monkeypatch, capsys):
     assert ns["setup_arg_parser"] is setup_arg_parser  # back to mlx-lm's own
     assert "hook is disabled" in capsys.readouterr().err
     _mlx_lm_hook.install({})  # nothing to wrap: no error
+
+
+def test_negative_max_tokens_is_rejected(model_dir, capsys):
+    for extra in ([], ["--spqt"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", str(model_dir), "--prompt", "x", "--max-tokens", "-1", *extra])
+        assert exit_info.value.code == 2 and "--max-tokens must be 0 or more" in capsys.readouterr().err
+
+
+def test_short_name_of_the_default_model(model_dir, monkeypatch, capsys):
+    from spqt_mlx import assets, sources
+
+    asked = []
+
+    def default_model_dir(cache_dir=None, *, dtype="float16"):
+        asked.append(dtype)
+        return model_dir
+
+    monkeypatch.setattr(assets, "default_model_dir", default_model_dir)
+    main(["--model", "smollm2", *COMMON, "--spqt", "--sparsity", "0.4"])
+    assert SPARSITY_LINE.search(capsys.readouterr().out)
+    model, tokenizer, config = sources.load_source("smollm2")
+    assert config["hidden_size"] == 128 and asked == [sources.default_dtype()] * 2
+
+
+# ---- the other mlx-lm tools, through the import hook ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    return write_model_dir(tmp_path_factory.mktemp("tiny-chat-llama"), chat_template=True)
+
+
+def mlx_lm_tool(tool, *args, **kwargs):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "mlx_lm", tool, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300, **kwargs)
+
+
+@pytest.mark.skipif(not hook_installed, reason="spqt-mlx is not pip-installed (no mlx-lm hook)")
+def test_mlx_lm_chat_and_benchmark_spqt(chat_model_dir):
+    chat = mlx_lm_tool("chat", "--model", chat_model_dir, "--spqt", "--sparsity", "0.4", "--max-tokens", "8",
+                       input="hello there\nq\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "[spqt] calibrating uniform thresholds for 40% sparsity" in chat.stderr and "tok/s" in chat.stdout
+    bench = mlx_lm_tool("benchmark", "--model", chat_model_dir, "--spqt", "--sparsity", "0.4", "-p", "16", "-g", "8",
+                        "-n", "1")
+    assert bench.returncode == 0, bench.stderr
+    assert "[spqt] calibrating" in bench.stderr and "Averages: prompt_tps=" in bench.stdout
+    for tool in ("chat", "benchmark", "server"):
+        assert "--spqt" in mlx_lm_tool(tool, "--help").stdout
+    plain = mlx_lm_tool("benchmark", "--model", chat_model_dir, "-p", "16", "-g", "8", "-n", "1")
+    assert plain.returncode == 0 and "[spqt]" not in plain.stderr
+
+
+@pytest.mark.skipif(not hook_installed, reason="spqt-mlx is not pip-installed (no mlx-lm hook)")
+def test_mlx_lm_server_spqt_answers_an_openai_client(chat_model_dir, tmp_path):
+    """mlx_lm.server --spqt on localhost, driven by the OpenAI Python client, several requests at once."""
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm", "server", "--model", str(chat_model_dir), "--spqt", "--sparsity", "0.4",
+             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120, max_retries=0)
+
+        def chat(i):
+            return client.chat.completions.create(
+                model="default_model", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=6, temperature=0
+            )
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(chat, range(3)))
+        assert all(a.usage.completion_tokens == 6 and a.choices[0].message.content is not None for a in answers)
+        text = client.completions.create(model="default_model", prompt="the quick brown fox", max_tokens=5, temperature=0)
+        assert text.usage.completion_tokens == 5
+    finally:
+        server.terminate()
+        server.wait(30)
+    printed = log.read_text()
+    assert "[spqt] 14 projections -> 4-bit zigzag" in printed and "[spqt] calibrating" in printed, printed
