@@ -49,7 +49,10 @@ def collect_active(x: mx.array, threshold, *, stream=None) -> ActiveColumns:
     """Columns k of a single-token activation ``x`` (shape (..., K), one row) with |x[k]| > threshold.
 
     ``threshold`` is a scalar or an array of one threshold per column. Computed inside the graph,
-    with no host round-trip, and only when the list itself is used (see ``ActiveColumns``).
+    with no host round-trip, and only when the list itself is used (see ``ActiveColumns``). A
+    number must be finite (ValueError otherwise). An array is not inspected, since that would
+    sync with the device on every call: a NaN entry in it makes its column inactive (no
+    comparison with NaN holds), as if the threshold were infinite.
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")

@@ -77,6 +77,15 @@ def test_nan_is_never_active():
         assert np.array_equal(np.array(collect_active(x.astype(dtype), 0.0).indices()), [1, 3, 4, 5])
 
 
+def test_nan_threshold_entries_make_their_columns_inactive():
+    x = mx.array([1.0, -2.0, 3.0, 0.5])
+    t = mx.array([np.nan, 0.1, np.nan, 0.1])  # an array is not inspected: NaN acts as an infinite threshold
+    assert np.array_equal(np.array(collect_active(x, t).indices()), [1, 3])
+    for bad in (float("nan"), float("inf")):  # a number is checked
+        with pytest.raises(ValueError, match="finite"):
+            collect_active(x, bad)
+
+
 def test_tail_is_unused_and_count_first():
     x = mx.array([3.0, 0.0, 0.0, 4.0, 0.0])
     packed = np.array(collect_active(x, 1.0).packed)

@@ -198,7 +198,7 @@ class ZigzagLinear(nn.Module):
             y = zigzag_product(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
                                self._threshold_value, self["_threshold"])
         if self._stats_on and self._threshold_value > 0 and x.size == self["weight"].shape[1]:
-            self._record(collect_active(x, self["_threshold"]).count)
+            self._record(collect_active(x, self._threshold_value).count)
         if "bias" in self:
             y = y + self["bias"]
         return y

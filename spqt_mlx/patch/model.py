@@ -5,8 +5,10 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Mapping
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
+from tqdm.auto import tqdm
 
 from ..layout import check_bits_group_size
 from .linear import ZigzagLinear, check_threshold
@@ -52,6 +54,7 @@ def patch_model(
     thresholds: float | Mapping[str, float] | None = None,
     predicate: Callable[[str, nn.Module], bool] | None = None,
     allocate_only: bool = False,
+    progress: bool = False,
 ) -> list[str]:
     """Replace the attention and MLP projections of ``model`` with :class:`ZigzagLinear`, in place.
 
@@ -65,6 +68,10 @@ def patch_model(
             :func:`is_projection`. Embeddings and ``lm_head`` are never patched.
         allocate_only: build zero-filled layers of the right shapes instead of quantizing, for
             loading saved zigzag weights with ``model.load_weights``.
+        progress: show a progress bar over the layers quantized.
+
+    Each layer is quantized (evaluated) as it is replaced, so peak memory stays near one float
+    layer above the model's own, and the call takes the time the quantization takes.
 
     ``nn.Linear`` weights are quantized once. ``nn.QuantizedLinear`` weights are dequantized and
     quantized again (a second rounding; convert from float weights when possible). Layers whose
@@ -89,6 +96,8 @@ def patch_model(
         check_threshold(thresholds)
     patched: list[str] = []
     skipped: list[str] = []
+    bar = tqdm(desc="zigzag-quantizing", unit="layer", leave=False, disable=not progress or allocate_only,
+               total=sum(1 for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if select(p, m)))
 
     def convert(path: str, module: nn.Module):
         if isinstance(module, nn.Embedding) or path.split(".")[-1] == "lm_head":
@@ -116,10 +125,15 @@ def patch_model(
                 layer = ZigzagLinear.from_linear(module, group_size, bits)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None  # nothing was replaced yet
+        mx.eval(layer.parameters())
+        bar.update()
         patched.append(path)
         return layer
 
-    model.update_modules(tree_map_with_path(convert, leaves, is_leaf=nn.Module.is_module))
+    try:
+        model.update_modules(tree_map_with_path(convert, leaves, is_leaf=nn.Module.is_module))
+    finally:
+        bar.close()
     if skipped:
         warnings.warn(
             f"spqt: {len(skipped)} layer(s) stay dense: " + "; ".join(skipped), stacklevel=2
