@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from spqt_mlx import checkpoint
+from spqt_mlx import checkpoint, files
 from spqt_mlx.patch import ZigzagLinear, get_thresholds, patch_model, set_thresholds
 
 TOKENS = mx.array([[5, 70, 80, 90, 100, 110, 120, 130]])
@@ -75,7 +75,7 @@ def test_directory_contents(saved):
     assert spqt["layers"] == sorted(get_layers(model))
     assert spqt["thresholds"] == get_thresholds(model)
     [(name, entry)] = spqt["files"].items()
-    assert entry["sha256"] == checkpoint.sha256_file(out / name)
+    assert entry["sha256"] == files.sha256_file(out / name)
     weights = mx.load(str(out / name))
     layer = spqt["layers"][0]
     assert {f"{layer}.weight", f"{layer}.scales", f"{layer}.biases"} <= set(weights)
@@ -163,7 +163,7 @@ def rewrite_weights(out, change):
     weights = dict(mx.load(str(out / name)))
     change(weights)
     mx.save_safetensors(str(out / name), weights)
-    entry["sha256"] = checkpoint.sha256_file(out / name)
+    entry["sha256"] = files.sha256_file(out / name)
     entry["tensors"] = sorted(weights)
     (out / "config.json").write_text(json.dumps(config))
 
@@ -314,7 +314,7 @@ def test_replacement_killed_between_its_renames_is_recovered(tmp_path):
     code = f"""
 import os, signal
 from pathlib import Path
-from spqt_mlx import checkpoint
+from spqt_mlx import files
 target = Path({str(target)!r})
 real = os.replace
 def replace(src, dst):
@@ -322,7 +322,7 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)  # between the two renames
     return real(src, dst)
 os.replace = replace
-with checkpoint.atomic_directory(target, overwrite=True) as tmp:
+with files.atomic_directory(target, overwrite=True) as tmp:
     (tmp / "new.txt").write_text("new")
 """
     killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -331,10 +331,47 @@ with checkpoint.atomic_directory(target, overwrite=True) as tmp:
     with pytest.raises(FileNotFoundError, match="interrupted replacement"):
         checkpoint.read_spqt_config(target)
     with pytest.raises(FileExistsError):  # the old directory is back, so not replaced without overwrite
-        with checkpoint.atomic_directory(target):
+        with files.atomic_directory(target):
             pass
     assert (target / "old.txt").read_text() == "old"
-    with checkpoint.atomic_directory(target, overwrite=True) as tmp:
+    with files.atomic_directory(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model.old-")) == []
+
+
+def test_writer_killed_midway_leaves_nothing_after_the_next_write(tmp_path):
+    """A writer killed before its rename leaves its temporary directory; the next write to the same
+    target removes it (a live writer's is kept)."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "model"
+    code = f"""
+import os, signal
+from pathlib import Path
+from spqt_mlx import files
+with files.atomic_directory(Path({str(target)!r})) as tmp:
+    (tmp / "part.safetensors").write_bytes(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".model.tmp-"), left
+    live = tmp_path / f".model.tmp-{os.getpid()}-live"  # a writer that is still running
+    live.mkdir()
+    with files.atomic_directory(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])
+
+
+def test_atomic_write_text(tmp_path):
+    path = tmp_path / "summary.json"
+    files.atomic_write_text(path, "first")
+    files.atomic_write_text(path, "second")
+    assert path.read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    with pytest.raises(OSError):
+        files.atomic_write_text(tmp_path / "missing" / "x.json", "never")
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -7,15 +7,21 @@ import pytest
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "spqt_quickstart.ipynb"
 
 
-def test_quickstart_notebook_executes(real_model_dir, tmp_path):
+def test_quickstart_notebook_executes(real_model_dir, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="executing the notebook needs the 'test' extra (nbformat)")
     nbclient = pytest.importorskip("nbclient", reason="executing the notebook needs the 'test' extra (nbclient)")
     pytest.importorskip("ipykernel", reason="executing the notebook needs the 'test' extra (ipykernel)")
     pytest.importorskip("matplotlib", reason="the notebook plots with matplotlib (the 'test' extra)")
 
+    # The kernel's temporary files go to a directory of their own, which must end up empty: the
+    # notebook removes the model it converts. (MLX keeps its compiled-kernel cache there too.)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
+    assert sorted(p.name for p in scratch.iterdir() if p.name != "mlx") == []
 
     outputs = {i: "".join(o.get("text", "") for o in c.get("outputs", [])) for i, c in enumerate(nb.cells)
                if c.cell_type == "code"}
