@@ -200,6 +200,9 @@ def install(namespace: dict, *, strict: bool = False):
                 args.model = resolve_short_name(model)
             except (OSError, RuntimeError, ValueError) as e:
                 parser.error(f"--model {model}: {e}")
+            if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+                # A path, not a repo id: mlx-lm would try the hub and fail on the name's form.
+                parser.error(f"--model {model}: no such directory.")
         max_tokens = getattr(args, "max_tokens", None)
         if (args.spqt or strict) and isinstance(max_tokens, int) and max_tokens < 0:
             parser.error(f"--max-tokens must be 0 or more, got {max_tokens}.")
@@ -334,6 +337,14 @@ def _uninstall_generate(namespace: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``spqt-generate``: exit status 0 on success, 2 with a one-line message on an expected error
+    (a model that cannot be found, a bad value)."""
+    from . import _cli
+
+    _cli.run("spqt-generate", run, argv)
+
+
+def run(argv: list[str] | None = None) -> None:
     """Run ``mlx_lm.generate``'s CLI with the SpQt options (``argv`` defaults to ``sys.argv[1:]``)."""
     G = importlib.import_module("mlx_lm.generate")
     restore = install(G.__dict__, strict=True)

@@ -286,3 +286,19 @@ def test_mlx_lm_server_spqt_answers_an_openai_client(chat_model_dir, tmp_path):
         server.wait(30)
     printed = log.read_text()
     assert "[spqt] 14 projections -> 4-bit zigzag" in printed and "[spqt] calibrating" in printed, printed
+
+
+def test_spqt_generate_exit_codes(model_dir, tmp_path):
+    """spqt-generate: 0 on success; 2 and one line, no traceback, for a model that is not there or
+    a bad value."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "spqt_mlx.generate"]
+    done = subprocess.run([*cmd, "--model", str(model_dir), *COMMON, "--spqt"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for args, message in ((["--model", str(tmp_path / "nowhere")], "no such directory"),
+                          (["--model", str(model_dir), "--max-tokens", "-3"], "--max-tokens"),
+                          (["--model", str(model_dir), "--spqt", "--sparsity", "2"], "--sparsity")):
+        failed = subprocess.run([*cmd, *args, "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300)
+        assert failed.returncode == 2, failed.stderr
+        assert "Traceback" not in failed.stderr and message in failed.stderr.strip().splitlines()[-1]
