@@ -1,6 +1,6 @@
-// Metal dispatch of the primitives: encodes the kernels of kernels/metal (compiled into
-// spqt_mlx.metallib, installed next to the extension module) on MLX's command encoder for the
-// primitive's stream.
+// Metal dispatch of the primitives: the host encoding of dispatch/metal_encoding.h, run on MLX's
+// command encoder for the primitive's stream. The kernels (kernels/metal) are compiled into
+// spqt_mlx.metallib, installed next to the extension module.
 #include "metal.h"
 
 #include <stdexcept>
@@ -9,23 +9,17 @@
 
 #include <dlfcn.h>
 
-#include <algorithm>
 #include <filesystem>
-#include <optional>
 #include <string>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/metal/device.h"
 
-#include "../kernels/metal/kernel_names.h"
-#include "../kernels/metal/params.h"
+#include "metal_encoding.h"
 
 namespace spqt::metal {
 
 namespace {
-
-namespace names = metal_kernels;
-using namespace metal_params;
 
 // The directory of this extension module, where spqt_mlx.metallib is installed.
 const std::string& module_dir() {
@@ -37,10 +31,6 @@ const std::string& module_dir() {
     return std::filesystem::path(info.dli_fname).parent_path().string();
   }();
   return dir;
-}
-
-MTL::Library* library(mx::metal::Device& d) {
-  return d.get_library("spqt_mlx", module_dir());
 }
 
 std::string type_name(mx::Dtype t) {
@@ -56,31 +46,55 @@ std::string type_name(mx::Dtype t) {
   throw std::invalid_argument("[spqt] the Metal kernels take float32, float16 or bfloat16 activations.");
 }
 
-MTL::Size groups_for(int64_t elements, int threads) {
-  return MTL::Size((elements + threads - 1) / threads, 1, 1);
-}
+// The encoder of metal_encoding.h over MLX's command encoder: buffers are arrays, workspaces are
+// arrays the command buffer keeps alive until it completes.
+class Encoder {
+ public:
+  using Buffer = mx::array;
 
-// Encodes everything one eval_gpu needs: pipeline lookups, contiguous copies and temporaries.
-struct Encoding {
-  mx::metal::Device& device;
-  mx::metal::CommandEncoder& encoder;
-  MTL::Library* lib;
+  explicit Encoder(const mx::Stream& s)
+      : device_(mx::metal::device(s.device)),
+        encoder_(mx::metal::get_command_encoder(s)),
+        library_(device_.get_library("spqt_mlx", module_dir())) {}
 
-  explicit Encoding(const mx::Stream& s)
-      : device(mx::metal::device(s.device)),
-        encoder(mx::metal::get_command_encoder(s)),
-        lib(library(device)) {}
-
-  MTL::ComputePipelineState* kernel(const std::string& name) {
-    return device.get_kernel(name, lib);
+  Buffer temporary(int64_t elements, Element type) {
+    mx::array a(mx::Shape{int(elements)}, type == Element::Float32 ? mx::float32 : mx::int32, nullptr, {});
+    a.set_data(mx::allocator::malloc(a.nbytes()));
+    encoder_.add_temporary(a);
+    return a;
   }
 
-  // A fresh array the command buffer keeps alive until it completes.
-  mx::array temporary(mx::Shape shape, mx::Dtype dtype) {
-    mx::array a(std::move(shape), dtype, nullptr, {});
-    a.set_data(mx::allocator::malloc(a.nbytes()));
-    encoder.add_temporary(a);
-    return a;
+  void set_kernel(const std::string& name) {
+    pipeline_ = device_.get_kernel(name, library_);
+    encoder_.set_compute_pipeline_state(pipeline_);
+  }
+
+  int max_threads_per_threadgroup() {
+    return int(pipeline_->maxTotalThreadsPerThreadgroup());
+  }
+
+  void set_input(const Buffer& a, int slot) {
+    encoder_.set_input_array(a, slot);
+  }
+  void set_output(const Buffer& a, int slot) {
+    mx::array handle = a; // MLX takes outputs by non-const reference; the handle shares the data
+    encoder_.set_output_array(handle, slot);
+  }
+  void set_int(int32_t v, int slot) {
+    encoder_.set_bytes(v, slot);
+  }
+  void set_int64(int64_t v, int slot) {
+    encoder_.set_bytes(v, slot);
+  }
+  void set_ints(const std::vector<int32_t>& v, int slot) {
+    encoder_.set_vector_bytes(v, slot);
+  }
+  void set_int64s(const std::vector<int64_t>& v, int slot) {
+    encoder_.set_vector_bytes(v, slot);
+  }
+
+  void dispatch(Size3 groups, Size3 threads) {
+    encoder_.dispatch_threadgroups(MTL::Size(groups.x, groups.y, groups.z), MTL::Size(threads.x, threads.y, threads.z));
   }
 
   // `a` itself when row-contiguous; otherwise a row-contiguous copy made on the GPU (views such as
@@ -89,40 +103,19 @@ struct Encoding {
     if (a.flags().row_contiguous || a.size() == 0) {
       return a;
     }
-    if (a.itemsize() != 2 && a.itemsize() != 4) {
-      throw std::invalid_argument("[spqt] unexpected element size for a Metal input.");
-    }
-    auto out = temporary(a.shape(), a.dtype());
-    const int ndim = a.ndim();
-    const int64_t size = a.size();
-    encoder.set_compute_pipeline_state(kernel(names::copy_to_contiguous(a.itemsize())));
-    encoder.set_input_array(a, 0);
-    encoder.set_output_array(out, 1);
-    encoder.set_vector_bytes(a.shape(), 2);
-    encoder.set_vector_bytes(a.strides(), 3);
-    encoder.set_bytes(ndim, 4);
-    encoder.set_bytes(size, 5);
-    encoder.dispatch_threadgroups(
-        groups_for(size, kElementwiseThreads), MTL::Size(kElementwiseThreads, 1, 1));
+    mx::array out(a.shape(), a.dtype(), nullptr, {});
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    encoder_.add_temporary(out);
+    encode_copy_to_contiguous(*this, a, out, int(a.itemsize()), std::vector<int32_t>(a.shape().begin(), a.shape().end()),
+                              std::vector<int64_t>(a.strides().begin(), a.strides().end()));
     return out;
   }
 
-  // out (K + 1,) int32 = [n, ascending active k..., -1...] for x of K elements.
-  void collect(const mx::array& x, const mx::array& threshold, mx::array& out) {
-    const int K = x.size();
-    const int t_stride = threshold.ndim() == 0 ? 0 : 1;
-    auto* pipeline = kernel(names::collect_active(type_name(x.dtype())));
-    const int max_threads =
-        std::min<int>(kCollectMaxThreads, pipeline->maxTotalThreadsPerThreadgroup()) / kSimdSize * kSimdSize;
-    const int threads = std::min(max_threads, (K + kSimdSize - 1) / kSimdSize * kSimdSize);
-    encoder.set_compute_pipeline_state(pipeline);
-    encoder.set_input_array(x, 0);
-    encoder.set_input_array(threshold, 1);
-    encoder.set_output_array(out, 2);
-    encoder.set_bytes(K, 3);
-    encoder.set_bytes(t_stride, 4);
-    encoder.dispatch_threadgroups(MTL::Size(1, 1, 1), MTL::Size(threads, 1, 1));
-  }
+ private:
+  mx::metal::Device& device_;
+  mx::metal::CommandEncoder& encoder_;
+  MTL::Library* library_;
+  MTL::ComputePipelineState* pipeline_ = nullptr;
 };
 
 } // namespace
@@ -132,83 +125,38 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   if (out.size() == 0) {
     return;
   }
-  Encoding enc(p.stream());
+  Encoder enc(p.stream());
   std::vector<mx::array> in;
   for (const auto& a : inputs) {
     in.push_back(enc.contiguous(a));
   }
-  const auto& x = in[0];
-  const int K = x.shape(-1);
-  const int M = x.size() / K;
-  const int N = out.shape(-1);
-  const int bands = N / p.group_size();
-  const auto type = type_name(x.dtype());
-
-  // The active list the kernel walks. listed >= 0: a plain list of that length; < 0: count-prefixed.
-  // A threshold is collected on the device into a temporary packed list first: no host round-trip.
-  const bool sparse = p.kind() != ActiveKind::Dense;
-  std::optional<mx::array> list;
-  int listed = 0;
-  switch (p.kind()) {
-    case ActiveKind::Dense:
-      break;
-    case ActiveKind::Indices:
-      list = in[4];
-      listed = in[4].size();
-      break;
-    case ActiveKind::Packed:
-      list = in[4];
-      listed = -1;
-      break;
-    case ActiveKind::Threshold: {
-      list = enc.temporary(mx::Shape{K + 1}, mx::int32);
-      enc.collect(x, in[4], *list);
-      listed = -1;
-      break;
-    }
-  }
-
-  const int splits = gemv_splits(p.kind() == ActiveKind::Indices ? listed : K);
-  std::optional<mx::array> partials;
-  if (splits > 1) {
-    partials = enc.temporary(mx::Shape{M * splits * N}, mx::float32);
-  }
-
-  auto& e = enc.encoder;
-  e.set_compute_pipeline_state(
-      enc.kernel(names::zigzag_gemv(sparse, type, p.bits(), p.group_size())));
-  e.set_input_array(x, 0);
-  e.set_input_array(in[1], 1);
-  e.set_input_array(in[2], 2);
-  e.set_input_array(in[3], 3);
-  // Unused slots (dense walk, empty list, single split) are bound to a valid buffer all the same.
-  e.set_input_array(list && list->size() > 0 ? *list : x, 4);
-  e.set_output_array(out, 5);
-  e.set_output_array(partials ? *partials : out, 6);
-  e.set_bytes(K, 7);
-  e.set_bytes(N, 8);
-  e.set_bytes(listed, 9);
-  e.dispatch_threadgroups(MTL::Size(bands, splits, M), MTL::Size(kGemvThreads, 1, 1));
-
-  if (splits > 1) {
-    // Second pass: add the per-split partials in a fixed order.
-    const int size = M * N;
-    e.set_compute_pipeline_state(enc.kernel(names::zigzag_gemv_reduce(type)));
-    e.set_input_array(*partials, 0);
-    e.set_output_array(out, 1);
-    e.set_bytes(N, 2);
-    e.set_bytes(splits, 3);
-    e.set_bytes(size, 4);
-    e.dispatch_threadgroups(groups_for(size, kElementwiseThreads), MTL::Size(kElementwiseThreads, 1, 1));
-  }
+  const int K = in[0].shape(-1);
+  Gemv<mx::array> g{
+      .type = type_name(in[0].dtype()),
+      .bits = p.bits(),
+      .group_size = p.group_size(),
+      .M = int(in[0].size() / K),
+      .N = out.shape(-1),
+      .K = K,
+      .kind = p.kind(),
+      .x = in[0],
+      .w = in[1],
+      .scales = in[2],
+      .biases = in[3],
+      .y = out,
+      .active = p.kind() == ActiveKind::Dense ? std::nullopt : std::optional<mx::array>(in[4]),
+      .active_len = p.kind() == ActiveKind::Dense ? 0 : int(in[4].size()),
+      .splits = 0,
+  };
+  encode_gemv(enc, g);
 }
 
 void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  Encoding enc(p.stream());
+  Encoder enc(p.stream());
   auto x = enc.contiguous(inputs[0]);
   auto t = enc.contiguous(inputs[1]);
-  enc.collect(x, t, out);
+  encode_collect(enc, x, t, out, type_name(x.dtype()), int(x.size()), t.size() != 1);
 }
 
 } // namespace spqt::metal

@@ -1,8 +1,9 @@
 """Builds the SIMT emulator with the Metal kernel sources and drives it through ctypes (test-only).
 
 The kernels in kernels/metal are compiled as C++ against emulator/metal_compat.h (one translation
-unit per .metal file, in parallel) and linked with the emulator and its host harness into one shared
-library, cached under the pytest cache by a hash of every source involved.
+unit per .metal file, in parallel) and linked with the emulator and its host harness, which runs
+the host encoding of dispatch/metal_encoding.h, into one shared library, cached under the pytest
+cache by a hash of every source involved.
 """
 
 from __future__ import annotations
@@ -42,46 +43,69 @@ def metal_sources() -> list[Path]:
 
 
 def _sources() -> list[Path]:
-    files = sorted(KERNELS.iterdir()) + sorted(EMULATOR.rglob("*"))
+    files = sorted(KERNELS.iterdir()) + sorted(EMULATOR.rglob("*")) + [ROOT / "kernels" / "contract.h"]
     return [f for f in files if f.is_file()]
 
 
-def build(cxx: str, cache_dir: Path) -> Path:
-    digest = hashlib.sha256()
+def build(cxx: str, cache_dir: Path, *, encoding: str | None = None) -> Path:
+    """The emulator library: the kernels, the emulator and its harness, which runs the host encoding
+    of dispatch/metal_encoding.h, or the text ``encoding`` in its place (to check that a wrong
+    encoding fails the tests). Objects are cached by the hash of what they are built from, so a
+    variant rebuilds only the harness."""
+    encoding = (ROOT / "dispatch" / "metal_encoding.h").read_text() if encoding is None else encoding
+    base = hashlib.sha256()
     for f in _sources():
-        digest.update(f.name.encode())
-        digest.update(f.read_bytes())
-    digest.update(" ".join([cxx, *CXXFLAGS]).encode())
-    out_dir = cache_dir / digest.hexdigest()[:16]
-    lib = out_dir / "libspqt_metal_emulator.so"
+        base.update(f.name.encode())
+        base.update(f.read_bytes())
+    base.update(" ".join([cxx, *CXXFLAGS]).encode())
+    variant = hashlib.sha256(base.digest() + encoding.encode()).hexdigest()[:16]
+    lib = cache_dir / variant / "libspqt_metal_emulator.so"
     if lib.exists():
         return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out_dir))  # private to this process: parallel builds may race
-    units = [(src, KERNEL_FLAGS) for src in [*metal_sources(), EMULATOR / "selfcheck.metal"]]
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=lib.parent))  # private to this process: parallel builds may race
+    # The harness includes "metal_encoding.h" from this directory; the header includes
+    # ../kernels/contract.h and friends, so the kernels directory sits beside it.
+    (work / "dispatch").mkdir()
+    (work / "dispatch" / "metal_encoding.h").write_text(encoding)
+    (work / "kernels").symlink_to(ROOT / "kernels", target_is_directory=True)
+    units = [(src, KERNEL_FLAGS, base) for src in [*metal_sources(), EMULATOR / "selfcheck.metal"]]
     # swapcontext returns twice; the scheduler keeps nothing in registers across it.
-    units += [(EMULATOR / "simt.cpp", ["-Wno-clobbered"]), (EMULATOR / "harness.cpp", [])]
-    jobs = []
-    for i, (src, extra) in enumerate(units):
-        obj = work / f"{i}_{src.stem}.o"
-        cmd = [cxx, *CXXFLAGS, *extra, "-c", str(src), "-o", str(obj)]
-        jobs.append((src, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    units += [(EMULATOR / "simt.cpp", ["-Wno-clobbered"], base),
+              (EMULATOR / "harness.cpp", ["-I", str(work / "dispatch")], hashlib.sha256(encoding.encode()))]
+    objects_dir = cache_dir / "objects"
+    objects_dir.mkdir(parents=True, exist_ok=True)
+    jobs, objects = [], []
+    for src, extra, depends in units:
+        key = hashlib.sha256(depends.digest() + src.name.encode() + base.digest()).hexdigest()[:16]
+        obj = objects_dir / f"{src.stem}-{key}.o"
+        objects.append(obj)
+        if obj.exists():
+            continue
+        tmp_obj = work / obj.name
+        cmd = [cxx, *CXXFLAGS, *extra, "-c", str(src), "-o", str(tmp_obj)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        jobs.append((src, tmp_obj, obj, proc))
     errors = []
-    for src, _, proc in jobs:
+    for src, tmp_obj, obj, proc in jobs:
         log, _ = proc.communicate()
         if proc.returncode:
             errors.append(f"--- {src.relative_to(ROOT)}\n{log}")
+        else:
+            tmp_obj.replace(obj)
     if errors:
+        shutil.rmtree(work, ignore_errors=True)
         raise RuntimeError("compiling the kernels for the emulator failed:\n" + "\n".join(errors))
     tmp = work / lib.name
-    subprocess.run([cxx, "-shared", "-pthread", "-o", str(tmp), *[str(obj) for _, obj, _ in jobs]], check=True)
+    subprocess.run([cxx, "-shared", "-pthread", "-o", str(tmp), *map(str, objects)], check=True)
     tmp.replace(lib)
     shutil.rmtree(work, ignore_errors=True)
     return lib
 
 
 class Emulator:
-    """The emulated Metal backend: each call encodes the kernels as dispatch/metal.cpp does."""
+    """The emulated Metal backend: each call runs the host encoding that dispatch/metal.cpp runs
+    (dispatch/metal_encoding.h), on the emulator's fake encoder."""
 
     def __init__(self, lib_path: Path):
         self.lib = ctypes.CDLL(str(lib_path))
@@ -91,6 +115,7 @@ class Emulator:
         self.lib.spqt_emu_collect_active.argtypes = [s, p, p, i, i, i, u64, p, p, i]
         self.lib.spqt_emu_copy_to_contiguous.argtypes = [i, p, ctypes.c_int64, ctypes.c_int64, p, p, i, p, u64, p, i]
         self.lib.spqt_emu_selfcheck.argtypes = [s, i, u64, p, i, p, i]
+        self.lib.spqt_emu_last_dispatches.argtypes = [p, i]
 
     @staticmethod
     def _check(rc, err):
@@ -146,6 +171,16 @@ class Emulator:
             err, len(err))
         self._check(rc, err)
         return out
+
+    def last_dispatches(self) -> list[tuple[str, tuple[int, int, int], int]]:
+        """The dispatches the shared host encoding made in the last call: (kernel, grid, threads)."""
+        out = ctypes.create_string_buffer(1 << 16)
+        self.lib.spqt_emu_last_dispatches(out, len(out))
+        rows = []
+        for line in out.value.decode().splitlines():
+            name, grid, threads = line.split()
+            rows.append((name, tuple(int(v) for v in grid[5:].split(",")), int(threads[8:])))
+        return rows
 
     def selfcheck(self, name, threads, out_len, *, seed=0):
         out = np.empty(out_len, dtype=np.float32)

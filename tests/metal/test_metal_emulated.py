@@ -4,9 +4,16 @@ Every bits x group size x activation dtype, dense and sparse walks over index li
 thresholds, on shapes small enough for the emulator: K not a multiple of 32, one-column and empty
 lists, unsorted and repeated indices, indices outside [0, K), several rows, and both single-pass and
 split (two-dispatch) geometries. Outputs start poisoned, so an element never written fails.
+
+The host side is the encoding a Mac runs (dispatch/metal_encoding.h, also used by dispatch/metal.cpp):
+the emulator's fake encoder runs each dispatch with the buffers and constants bound to its slots, so
+the tests check the kernel names, slots, sizes and split policy along with the kernels.
 """
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -23,13 +30,6 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # The GPU and the CPU sum in different orders; after rounding to the output dtype they may differ by
 # one unit in the last place.
 ULP = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
-# The host's split policy (kernels/metal/params.h).
-ENTRIES_PER_SPLIT, MAX_SPLITS = 64, 8
-
-
-def policy_splits(entries):
-    return min(max(-(-entries // ENTRIES_PER_SPLIT), 1), MAX_SPLITS)
-
 
 def raw(a: mx.array) -> np.ndarray:
     """The bits of an mx array as numpy (bfloat16 as uint16)."""
@@ -264,3 +264,99 @@ def test_kernel_source_is_metal(source):
             decl = p.split("[[")[0]
             if ("*" in decl or "&" in decl) and not re.search(r"\b(device|constant|threadgroup|thread)\b", decl):
                 pytest.fail(f"kernel argument without an address space: {p}")
+
+
+# ---- the host encoding (dispatch/metal_encoding.h) ------------------------------------------------
+
+
+def test_dispatch_sequences(metal_emulator):
+    """The kernels each path encodes, in order: a long walk splits and reduces, a threshold is
+    collected on the device first, views are copied to contiguous memory."""
+    rng = np.random.default_rng(11)
+    layer = Layer(rng, 128, 1000, 64, 4, mx.float16)
+    x = layer.activations(rng, 1)
+    layer.check(metal_emulator, x, "dense", None, range(1000), cpu_gemv(x, layer))
+    (gemv, grid, _), (reduce, rgrid, rthreads) = metal_emulator.last_dispatches()
+    assert gemv == "zigzag_gemv_dense_float16_b4_gs64" and grid[0] == 2 and grid[1] > 1 and grid[2] == 1
+    assert reduce == "zigzag_gemv_reduce_float16" and rgrid[0] * rthreads >= 128
+    few = np.array([3, 900, 17], dtype=np.int32)
+    layer.check(metal_emulator, x, "indices", few, few, cpu_gemv(x, layer, mx.array(few)))
+    assert [(n, g[1]) for n, g, _ in metal_emulator.last_dispatches()] == [("zigzag_gemv_sparse_float16_b4_gs64", 1)]
+    t = np.float32(0.5)
+    layer.check(metal_emulator, x, "threshold", np.atleast_1d(t), np.nonzero(np.abs(np.array(x.astype(mx.float32)))[0] > t)[0],
+                cpu_gemv(x, layer, spqt_mlx.collect_active(x, 0.5, stream=mx.cpu)))
+    names = [n for n, _, _ in metal_emulator.last_dispatches()]
+    assert names[:2] == ["collect_active_float16", "zigzag_gemv_sparse_float16_b4_gs64"]
+    metal_emulator.copy_to_contiguous(np.arange(12, dtype=np.float32).reshape(3, 4).T)
+    assert [n for n, _, _ in metal_emulator.last_dispatches()] == ["copy_to_contiguous_32"]
+
+
+def encoding_failures(emulator) -> list[str]:
+    """Runs one case of each path of the host encoding; returns what went wrong."""
+    rng = np.random.default_rng(5)
+    failures = []
+
+    def attempt(what, check):
+        try:
+            check()
+        except (RuntimeError, pytest.fail.Exception) as e:
+            failures.append(f"{what}: {str(e).splitlines()[0]}")
+
+    layer = Layer(rng, 128, 300, 64, 4, mx.float16)
+    x = layer.activations(rng, 2)
+    attempt("dense", lambda: layer.check(emulator, x, "dense", None, range(300), cpu_gemv(x, layer)))
+    idx = rng.permutation(300)[:40].astype(np.int32)
+    attempt("indices", lambda: layer.check(emulator, x, "indices", idx, idx, cpu_gemv(x, layer, mx.array(idx))))
+    x1 = layer.activations(rng, 1)
+    t = (np.abs(np.array(x1.astype(mx.float32)))[0] * rng.uniform(0.5, 1.5, size=300)).astype(np.float32)
+    cols = np.nonzero(np.abs(np.array(x1.astype(mx.float32)))[0] > t)[0]
+    attempt("threshold", lambda: layer.check(emulator, x1, "threshold", t, cols,
+                                             cpu_gemv(x1, layer, spqt_mlx.collect_active(x1, mx.array(t), stream=mx.cpu))))
+    view = rng.integers(0, 60000, size=(5, 9)).astype(np.uint16)[:, ::2].T
+
+    def copy():
+        if not np.array_equal(emulator.copy_to_contiguous(view), np.ascontiguousarray(view)):
+            raise RuntimeError("the copy differs")
+
+    attempt("copy", copy)
+    return failures
+
+
+# Deliberate mistakes in the host encoding, each of which must fail the emulated tests.
+WRONG_ENCODINGS = {
+    "scales and biases slots swapped": ("e.set_input(g.scales, 2);\n  e.set_input(g.biases, 3);",
+                                        "e.set_input(g.scales, 3);\n  e.set_input(g.biases, 2);"),
+    "threadgroup of one simdgroup": ("{g.N / g.group_size, splits, g.M}, {kGemvThreads, 1, 1}",
+                                     "{g.N / g.group_size, splits, g.M}, {kSimdSize, 1, 1}"),
+    "grid without its splits": ("e.dispatch({g.N / g.group_size, splits, g.M}", "e.dispatch({g.N / g.group_size, 1, g.M}"),
+    "partials too small": ("int64_t(g.M) * splits * g.N", "int64_t(g.M) * (splits - 1) * g.N"),
+    "size as a 32-bit constant": ("e.set_int64(size, 5);", "e.set_int(int32_t(size), 5);"),
+    "threshold taken as a scalar": ("g.K, g.active_len != 1);", "g.K, false);"),
+}
+
+
+def test_the_encoding_passes_its_checks(metal_emulator):
+    assert encoding_failures(metal_emulator) == []
+
+
+@pytest.mark.parametrize("mistake", list(WRONG_ENCODINGS))
+def test_a_wrong_host_encoding_fails(cxx, tmp_path_factory, mistake):
+    """The tests run the host encoding itself: each mistake in it changes what the kernels compute
+    or is refused by the fake encoder."""
+    source = (emu.ROOT / "dispatch" / "metal_encoding.h").read_text()
+    right, wrong = WRONG_ENCODINGS[mistake]
+    assert source.count(right) == 1, f"the encoding no longer contains {right!r}: update this test"
+    cache = tmp_path_factory.getbasetemp() / "spqt-metal-emulator-variants"
+    lib = emu.build(cxx, cache, encoding=source.replace(right, wrong))
+    # In a subprocess: a wrong size may well corrupt memory, and a crash is a failure too.
+    code = f"""
+import sys
+sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
+from pathlib import Path
+import metal_emulator as emu
+from test_metal_emulated import encoding_failures
+print(encoding_failures(emu.Emulator(Path({str(lib)!r}))))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode <= 0, run.stderr[-2000:]  # a signal (crash), or a list of failures
+    assert run.returncode < 0 or run.stdout.strip() != "[]", f"{mistake}: the emulated tests still pass"

@@ -1,26 +1,36 @@
-// Host side of the emulated Metal backend: encodes the kernels exactly as dispatch/metal.cpp does
-// (same host names, arguments, grids and threadgroup sizes), on guarded buffers. Exposed to the
-// Python tests through a C ABI.
+// Host side of the emulated Metal backend. The encoding is dispatch/metal_encoding.h, the code
+// dispatch/metal.cpp runs on a Mac; here it drives a fake encoder that records every dispatch and
+// runs it on the SIMT emulator with the buffers and constants bound to each slot, passed to the
+// kernel in the order of its [[buffer(i)]] parameters. A wrong slot, size or split in the shared
+// encoding therefore changes what the kernels compute, and the tests see it. Exposed to the Python
+// tests through a C ABI.
 //
 // Every buffer has guard bands on both sides: NaN (or an in-range column for index lists) around the
-// inputs, so a read out of bounds shows in the result, and a bit pattern around the outputs that must
-// survive, so a write out of bounds is reported. Outputs and workspaces start out poisoned (NaN).
+// inputs, so a read out of bounds shows in the result, and a bit pattern around the outputs and
+// workspaces that must survive, so a write out of bounds is reported. Outputs and workspaces start
+// out poisoned (NaN, -1).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
-#include "../../../kernels/metal/kernel_names.h"
-#include "../../../kernels/metal/params.h"
+#include "metal_encoding.h" // dispatch/metal_encoding.h, or a variant of it (see metal_emulator.build)
 #include "simt.h"
 
 namespace {
 
 using namespace spqt::metal_params;
-namespace names = spqt::metal_kernels;
+using spqt::metal::Element;
+using spqt::metal::Size3;
 
 constexpr size_t kGuard = 64;
+// What Apple GPUs allow per threadgroup; the fake reports it as every pipeline's limit.
+constexpr int kMaxThreadsPerThreadgroup = 1024;
 
 template <typename T>
 T poison() {
@@ -29,8 +39,61 @@ T poison() {
   return v;
 }
 
+// Element types of buffers, so that a buffer bound where a kernel expects another type is reported.
+enum class Tag { F32, F16, BF16, U16, U32, I32 };
+
+const char* tag_name(Tag t) {
+  switch (t) {
+    case Tag::F32:
+      return "float32";
+    case Tag::F16:
+      return "float16";
+    case Tag::BF16:
+      return "bfloat16";
+    case Tag::U16:
+      return "uint16";
+    case Tag::U32:
+      return "uint32";
+    case Tag::I32:
+      return "int32";
+  }
+  return "?";
+}
+
 template <typename T>
-struct Guarded {
+Tag tag_of();
+template <>
+Tag tag_of<float>() {
+  return Tag::F32;
+}
+template <>
+Tag tag_of<half>() {
+  return Tag::F16;
+}
+template <>
+Tag tag_of<bfloat>() {
+  return Tag::BF16;
+}
+template <>
+Tag tag_of<uint16_t>() {
+  return Tag::U16;
+}
+template <>
+Tag tag_of<uint32_t>() {
+  return Tag::U32;
+}
+template <>
+Tag tag_of<int32_t>() {
+  return Tag::I32;
+}
+
+struct GuardedBase {
+  virtual ~GuardedBase() = default;
+  virtual void check(const std::string& what) const = 0;
+};
+
+template <typename T>
+struct Guarded : GuardedBase {
   std::vector<T> data;
   size_t size;
   T fill;
@@ -42,10 +105,10 @@ struct Guarded {
   T* ptr() {
     return data.data() + kGuard;
   }
-  void check(const char* what) const {
+  void check(const std::string& what) const override {
     for (size_t i = 0; i < kGuard; ++i) {
       if (std::memcmp(&data[i], &fill, sizeof(T)) || std::memcmp(&data[kGuard + size + i], &fill, sizeof(T))) {
-        throw std::runtime_error(std::string("write out of bounds of ") + what);
+        throw std::runtime_error("write out of bounds of " + what);
       }
     }
   }
@@ -54,7 +117,18 @@ struct Guarded {
   }
 };
 
-// Signatures of the kernels, as the Metal host binds them (buffers, then scalars, then built-ins).
+// A buffer handle as the shared encoding sees it.
+struct Buf {
+  void* ptr = nullptr;
+  Tag tag = Tag::F32;
+};
+
+template <typename T>
+Buf buf(Guarded<T>& g) {
+  return {g.ptr(), tag_of<T>()};
+}
+
+// Kernel signatures (buffers, then constants, then built-ins), as the .metal sources declare them.
 template <typename T>
 using GemvKernel = void (*)(const T*, const uint32_t*, const T*, const T*, const int32_t*, T*, float*,
                             const int&, const int&, const int&, uint3, uint3, uint, uint, uint);
@@ -65,16 +139,270 @@ using CollectKernel = void (*)(const T*, const float*, int32_t*, const int&, con
 template <typename T>
 using CopyKernel = void (*)(const T*, T*, const int*, const int64_t*, const int&, const int64_t&, uint);
 
-template <typename T>
-void encode_collect(const std::string& type, const T* x, const float* t, int t_stride, int K, int threads,
-                    int32_t* out, uint64_t seed) {
-  auto fn = simt::kernel<CollectKernel<T>>(names::collect_active(type));
-  if (threads <= 0) {
-    threads = std::min(kCollectMaxThreads, (K + kSimdSize - 1) / kSimdSize * kSimdSize);
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+// The encoder of dispatch/metal_encoding.h for the emulator: records the bindings of each dispatch
+// and runs it, taking every kernel argument from the slot it was bound to.
+class FakeEncoder {
+ public:
+  using Buffer = Buf;
+
+  explicit FakeEncoder(uint64_t seed) : seed_(seed) {}
+
+  Buffer temporary(int64_t elements, Element type) {
+    if (elements <= 0) {
+      throw std::runtime_error("a workspace of " + std::to_string(elements) + " elements");
+    }
+    if (type == Element::Float32) {
+      auto g = std::make_unique<Guarded<float>>(nullptr, size_t(elements), poison<float>());
+      Buf b = buf(*g);
+      workspaces_.push_back(std::move(g));
+      return b;
+    }
+    auto g = std::make_unique<Guarded<int32_t>>(nullptr, size_t(elements), poison<int32_t>());
+    Buf b = buf(*g);
+    workspaces_.push_back(std::move(g));
+    return b;
   }
-  simt::launch({1, 1, 1}, uint(threads), seed, [&](const simt::ThreadIds& id) {
-    fn(x, t, out, K, t_stride, id.tid, id.threads, id.sg, id.simdgroups, id.lane);
-  });
+
+  void set_kernel(const std::string& name) {
+    kernel_ = name;
+    slots_.clear();
+  }
+
+  int max_threads_per_threadgroup() {
+    return kMaxThreadsPerThreadgroup;
+  }
+
+  void set_input(const Buffer& b, int slot) {
+    bind(slot, Slot{Role::Input, b, {}});
+  }
+  void set_output(const Buffer& b, int slot) {
+    bind(slot, Slot{Role::Output, b, {}});
+  }
+  void set_int(int32_t v, int slot) {
+    bind(slot, Slot{Role::Bytes, {}, bytes(&v, sizeof(v))});
+  }
+  void set_int64(int64_t v, int slot) {
+    bind(slot, Slot{Role::Bytes, {}, bytes(&v, sizeof(v))});
+  }
+  void set_ints(const std::vector<int32_t>& v, int slot) {
+    bind(slot, Slot{Role::Bytes, {}, bytes(v.data(), v.size() * sizeof(int32_t))});
+  }
+  void set_int64s(const std::vector<int64_t>& v, int slot) {
+    bind(slot, Slot{Role::Bytes, {}, bytes(v.data(), v.size() * sizeof(int64_t))});
+  }
+
+  void dispatch(Size3 groups, Size3 threads) {
+    if (kernel_.empty()) {
+      throw std::runtime_error("dispatch without a kernel");
+    }
+    if (threads.y != 1 || threads.z != 1 || threads.x < 1 || threads.x > kMaxThreadsPerThreadgroup) {
+      throw std::runtime_error(kernel_ + ": threadgroup of " + std::to_string(threads.x) + "x" +
+                               std::to_string(threads.y) + "x" + std::to_string(threads.z) + " threads");
+    }
+    if (groups.x < 1 || groups.y < 1 || groups.z < 1) {
+      throw std::runtime_error(kernel_ + ": an empty grid");
+    }
+    log_ += kernel_ + " grid=" + std::to_string(groups.x) + "," + std::to_string(groups.y) + "," +
+        std::to_string(groups.z) + " threads=" + std::to_string(threads.x) + "\n";
+    used_.clear();
+    run(uint3{uint(groups.x), uint(groups.y), uint(groups.z)}, uint(threads.x));
+    for (const auto& [slot, _] : slots_) {
+      if (!used_.count(slot)) {
+        throw std::runtime_error(kernel_ + ": slot " + std::to_string(slot) + " is bound but the kernel has none");
+      }
+    }
+    for (size_t i = 0; i < workspaces_.size(); ++i) {
+      workspaces_[i]->check("workspace " + std::to_string(i));
+    }
+  }
+
+  const std::string& log() const {
+    return log_;
+  }
+
+ private:
+  enum class Role { Input, Output, Bytes };
+  struct Slot {
+    Role role;
+    Buf buffer;
+    std::vector<unsigned char> data;
+  };
+
+  static std::vector<unsigned char> bytes(const void* p, size_t n) {
+    auto c = static_cast<const unsigned char*>(p);
+    return std::vector<unsigned char>(c, c + n);
+  }
+
+  void bind(int slot, Slot s) {
+    if (kernel_.empty()) {
+      throw std::runtime_error("binding slot " + std::to_string(slot) + " before choosing a kernel");
+    }
+    slots_[slot] = std::move(s);
+  }
+
+  const Slot& slot(int i, Role role) {
+    auto it = slots_.find(i);
+    if (it == slots_.end()) {
+      throw std::runtime_error(kernel_ + ": nothing bound to slot " + std::to_string(i));
+    }
+    if (it->second.role != role) {
+      static const char* names[] = {"an input buffer", "an output buffer", "constant bytes"};
+      throw std::runtime_error(kernel_ + ": slot " + std::to_string(i) + " is bound as " +
+                               names[int(it->second.role)] + ", the kernel takes " + names[int(role)]);
+    }
+    used_.insert(i);
+    return it->second;
+  }
+
+  // A buffer argument of element type T (`any_type`: a slot the kernel never reads).
+  template <typename T>
+  T* buffer(int i, Role role, bool any_type = false) {
+    const Slot& s = slot(i, role);
+    if (!any_type && s.buffer.tag != tag_of<T>()) {
+      throw std::runtime_error(kernel_ + ": slot " + std::to_string(i) + " holds " + tag_name(s.buffer.tag) +
+                               ", the kernel reads " + tag_name(tag_of<T>()));
+    }
+    return static_cast<T*>(s.buffer.ptr);
+  }
+
+  template <typename T>
+  const T& constant(int i) {
+    const Slot& s = slot(i, Role::Bytes);
+    if (s.data.size() != sizeof(T)) {
+      throw std::runtime_error(kernel_ + ": slot " + std::to_string(i) + " holds " + std::to_string(s.data.size()) +
+                               " bytes, the kernel takes " + std::to_string(sizeof(T)));
+    }
+    return *reinterpret_cast<const T*>(s.data.data());
+  }
+
+  template <typename T>
+  const T* constants(int i, size_t count) {
+    const Slot& s = slot(i, Role::Bytes);
+    if (s.data.size() != count * sizeof(T)) {
+      throw std::runtime_error(kernel_ + ": slot " + std::to_string(i) + " holds " + std::to_string(s.data.size()) +
+                               " bytes, the kernel reads " + std::to_string(count * sizeof(T)));
+    }
+    return reinterpret_cast<const T*>(s.data.data());
+  }
+
+  template <typename F>
+  void with_type(const std::string& type, F&& f) {
+    if (type == "float32") {
+      f.template operator()<float>();
+    } else if (type == "float16") {
+      f.template operator()<half>();
+    } else if (type == "bfloat16") {
+      f.template operator()<bfloat>();
+    } else {
+      throw std::runtime_error("unknown kernel " + kernel_);
+    }
+  }
+
+  void run(uint3 grid, uint threads) {
+    const std::string& k = kernel_;
+    if (starts_with(k, "zigzag_gemv_reduce_")) {
+      with_type(k.substr(19), [&]<typename T>() {
+        auto fn = simt::kernel<ReduceKernel<T>>(k);
+        const float* partials = buffer<float>(0, Role::Input);
+        T* y = buffer<T>(1, Role::Output);
+        const int& N = constant<int>(2);
+        const int& splits = constant<int>(3);
+        const int& size = constant<int>(4);
+        simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) { fn(partials, y, N, splits, size, id.gid); });
+      });
+    } else if (starts_with(k, "zigzag_gemv_")) {
+      const bool sparse = starts_with(k, "zigzag_gemv_sparse_");
+      const std::string rest = k.substr(sparse ? 19 : 18);
+      with_type(rest.substr(0, rest.find('_')), [&]<typename T>() {
+        auto fn = simt::kernel<GemvKernel<T>>(k);
+        const T* x = buffer<T>(0, Role::Input);
+        const uint32_t* w = buffer<uint32_t>(1, Role::Input);
+        const T* scales = buffer<T>(2, Role::Input);
+        const T* biases = buffer<T>(3, Role::Input);
+        const int& K = constant<int>(7);
+        const int& N = constant<int>(8);
+        const int& listed = constant<int>(9);
+        // The dense walk and an empty list never read the list: any buffer may fill the slot.
+        const int32_t* active = buffer<int32_t>(4, Role::Input, !sparse || listed == 0);
+        T* y = buffer<T>(5, Role::Output);
+        float* partials = buffer<float>(6, Role::Output, grid.y == 1); // unused with one split
+        simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
+          fn(x, w, scales, biases, sparse ? active : nullptr, y, partials, K, N, listed, id.tg, id.tgs, id.tid,
+             id.sg, id.lane);
+        });
+      });
+    } else if (starts_with(k, "collect_active_")) {
+      with_type(k.substr(15), [&]<typename T>() {
+        auto fn = simt::kernel<CollectKernel<T>>(k);
+        const T* x = buffer<T>(0, Role::Input);
+        const float* t = buffer<float>(1, Role::Input);
+        int32_t* out = buffer<int32_t>(2, Role::Output);
+        const int& K = constant<int>(3);
+        const int& t_stride = constant<int>(4);
+        if (grid.x != 1 || grid.y != 1 || grid.z != 1) {
+          throw std::runtime_error(k + ": the collection runs as one threadgroup");
+        }
+        simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
+          fn(x, t, out, K, t_stride, id.tid, id.threads, id.sg, id.simdgroups, id.lane);
+        });
+      });
+    } else if (starts_with(k, "copy_to_contiguous_")) {
+      auto copy = [&]<typename T>() {
+        auto fn = simt::kernel<CopyKernel<T>>(k);
+        const T* src = buffer<T>(0, Role::Input);
+        T* dst = buffer<T>(1, Role::Output);
+        const int& ndim = constant<int>(4);
+        const int* shape = constants<int>(2, size_t(ndim));
+        const int64_t* strides = constants<int64_t>(3, size_t(ndim));
+        const int64_t& size = constant<int64_t>(5);
+        simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
+          fn(src, dst, shape, strides, ndim, size, id.gid);
+        });
+      };
+      if (k == "copy_to_contiguous_16") {
+        copy.operator()<uint16_t>();
+      } else if (k == "copy_to_contiguous_32") {
+        copy.operator()<uint32_t>();
+      } else {
+        throw std::runtime_error("unknown kernel " + k);
+      }
+    } else {
+      throw std::runtime_error("unknown kernel " + k);
+    }
+  }
+
+  uint64_t seed_;
+  std::string kernel_;
+  std::map<int, Slot> slots_;
+  std::set<int> used_;
+  std::deque<std::unique_ptr<GuardedBase>> workspaces_;
+  std::string log_;
+};
+
+// The dispatches of the last call, for the tests.
+std::string last_log;
+
+int report(const std::exception& e, char* err, int err_len) {
+  std::snprintf(err, size_t(err_len), "%s", e.what());
+  return 1;
+}
+
+template <typename F>
+int with_type(const std::string& type, F&& f) {
+  if (type == "float32") {
+    f.template operator()<float>();
+  } else if (type == "float16") {
+    f.template operator()<half>();
+  } else if (type == "bfloat16") {
+    f.template operator()<bfloat>();
+  } else {
+    throw std::runtime_error("unknown type " + type);
+  }
+  return 0;
 }
 
 struct GemvArgs {
@@ -96,68 +424,46 @@ void gemv(const std::string& type, const GemvArgs& a) {
   Guarded<uint32_t> w(a.w, size_t(bands) * a.K * words, 0xffffffffu);
   Guarded<T> scales(a.scales, size_t(bands) * a.K, nan);
   Guarded<T> biases(a.biases, size_t(bands) * a.K, nan);
-
-  // The active list. Index lists are guarded by column 0, so reading past their end changes y.
-  const bool sparse = a.kind != 0;
-  int listed = 0;
-  Guarded<int32_t> list(nullptr, 0, 0);
-  if (a.kind == 1) {
-    list = Guarded<int32_t>(a.active, a.active_len, 0);
-    listed = a.active_len;
-  } else if (a.kind == 2) {
-    list = Guarded<int32_t>(a.active, a.K + 1, 0);
-    listed = -1;
-  } else if (a.kind == 3) {
-    // Threshold: collect into a temporary packed list on the device, then walk it.
-    Guarded<float> t(a.active, a.active_len, NAN);
-    Guarded<int32_t> collected(nullptr, a.K + 1, poison<int32_t>());
-    encode_collect<T>(type, x.ptr(), t.ptr(), a.active_len == 1 ? 0 : 1, a.K, 0, collected.ptr(), a.seed);
-    collected.check("the collected list");
-    list = Guarded<int32_t>(collected.ptr(), a.K + 1, 0);
-    listed = -1;
-  }
-
-  const int max_entries = a.kind == 1 ? a.active_len : a.K;
-  const int splits = a.splits > 0 ? a.splits : gemv_splits(max_entries);
   Guarded<T> y(nullptr, size_t(a.M) * a.N, poison<T>());
-  Guarded<float> partials(nullptr, splits > 1 ? size_t(a.M) * splits * a.N : 0, poison<float>());
+  // Index lists are guarded by column 0, so reading past their end changes y; thresholds by NaN.
+  Guarded<int32_t> list(a.kind == 1 || a.kind == 2 ? a.active : nullptr,
+                        a.kind == 1 ? size_t(a.active_len) : a.kind == 2 ? size_t(a.K) + 1 : 0, 0);
+  Guarded<float> thresholds(a.kind == 3 ? a.active : nullptr, a.kind == 3 ? size_t(a.active_len) : 0, NAN);
 
-  auto fn = simt::kernel<GemvKernel<T>>(names::zigzag_gemv(sparse, type, a.bits, a.gs));
-  const int32_t* active = sparse ? list.ptr() : nullptr; // the dense walk never reads it
-  simt::launch({uint(bands), uint(splits), uint(a.M)}, kGemvThreads, a.seed, [&](const simt::ThreadIds& id) {
-    fn(x.ptr(), w.ptr(), scales.ptr(), biases.ptr(), active, y.ptr(), partials.ptr(), a.K, a.N, listed,
-       id.tg, id.tgs, id.tid, id.sg, id.lane);
-  });
-  if (splits > 1) {
-    partials.check("the per-split partials");
-    auto reduce = simt::kernel<ReduceKernel<T>>(names::zigzag_gemv_reduce(type));
-    const int size = a.M * a.N;
-    const uint groups = uint((size + kElementwiseThreads - 1) / kElementwiseThreads);
-    simt::launch({groups, 1, 1}, kElementwiseThreads, a.seed, [&](const simt::ThreadIds& id) {
-      reduce(partials.ptr(), y.ptr(), a.N, splits, size, id.gid);
-    });
+  FakeEncoder enc(a.seed);
+  spqt::metal::Gemv<Buf> g{
+      .type = type,
+      .bits = a.bits,
+      .group_size = a.gs,
+      .M = a.M,
+      .N = a.N,
+      .K = a.K,
+      .kind = spqt::ActiveKind(a.kind),
+      .x = buf(x),
+      .w = buf(w),
+      .scales = buf(scales),
+      .biases = buf(biases),
+      .y = buf(y),
+      .active = std::nullopt,
+      .active_len = 0,
+      .splits = a.splits,
+  };
+  if (a.kind == 1 || a.kind == 2) {
+    g.active = buf(list);
+    g.active_len = a.kind == 1 ? a.active_len : a.K + 1;
+  } else if (a.kind == 3) {
+    g.active = buf(thresholds);
+    g.active_len = a.active_len;
   }
+  try {
+    spqt::metal::encode_gemv(enc, g);
+  } catch (...) {
+    last_log = enc.log();
+    throw;
+  }
+  last_log = enc.log();
   y.check("y");
   y.copy_to(a.y);
-}
-
-int report(const std::exception& e, char* err, int err_len) {
-  std::snprintf(err, size_t(err_len), "%s", e.what());
-  return 1;
-}
-
-template <typename F>
-int with_type(const std::string& type, F&& f) {
-  if (type == "float32") {
-    f.template operator()<float>();
-  } else if (type == "float16") {
-    f.template operator()<half>();
-  } else if (type == "bfloat16") {
-    f.template operator()<bfloat>();
-  } else {
-    throw std::runtime_error("unknown type " + type);
-  }
-  return 0;
 }
 
 } // namespace
@@ -185,7 +491,9 @@ int spqt_emu_collect_active(const char* type, const void* x, const float* thresh
       Guarded<T> xg(x, K, T(NAN));
       Guarded<float> t(threshold, t_len, NAN);
       Guarded<int32_t> o(nullptr, K + 1, poison<int32_t>());
-      encode_collect<T>(type, xg.ptr(), t.ptr(), t_len == 1 ? 0 : 1, K, threads, o.ptr(), seed);
+      FakeEncoder enc(seed);
+      spqt::metal::encode_collect(enc, buf(xg), buf(t), buf(o), type, K, t_len != 1, threads);
+      last_log = enc.log();
       o.check("the collected list");
       o.copy_to(out);
     });
@@ -207,11 +515,11 @@ int spqt_emu_copy_to_contiguous(int itemsize, const void* src, int64_t src_len, 
       }
       Guarded<T> s(src, size_t(src_len), poison<T>());
       Guarded<T> d(nullptr, size_t(size), T(0x5a5a));
-      auto fn = simt::kernel<CopyKernel<T>>(names::copy_to_contiguous(int(sizeof(T))));
-      const uint groups = uint((size + kElementwiseThreads - 1) / kElementwiseThreads);
-      simt::launch({groups, 1, 1}, kElementwiseThreads, seed, [&](const simt::ThreadIds& id) {
-        fn(s.ptr() + offset, d.ptr(), shape, strides, ndim, size, id.gid);
-      });
+      FakeEncoder enc(seed);
+      Buf view{s.ptr() + offset, tag_of<T>()};
+      spqt::metal::encode_copy_to_contiguous(enc, view, buf(d), itemsize, std::vector<int32_t>(shape, shape + ndim),
+                                             std::vector<int64_t>(strides, strides + ndim));
+      last_log = enc.log();
       d.check("the copy");
       d.copy_to(dst);
     };
@@ -228,9 +536,11 @@ int spqt_emu_copy_to_contiguous(int itemsize, const void* src, int64_t src_len, 
   }
 }
 
-} // extern "C"
-
-extern "C" {
+// The dispatches of the last call: one "kernel grid=x,y,z threads=n" line each.
+int spqt_emu_last_dispatches(char* out, int out_len) {
+  std::snprintf(out, size_t(out_len), "%s", last_log.c_str());
+  return int(last_log.size());
+}
 
 // Runs one of the emulator's self-check kernels (selfcheck.metal) on one threadgroup.
 int spqt_emu_selfcheck(const char* name, int threads, uint64_t seed, float* out, int out_len, char* err,

@@ -1,0 +1,172 @@
+// What the Metal host code decides, in plain C++: kernel names, buffer and constant slots, grid and
+// threadgroup sizes, split counts and workspace sizes. Two encoders run it:
+//  * dispatch/metal.cpp, through a thin adapter over MLX's Metal command encoder (on a Mac);
+//  * the emulator tests (tests/metal/emulator/harness.cpp), through a fake that records each
+//    dispatch and runs it on the SIMT emulator with the buffers as bound here,
+// so a wrong slot, size or split in this file fails the emulated tests.
+//
+// An encoder `E` provides:
+//   using Buffer = ...;                                  // a handle to device memory
+//   Buffer temporary(int64_t elements, Element type);    // workspace alive until the work completes
+//   void set_kernel(const std::string& name);            // the pipeline for the next dispatch
+//   int max_threads_per_threadgroup();                   // of that pipeline
+//   void set_input(const Buffer&, int slot);             // [[buffer(slot)]] the kernel reads
+//   void set_output(const Buffer&, int slot);            // [[buffer(slot)]] the kernel writes
+//   void set_int(int32_t, int slot);                     // constant int&
+//   void set_int64(int64_t, int slot);                   // constant int64_t&
+//   void set_ints(const std::vector<int32_t>&, int slot);
+//   void set_int64s(const std::vector<int64_t>&, int slot);
+//   void dispatch(Size3 threadgroups, Size3 threads_per_threadgroup);
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../kernels/contract.h"
+#include "../kernels/metal/kernel_names.h"
+#include "../kernels/metal/params.h"
+
+namespace spqt::metal {
+
+struct Size3 {
+  int64_t x = 1, y = 1, z = 1;
+};
+
+// Element types of the workspaces the encoding asks for.
+enum class Element { Float32, Int32 };
+
+inline Size3 groups_for(int64_t elements, int threads) {
+  return {(elements + threads - 1) / threads, 1, 1};
+}
+
+// Copies a strided view (element `strides`, possibly negative or zero, first element at `src`)
+// into the row-contiguous `out`. Elements are moved by bit pattern: 2 or 4 bytes.
+template <class E>
+void encode_copy_to_contiguous(E& e, const typename E::Buffer& src, const typename E::Buffer& out, int itemsize,
+                               const std::vector<int32_t>& shape, const std::vector<int64_t>& strides) {
+  using namespace metal_params;
+  if (itemsize != 2 && itemsize != 4) {
+    throw std::invalid_argument("[spqt] unexpected element size for a Metal input.");
+  }
+  int64_t size = 1;
+  for (int32_t n : shape) {
+    size *= n;
+  }
+  e.set_kernel(metal_kernels::copy_to_contiguous(itemsize));
+  e.set_input(src, 0);
+  e.set_output(out, 1);
+  e.set_ints(shape, 2);
+  e.set_int64s(strides, 3);
+  e.set_int(int32_t(shape.size()), 4);
+  e.set_int64(size, 5);
+  e.dispatch(groups_for(size, kElementwiseThreads), {kElementwiseThreads, 1, 1});
+}
+
+// out (K + 1,) int32 = [n, ascending active k..., unspecified...] for x of K elements of `type`
+// ("float32", "float16", "bfloat16"); `threshold` holds one float32, or K when `per_column`.
+// `threads` > 0 overrides the threadgroup size (tests exercise other sizes with it).
+template <class E>
+void encode_collect(E& e, const typename E::Buffer& x, const typename E::Buffer& threshold,
+                    const typename E::Buffer& out, const std::string& type, int K, bool per_column,
+                    int threads = 0) {
+  using namespace metal_params;
+  e.set_kernel(metal_kernels::collect_active(type));
+  if (threads <= 0) {
+    // One threadgroup scans x in chunks of its size: as large as the pipeline allows, in whole
+    // simdgroups, and no larger than x needs.
+    const int max_threads = std::min(kCollectMaxThreads, e.max_threads_per_threadgroup()) / kSimdSize * kSimdSize;
+    threads = std::min(max_threads, (K + kSimdSize - 1) / kSimdSize * kSimdSize);
+  }
+  e.set_input(x, 0);
+  e.set_input(threshold, 1);
+  e.set_output(out, 2);
+  e.set_int(K, 3);
+  e.set_int(per_column ? 1 : 0, 4);
+  e.dispatch({1, 1, 1}, {threads, 1, 1});
+}
+
+// The operands of one zigzag GEMV: y (M, N) = x (M, K) @ W.T over the active columns.
+template <class Buffer>
+struct Gemv {
+  std::string type;  // of x, scales, biases and y: "float32", "float16" or "bfloat16"
+  int bits, group_size;
+  int M, N, K;
+  ActiveKind kind;
+  Buffer x, w, scales, biases, y;
+  // Indices: the int32 list (`active_len` entries); Packed: the (K + 1,) list; Threshold: float32
+  // thresholds (`active_len` 1 or K). Unused for Dense.
+  std::optional<Buffer> active;
+  int active_len = 0;
+  int splits = 0;  // > 0 overrides the split policy (tests exercise other geometries with it)
+};
+
+template <class E>
+void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
+  using namespace metal_params;
+  using Buffer = typename E::Buffer;
+  // The active list the kernel walks. listed >= 0: a plain list of that length; < 0: count-prefixed.
+  // A threshold is collected on the device into a workspace list first: no host round-trip.
+  std::optional<Buffer> list;
+  int listed = 0;
+  switch (g.kind) {
+    case ActiveKind::Dense:
+      break;
+    case ActiveKind::Indices:
+      list = g.active;
+      listed = g.active_len;
+      break;
+    case ActiveKind::Packed:
+      list = g.active;
+      listed = -1;
+      break;
+    case ActiveKind::Threshold:
+      list = e.temporary(int64_t(g.K) + 1, Element::Int32);
+      encode_collect(e, g.x, *g.active, *list, g.type, g.K, g.active_len != 1);
+      listed = -1;
+      break;
+  }
+  const bool sparse = g.kind != ActiveKind::Dense;
+  if (sparse && !list) {
+    throw std::invalid_argument("[spqt] a sparse zigzag GEMV needs its active columns.");
+  }
+
+  // Split the walk over several threadgroups per band when it is long, then add the partials.
+  const int splits = g.splits > 0 ? g.splits : gemv_splits(g.kind == ActiveKind::Indices ? listed : g.K);
+  std::optional<Buffer> partials;
+  if (splits > 1) {
+    partials = e.temporary(int64_t(g.M) * splits * g.N, Element::Float32);
+  }
+
+  e.set_kernel(metal_kernels::zigzag_gemv(sparse, g.type, g.bits, g.group_size));
+  e.set_input(g.x, 0);
+  e.set_input(g.w, 1);
+  e.set_input(g.scales, 2);
+  e.set_input(g.biases, 3);
+  // Unused slots (dense walk, empty list, single split) are bound to a valid buffer all the same.
+  const bool has_list = list && !(g.kind == ActiveKind::Indices && listed == 0);
+  e.set_input(has_list ? *list : g.x, 4);
+  e.set_output(g.y, 5);
+  e.set_output(partials ? *partials : g.y, 6);
+  e.set_int(g.K, 7);
+  e.set_int(g.N, 8);
+  e.set_int(listed, 9);
+  e.dispatch({g.N / g.group_size, splits, g.M}, {kGemvThreads, 1, 1});
+
+  if (splits > 1) {
+    // Second pass: add the per-split partials in a fixed order (deterministic results).
+    const int size = g.M * g.N;
+    e.set_kernel(metal_kernels::zigzag_gemv_reduce(g.type));
+    e.set_input(*partials, 0);
+    e.set_output(g.y, 1);
+    e.set_int(g.N, 2);
+    e.set_int(splits, 3);
+    e.set_int(size, 4);
+    e.dispatch(groups_for(size, kElementwiseThreads), {kElementwiseThreads, 1, 1});
+  }
+}
+
+} // namespace spqt::metal
