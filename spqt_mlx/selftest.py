@@ -1,15 +1,25 @@
 """Checks the GPU kernels against the CPU reference and times them: ``python -m spqt_mlx.selftest``.
 
 On a Mac every op runs on the GPU stream and on the CPU stream (all bits x group sizes x dtypes;
-dense, index lists, packed lists and fused thresholds; several rows), the largest relative difference
-is reported per dtype, and the GPU path is timed on a 4096x4096 4-bit layer against
-``mx.quantized_matmul``. Without a GPU backend only the CPU path is checked, against a float64
-reference. Exits 1 if a check fails.
+dense, index lists, packed lists and fused thresholds; several rows), and the largest relative
+difference is reported per dtype. Then it measures, against MLX's own kernels in the same run:
+
+* the GEMV: µs per chained call of ``mx.quantized_matmul`` and of the zigzag GEMV (dense, and at
+  50 % and 25 % of the columns, given and collected in the kernel) on Llama-sized 4-bit layers;
+* decoding: tokens per second of the default model (SmolLM2-135M) as mlx-lm's 4-bit model and as
+  the zigzag 4-bit model with sparsity off and at 50 %.
+
+``--json FILE`` writes everything (device, versions, date) to send back. Without a GPU backend only
+the CPU path is checked, against a float64 reference (``--timing-on-cpu`` times the CPU anyway,
+for testing the benchmark itself: those numbers mean nothing). Exits 1 if a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import platform
 import sys
 import time
 
@@ -93,45 +103,110 @@ def check_ops(devices, N=256, K=1000, seed=0):
     return worst, collect_ok
 
 
-def time_gpu(repeats=200, rounds=3, K=4096, bits=4, gs=64):
-    """µs per call of chained GEMVs (each call consumes the previous output), best of ``rounds``."""
-    rng = np.random.default_rng(1)
-    w = mx.array((rng.normal(size=(K, K)) / np.sqrt(K)).astype(np.float32)).astype(mx.float16)
-    q = zigzag_quantize(w, gs, bits)
-    wq, sc, bi = mx.quantize(w, group_size=gs, bits=bits)
-    x0 = mx.array(rng.normal(size=(1, K)).astype(np.float32)).astype(mx.float16)
-    t = mx.array(float(np.median(np.abs(np.array(x0.astype(mx.float32))))), dtype=mx.float32)
-    idx = mx.array(rng.permutation(K)[: K // 2].astype(np.int32))
-    mx.eval(q.weight, q.scales, q.biases, wq, sc, bi, x0, idx)
+# Layer shapes (out, in) of the GEMV table: Llama-3-8B's attention and MLP, and a small one.
+GEMV_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096))
+QUICK_GEMV_SHAPES = ((512, 256),)
 
-    variants = {
-        "mx.quantized_matmul (dense)": lambda x: mx.quantized_matmul(x, wq, sc, bi, transpose=True, group_size=gs, bits=bits),
-        "zigzag_gemv dense": lambda x: zigzag_gemv(x, q),
-        "zigzag_gemv 50% (index list)": lambda x: zigzag_gemv(x, q, indices=idx),
-        "zigzag_gemv ~50% (fused threshold)": lambda x: zigzag_gemv(x, q, indices=collect_active(x, t)),
-    }
-    results = {}
-    for name, op in variants.items():
-        y = x0
-        for _ in range(10):
-            y = op(y)
+
+def chained_us(op, x0, repeats: int, rounds: int) -> float:
+    """µs per call of ``op`` chained as decoding runs it (each call waits for the previous one's
+    output), best of ``rounds``."""
+
+    def chain(n):
+        y = op(x0)
+        for _ in range(n - 1):
+            y = op(mx.depends(x0, y))
         mx.eval(y)
-        best = float("inf")
-        for _ in range(rounds):
-            y = x0
-            start = time.perf_counter()
-            for _ in range(repeats):
-                y = op(y)
-            mx.eval(y)
-            best = min(best, (time.perf_counter() - start) / repeats * 1e6)
-        results[name] = best
-    return results
+
+    chain(5)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        chain(repeats)
+        best = min(best, (time.perf_counter() - start) / repeats * 1e6)
+    return best
+
+
+def time_gemv(shapes=GEMV_SHAPES, repeats=200, rounds=3, bits=4, gs=64) -> list[dict]:
+    """Rows ``{shape, variant, density, us}``: MLX's quantized matmul and the zigzag GEMV, float16."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for N, K in shapes:
+        w = mx.array((rng.normal(size=(N, K)) / np.sqrt(K)).astype(np.float32)).astype(mx.float16)
+        q = zigzag_quantize(w, gs, bits)
+        wq, sc, bi = mx.quantize(w, group_size=gs, bits=bits)
+        x0 = mx.array(rng.normal(size=(1, K)).astype(np.float32)).astype(mx.float16)
+        mx.eval(q.weight, q.scales, q.biases, wq, sc, bi, x0)
+
+        def add(variant, density, op):
+            rows.append({"shape": f"{N}x{K}", "variant": variant, "density": density,
+                         "us": chained_us(op, x0, repeats, rounds)})
+
+        add("mx.quantized_matmul", 1.0,
+            lambda x: mx.quantized_matmul(x, wq, sc, bi, transpose=True, group_size=gs, bits=bits))
+        add("zigzag dense", 1.0, lambda x: zigzag_gemv(x, q))
+        xs = np.abs(np.array(x0.astype(mx.float32)))[0]
+        for density in (0.5, 0.25):
+            idx = mx.array(np.sort(rng.permutation(K)[: int(K * density)]).astype(np.int32))
+            # On the device, as in a patched model (a Python float would cost a copy per call).
+            t = mx.array(float(np.quantile(xs, 1 - density)), dtype=mx.float32)
+            mx.eval(idx, t)
+            add("zigzag given indices", density, lambda x, idx=idx: zigzag_gemv(x, q, indices=idx))
+            add("zigzag collect+sparse", density, lambda x, t=t: zigzag_gemv(x, q, indices=collect_active(x, t)))
+    return rows
+
+
+def time_decode(model="smollm2", tokens=64, prompt="Explain why the sky is blue.") -> list[dict]:
+    """Rows ``{model, sparsity, decode_tps, prefill_tps}``: mlx-lm's 4-bit model and the zigzag
+    4-bit model (sparsity 0 and 0.5, calibrated on self-generated text) of the default model."""
+    import mlx.nn as nn
+    from mlx_lm import stream_generate
+    from mlx_lm.utils import load
+
+    from .calibrate import sparsify
+    from .patch import patch_model
+    from .sources import resolve_short_name
+    from .texts import calibration_tokens
+
+    path = resolve_short_name(model)
+
+    def run(net, tokenizer):
+        for _ in stream_generate(net, tokenizer, prompt, max_tokens=4):  # warm-up
+            pass
+        last = None
+        for last in stream_generate(net, tokenizer, prompt, max_tokens=tokens):
+            pass
+        return last.generation_tps, last.prompt_tps
+
+    rows = []
+    net, tokenizer = load(path)
+    nn.quantize(net, group_size=64, bits=4)
+    decode, prefill = run(net, tokenizer)
+    rows.append({"model": "mlx-lm 4-bit (nn.QuantizedLinear)", "sparsity": 0.0, "decode_tps": decode,
+                 "prefill_tps": prefill})
+    del net
+    net, tokenizer = load(path)
+    cal, _ = calibration_tokens(net, tokenizer, n_tokens=128, progress=False)
+    patch_model(net, group_size=64, bits=4)
+    for sparsity in (0.0, 0.5):
+        sparsify(net, cal, sparsity, progress=False)
+        decode, prefill = run(net, tokenizer)
+        rows.append({"model": "zigzag 4-bit", "sparsity": sparsity, "decode_tps": decode, "prefill_tps": prefill})
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-timing", action="store_true", help="only check correctness")
+    parser.add_argument("--json", help="write the results (device, versions, date, checks, timings) here")
+    parser.add_argument("--model", default="smollm2", help="model of the decode comparison (default: smollm2)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens per timed generation (default 64)")
+    parser.add_argument("--quick", action="store_true", help="a small layer and 8 decode tokens (for testing)")
+    parser.add_argument("--timing-on-cpu", action="store_true",
+                        help="time the CPU when there is no GPU (tests the benchmark; the numbers mean nothing)")
     args = parser.parse_args(argv)
+    if args.decode_tokens < 1:
+        parser.error(f"--decode-tokens must be positive, got {args.decode_tokens}.")
 
     gpu = gpu_available()
     if gpu:
@@ -152,15 +227,44 @@ def main(argv=None) -> int:
     if len(devices) > 1:
         print(f"collect_active: {'identical on both streams' if collect_ok else 'DIFFERS between the streams'}")
 
-    if gpu and not args.no_timing:
-        results = time_gpu()
-        base = results["mx.quantized_matmul (dense)"]
-        print("\n4096x4096, 4 bits, group size 64, float16, one token (µs per call, chained):")
-        print(f"{'op':<36} {'µs':>8} {'speedup':>8}")
-        for name, us in results.items():
-            print(f"{name:<36} {us:>8.1f} {base / us:>7.2f}x")
+    gemv_rows, decode_rows = [], []
+    if (gpu or args.timing_on_cpu) and not args.no_timing:
+        if not gpu:
+            print("\nTiming the CPU (--timing-on-cpu): these numbers are not performance claims.")
+        shapes = QUICK_GEMV_SHAPES if args.quick else GEMV_SHAPES
+        gemv_rows = time_gemv(shapes, repeats=20 if args.quick else 200, rounds=1 if args.quick else 3)
+        print("\nGEMV, 4 bits, group size 64, float16, one token (µs per chained call; speedup over MLX):")
+        print(f"{'shape':<12} {'op':<26} {'density':>7} {'µs':>8} {'speedup':>8}")
+        base = {r["shape"]: r["us"] for r in gemv_rows if r["variant"] == "mx.quantized_matmul"}
+        for r in gemv_rows:
+            print(f"{r['shape']:<12} {r['variant']:<26} {r['density']:>7.2f} {r['us']:>8.1f} "
+                  f"{base[r['shape']] / r['us']:>7.2f}x")
+        decode_rows = time_decode(args.model, 8 if args.quick else args.decode_tokens)
+        print(f"\nDecode, {args.model} (tokens per second; speedup over mlx-lm 4-bit):")
+        base_tps = decode_rows[0]["decode_tps"]
+        for r in decode_rows:
+            print(f"{r['model']:<34} sparsity {r['sparsity']:.2f} {r['decode_tps']:>9.1f} "
+                  f"{r['decode_tps'] / base_tps:>7.2f}x")
 
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
+    if args.json:
+        from importlib.metadata import version
+
+        from .files import atomic_write_text
+
+        results = {
+            "device": mx.device_info() if gpu else {"device": "cpu"},
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "versions": {"mlx": mx.__version__, "mlx-lm": version("mlx-lm"), "spqt-mlx": version("spqt-mlx")},
+            "date": datetime.date.today().isoformat(),
+            "timed_on": "gpu" if gpu else ("cpu" if gemv_rows else None),
+            "checks": {"passed": bool(ok), "max_rel_error": worst, "collect_identical": bool(collect_ok)},
+            "gemv": gemv_rows,
+            "decode": decode_rows,
+        }
+        atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
+        print(f"results written to {args.json}")
     return 0 if ok else 1
 
 
