@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "mlx/allocator.h"
+#include "mlx/ops.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/backend/cuda/cuda.h"
 
@@ -76,6 +77,61 @@ std::vector<mx::Shape> ZigzagGemv::output_shapes(const std::vector<mx::array>& i
   auto shape = inputs[0].shape();
   shape.back() = inputs[1].shape(0) * group_size_;
   return {shape};
+}
+
+std::vector<mx::array> ZigzagGemv::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  for (int a : argnums) {
+    if (a != 0) {
+      throw std::invalid_argument(
+          "[zigzag_gemv] only x has a gradient: the zigzag-quantized weight is not trainable "
+          "(freeze it, as nn.QuantizedLinear is).");
+    }
+  }
+  auto s = stream();
+  const auto& x = primals[0];
+  const auto& w = primals[1];
+  const int K = x.shape(-1);
+  const int bands = w.shape(0);
+  // dx = dy @ W. Band b is an MLX-quantized (K, group_size) matrix with one group per row, so
+  // dy_b @ W_b^T is MLX's quantized matmul with transpose=true, batched over the bands.
+  auto dy = mx::transpose(mx::reshape(cotangents[0], {-1, bands, group_size_}, s), {1, 0, 2}, s);
+  auto dx = mx::quantized_matmul(
+      dy, w, mx::expand_dims(primals[2], -1, s), mx::expand_dims(primals[3], -1, s), true, group_size_, bits_,
+      "affine", s);
+  dx = mx::sum(dx, 0, false, s); // (rows, K), float32 accumulation is MLX's
+  // Only the active columns took part: the others get no gradient, a column listed twice twice.
+  auto times_listed = [&](const mx::array& idx, const mx::array& valid) {
+    auto safe = mx::where(valid, idx, mx::array(0, mx::int32), s);
+    auto ones = mx::astype(valid, dx.dtype(), s);
+    return mx::scatter_add_axis(mx::zeros({K}, dx.dtype(), s), safe, ones, 0, s);
+  };
+  switch (kind_) {
+    case ActiveKind::Dense:
+      break;
+    case ActiveKind::Threshold:
+      dx = mx::where(mx::greater(mx::abs(mx::reshape(x, {-1, K}, s), s), primals[4], s), dx, mx::zeros_like(dx, s), s);
+      break;
+    case ActiveKind::Indices: {
+      const auto& idx = primals[4];
+      auto valid = mx::logical_and(mx::greater_equal(idx, mx::array(0), s), mx::less(idx, mx::array(K), s), s);
+      dx = mx::multiply(dx, times_listed(idx, valid), s);
+      break;
+    }
+    case ActiveKind::Packed: {
+      const auto& packed = primals[4];
+      auto n = mx::clip(mx::slice(packed, {0}, {1}, s), mx::array(0), mx::array(K), s);
+      auto idx = mx::slice(packed, {1}, {K + 1}, s);
+      auto listed = mx::less(mx::arange(K, mx::int32, s), n, s);
+      auto in_range = mx::logical_and(mx::greater_equal(idx, mx::array(0), s), mx::less(idx, mx::array(K), s), s);
+      dx = mx::multiply(dx, times_listed(idx, mx::logical_and(listed, in_range, s)), s);
+      break;
+    }
+  }
+  return {mx::astype(mx::reshape(dx, x.shape(), s), x.dtype(), s)};
 }
 
 void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {

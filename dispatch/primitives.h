@@ -25,6 +25,13 @@ class ZigzagGemv : public mx::UnaryPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  // The gradient with respect to x (what LoRA and other training over a frozen quantized model
+  // need); the quantized weight itself is not differentiable, as in MLX's quantized matmul.
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
   auto state() const {
     return std::make_tuple(group_size_, bits_, kind_);
   }

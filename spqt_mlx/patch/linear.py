@@ -8,7 +8,7 @@ import numbers
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..layout import ZigzagWeight, check_bits_group_size, check_float_dtype, zigzag_dequantize, zigzag_quantize
+from ..layout import FLOAT_DTYPES, ZigzagWeight, check_bits_group_size, check_float_dtype, zigzag_dequantize, zigzag_quantize
 from .. import _ext
 from ..ops import ActiveKind, collect_active, zigzag_matmul
 
@@ -71,6 +71,9 @@ class ZigzagLinear(nn.Module):
         self.threshold = threshold
         self._stats_on = False
         self._shared = None  # a SharedInputGroup once fuse_shared_inputs stacked this layer's weight
+        # Quantized weights are not trained (as in nn.QuantizedLinear); gradients still flow to x,
+        # so adapters (LoRA) train over a zigzag model.
+        self.freeze()
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -181,6 +184,12 @@ class ZigzagLinear(nn.Module):
         """The (output_dims, input_dims) matrix this layer multiplies by."""
         return zigzag_dequantize(self.qweight)
 
+    def to_lora(self, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        """A LoRA adapter over this layer: the hook mlx-lm's ``linear_to_lora_layers`` calls."""
+        from .lora import ZigzagLoRALinear
+
+        return ZigzagLoRALinear.from_base(self, r=r, dropout=dropout, scale=scale)
+
     def _extra_repr(self) -> str:
         return (
             f"input_dims={self.input_dims}, output_dims={self.output_dims}, bias={'bias' in self}, "
@@ -193,6 +202,10 @@ class ZigzagLinear(nn.Module):
         # Decode makes hundreds of these calls per token, so the path goes straight to the C++ op
         # (which validates its inputs) with dict lookups instead of Module attribute fallbacks:
         # about 1 us of host time per call instead of 6.
+        if x.dtype != self["scales"].dtype and x.dtype in FLOAT_DTYPES:
+            # nn.Linear and nn.QuantizedLinear promote a mixed call (float32 x, float16 layer:
+            # float32 y); the kernels take x in the layer's dtype.
+            return self(x.astype(self["scales"].dtype)).astype(mx.result_type(x.dtype, self["scales"].dtype))
         y = self._shared.product(self, x) if self._shared is not None else None
         if y is None:
             y = zigzag_product(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
