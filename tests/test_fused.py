@@ -120,3 +120,22 @@ def test_fuse_rejects_what_is_not_a_model():
         fuse_shared_inputs({"q_proj": 1})
     with pytest.raises(TypeError, match="sequence of module paths"):
         shared_input_groups("model.layers.0.self_attn.q_proj")
+
+
+def test_a_dtype_change_restacks_instead_of_keeping_a_stale_copy(monkeypatch):
+    """After set_dtype the group stacks the members' new parameters on its next call: the stacked
+    product stays in use, in the new dtype, and the old stacked arrays are released."""
+    model, fused = patched_pair(0.1)
+    assert fuse_shared_inputs(fused) > 0
+    group = fused.model.layers[0].self_attn.q_proj._shared
+    old = group.weight
+    for m in (model, fused):
+        m.set_dtype(mx.float16)
+    tokens = random_tokens(5, seed=8)
+    calls = gemv_calls(monkeypatch)
+    got = decode_logits(fused, tokens, 2)
+    assert group.enabled and group.scales.dtype == mx.float16 and group.weight is not old
+    # Stacked q/k/v (4 + 2 + 2 bands of 32 rows) and gate/up (8 + 8 bands) products ran.
+    assert (8, 128, 4) in calls and (16, 128, 4) in calls
+    np.testing.assert_allclose(got, decode_logits(model, tokens, 2), rtol=2e-2, atol=2e-2)
+    assert all(m["scales"].dtype == mx.float16 for m in zigzag_layers(fused).values())

@@ -50,22 +50,13 @@ class SharedInputGroup:
         first = layers[0]
         self.layers = list(layers)
         self.group_size, self.bits = first.group_size, first.bits
-        self.weight = mx.concatenate([m["weight"] for m in layers])
-        self.scales = mx.concatenate([m["scales"] for m in layers])
-        self.biases = mx.concatenate([m["biases"] for m in layers])
-        mx.eval(self.weight, self.scales, self.biases)
         self.bounds = []
         band = 0
         for m in layers:
             bands = m["weight"].shape[0]
             self.bounds.append((band * self.group_size, (band + bands) * self.group_size))
             band += bands
-        # The layers' parameters become views of the stacked arrays (their own copies are freed).
-        for m, (lo, hi) in zip(layers, self.bounds):
-            b0, b1 = lo // self.group_size, hi // self.group_size
-            m.weight, m.scales, m.biases = self.weight[b0:b1], self.scales[b0:b1], self.biases[b0:b1]
-            mx.eval(m.weight, m.scales, m.biases)
-        self._views = [(m["weight"], m["scales"], m["biases"]) for m in layers]
+        self._stack()
         self._split_at = [hi for _, hi in self.bounds[:-1]]
         self._index = {id(m): i for i, m in enumerate(layers)}  # by identity: modules compare as dicts
         self.enabled = True
@@ -73,6 +64,37 @@ class SharedInputGroup:
         self._x = None
         self._pending = 0
         self.thresholds_changed()
+
+    def _stack(self) -> None:
+        """Stack the members' current parameters; the members' parameters become views of the
+        stacked arrays (their own copies, and any earlier stack, are freed)."""
+        layers = self.layers
+        self.weight = mx.concatenate([m["weight"] for m in layers])
+        self.scales = mx.concatenate([m["scales"] for m in layers])
+        self.biases = mx.concatenate([m["biases"] for m in layers])
+        mx.eval(self.weight, self.scales, self.biases)
+        for m, (lo, hi) in zip(layers, self.bounds):
+            b0, b1 = lo // self.group_size, hi // self.group_size
+            m.weight, m.scales, m.biases = self.weight[b0:b1], self.scales[b0:b1], self.biases[b0:b1]
+            mx.eval(m.weight, m.scales, m.biases)
+        self._views = [(m["weight"], m["scales"], m["biases"]) for m in layers]
+
+    def _restack_if_changed(self) -> bool:
+        """Stack again when a member's parameters were replaced (``load_weights``, ``set_dtype``),
+        so the group never computes with a stale copy or keeps one alive. False if the members
+        no longer fit one stack (their dtypes or formats differ): then they run alone."""
+        if self.is_intact():
+            return True
+        first = self.layers[0]
+        if any(m.group_size != self.group_size or m.bits != self.bits or m["scales"].dtype != first["scales"].dtype
+               or m.input_dims != first.input_dims or m["weight"].shape[0] * m.group_size != hi - lo
+               for m, (lo, hi) in zip(self.layers, self.bounds)):
+            self.enabled = False
+            self.weight = self.scales = self.biases = None
+            self._views = []
+            return False
+        self._stack()
+        return True
 
     def thresholds_changed(self) -> None:
         """Called by a member's threshold setter: stacking needs one threshold for all."""
@@ -98,7 +120,7 @@ class SharedInputGroup:
                 self._x = self._pieces = None
                 return None
             owner = self._threshold_owner
-            if owner is None or not self.is_intact():
+            if owner is None or not self._restack_if_changed():
                 return None
             y = zigzag_product(x, self.weight, self.scales, self.biases, self.group_size, self.bits,
                                owner._threshold_value, owner["_threshold"])
