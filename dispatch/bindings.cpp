@@ -60,4 +60,7 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none());
 
   m.def("check_collect_active", &spqt::check_collect_active, "x"_a, "threshold"_a);
+  // Whether an array holds computed data already: checks that would evaluate a lazy array (and so
+  // materialize a model that was meant to stay lazy) run only on arrays for which this is true.
+  m.def("is_evaluated", [](const mx::array& a) { return a.is_available(); }, "a"_a);
 }

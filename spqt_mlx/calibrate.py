@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .layout import zigzag_dequantize
 from .patch.linear import ZigzagLinear
-from .patch.model import is_projection, set_thresholds, zigzag_layers
+from .patch.model import projections, set_thresholds, zigzag_layers
 
 METHODS = ("uniform", "greedy")
 
@@ -171,8 +171,7 @@ def _projection_paths(model: nn.Module) -> list[str]:
     zz = zigzag_layers(model)
     if zz:
         return list(zz)
-    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
-    return [p for p, m in leaves if is_projection(p, m) and isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    return projections(model)
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -70,11 +70,14 @@ def check_float_dtype(dtype, what: str) -> None:
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}.")
 
 
-def zigzag_quantize(w: mx.array, group_size: int = 64, bits: int = 4, *, stream=None) -> ZigzagWeight:
+def zigzag_quantize(w: mx.array, group_size: int = 64, bits: int = 4, *, lazy: bool = False, stream=None) -> ZigzagWeight:
     """Quantize ``w`` (N, K) into the zigzag layout.
 
     Each group is ``group_size`` consecutive output rows of one input column, quantized exactly as
     ``mx.quantize`` (affine mode) quantizes one group. N must be a multiple of ``group_size``.
+    Non-finite values raise a ValueError. With ``lazy`` (how layers are patched, like
+    ``nn.quantize``), a ``w`` that is not evaluated yet stays unevaluated: a non-finite value then
+    makes its group's scale NaN, so the outputs show it, instead of raising here.
     """
     if not isinstance(w, mx.array):
         raise TypeError(f"w must be an mx.array, got {type(w).__name__}.")
@@ -89,11 +92,18 @@ def zigzag_quantize(w: mx.array, group_size: int = 64, bits: int = 4, *, stream=
         raise ValueError(
             f"the zigzag layout groups output rows: N={N} must be a multiple of group_size={group_size}."
         )
-    if not mx.all(mx.isfinite(w), stream=stream).item():
-        # mx.quantize would turn them into finite codes and scales: a silently wrong layer.
+    # mx.quantize would turn NaN and inf into finite codes and scales: a silently wrong layer.
+    evaluated = not lazy or _ext.is_evaluated(w)
+    if evaluated and not mx.all(mx.isfinite(w), stream=stream).item():
         raise ValueError("w has non-finite values (NaN or inf); they cannot be quantized.")
     z = w.reshape(N // group_size, group_size, K).swapaxes(1, 2)
     wq, scales, biases = mx.quantize(z, group_size=group_size, bits=bits, stream=stream)
+    if not evaluated:
+        # A lazy weight (a model built or loaded lazily) is not evaluated here, which would
+        # materialize it: a non-finite value makes its group's scale NaN instead, so the layer's
+        # outputs show it.
+        finite = mx.all(mx.isfinite(z, stream=stream), axis=-1, keepdims=True, stream=stream)
+        scales = mx.where(finite, scales, mx.array(float("nan"), scales.dtype), stream=stream)
     return ZigzagWeight(wq, scales.squeeze(-1), biases.squeeze(-1), group_size, bits)
 
 

@@ -388,9 +388,22 @@ def test_patch_model_names_the_non_finite_layer_and_changes_nothing():
 
     block = mlp_block()
     block.mlp.down_proj.weight[0, 0] = float("nan")
+    mx.eval(block.parameters())  # loaded weights are evaluated
     with pytest.raises(ValueError, match="mlp.down_proj.*non-finite"):
         patch_model(block)
     assert isinstance(block.mlp.up_proj, nn.Linear) and isinstance(block.mlp.down_proj, nn.Linear)
+
+
+def test_a_lazy_non_finite_weight_shows_in_the_outputs():
+    """A model built lazily stays lazy when patched (patching does not evaluate it); a non-finite
+    weight then makes the outputs of its groups NaN instead of finite garbage."""
+    from spqt_mlx.patch import patch_model
+
+    block = mlp_block()
+    block.mlp.up_proj.weight[70, 3] = float("nan")  # not evaluated; row 70 is in the second band of 64
+    patch_model(block)
+    y = np.array(block.mlp.up_proj(mx.ones((1, 64))))
+    assert np.isfinite(y[0, :64]).all() and np.isnan(y[0, 64:]).all()
 
 
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), "0.3"])

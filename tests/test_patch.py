@@ -17,6 +17,7 @@ from spqt_mlx.patch import (
     get_thresholds,
     patch_model,
     record_stats,
+    routers,
     set_thresholds,
     zigzag_layers,
 )
@@ -238,3 +239,87 @@ def test_saved_weights_load_into_allocated_layers(tmp_path):
     tokens = random_tokens(6)
     np.testing.assert_array_equal(np.array(fresh(tokens)), np.array(model(tokens)))
     assert "threshold" not in str([k for k, _ in tree_flatten(model.parameters())])
+
+
+# ---- what gets patched: by structure ---------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """A block whose parts have names patch_model has never seen."""
+
+    def __init__(self, dims=64):
+        super().__init__()
+        self.mixer = nn.Module()
+        self.mixer.in_proj = nn.Linear(dims, 2 * dims)
+        self.mixer.out_proj = nn.Linear(2 * dims, dims)
+        self.temporal_block = nn.Module()
+        self.temporal_block.linear_x = nn.Linear(dims, dims)
+
+
+class _Stack(nn.Module):
+    def __init__(self, block=_Block, n=2):
+        super().__init__()
+        self.layers = [block() for _ in range(n)]
+        self.head = nn.Linear(64, 64)  # outside the stack of blocks: stays
+
+
+def test_projections_are_found_by_structure_not_by_name():
+    model = _Stack()
+    paths = patch_model(model)
+    assert sorted(paths) == sorted(f"layers.{i}.{p}" for i in range(2)
+                                   for p in ("mixer.in_proj", "mixer.out_proj", "temporal_block.linear_x"))
+    assert type(model.head) is nn.Linear
+
+
+def test_a_model_with_linears_but_no_projection_warns():
+    model = nn.Module()
+    model.lm_head = nn.Linear(64, 64)
+    with pytest.warns(UserWarning, match="no layer of this model was patched"):
+        assert patch_model(model) == []
+    with pytest.warns(UserWarning, match="that the predicate selects"):
+        assert patch_model(_Stack(), predicate=lambda path, module: "attn" in path) == []
+
+
+def test_a_single_block_has_all_its_linears_patched():
+    block = _Block()
+    assert sorted(patch_model(block)) == ["mixer.in_proj", "mixer.out_proj", "temporal_block.linear_x"]
+
+
+class FusedLinear(nn.Linear):
+    """Like afm7's: one weight, several outputs."""
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        return y[..., :32], y[..., 32:]
+
+
+def test_linear_subclasses_with_their_own_forward_stay_with_a_warning():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Module()
+            self.attn.qkv = FusedLinear(64, 64)
+            self.attn.out = nn.Linear(64, 64)
+
+    model = _Stack(Block)
+    with pytest.warns(UserWarning, match="FusedLinear has its own forward"):
+        paths = patch_model(model)
+    assert sorted(paths) == ["layers.0.attn.out", "layers.1.attn.out"]
+    assert type(model.layers[0].attn.qkv) is FusedLinear and len(model.layers[0].attn.qkv(mx.ones((1, 64)))) == 2
+
+
+def test_moe_routers_stay_exact():
+    """qwen3_moe: the router (mlp.gate, beside the experts) stays nn.Linear; attention is patched."""
+    import importlib
+
+    module = importlib.import_module("mlx_lm.models.qwen3_moe")
+    args = module.ModelArgs(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=320,
+                            num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                            moe_intermediate_size=64, head_dim=32, rope_theta=10000.0, tie_word_embeddings=False,
+                            max_position_embeddings=512, norm_topk_prob=True)
+    model = module.Model(args)
+    paths = patch_model(model, group_size=32)
+    assert "model.layers.0.mlp.gate" in routers(model) and type(model.model.layers[0].mlp.gate) is nn.Linear
+    assert "model.layers.0.self_attn.q_proj" in paths and not [p for p in paths if p.endswith("mlp.gate")]
+    mx.eval(model(random_tokens(3)))

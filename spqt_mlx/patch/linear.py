@@ -83,7 +83,7 @@ class ZigzagLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}.")
         bias = linear.bias if "bias" in linear else None
-        return cls(zigzag_quantize(linear.weight, group_size, bits), bias)
+        return cls(zigzag_quantize(linear.weight, group_size, bits, lazy=True), bias)
 
     @classmethod
     def from_quantized(
@@ -111,7 +111,7 @@ class ZigzagLinear(nn.Module):
         group_size = qlinear.group_size if group_size is None else group_size
         bits = qlinear.bits if bits is None else bits
         bias = qlinear.bias if "bias" in qlinear else None
-        return cls(zigzag_quantize(w, group_size, bits), bias)
+        return cls(zigzag_quantize(w, group_size, bits, lazy=True), bias)
 
     @classmethod
     def empty(

@@ -13,20 +13,66 @@ from tqdm.auto import tqdm
 from ..layout import check_bits_group_size
 from .linear import ZigzagLinear, check_threshold
 
-# Path components that mark attention and MLP blocks across mlx-lm's model families
-# (self_attn / attn / attention, mlp / feed_forward / ffn): matched by name, not by model type.
-_BLOCK_MARKERS = ("attn", "attention", "mlp", "feed_forward", "ffn")
+_LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+
+
+def _in_block(path: str) -> bool:
+    # Inside the model's stack of blocks: the path goes through a numbered list (model.layers.3,
+    # transformer.h.0, backbone.layers.12, ...), whatever the block's parts are called
+    # (self_attn, mixer, temporal_block, feed_forward, shared_experts, ...).
+    return any(part.isdigit() for part in path.split(".")[:-1])
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """A subclass of nn.Linear / nn.QuantizedLinear that computes something else (e.g. afm7's
+    FusedLinear, which returns several arrays): replacing it would change the model."""
+    for base in _LINEAR_TYPES:
+        if isinstance(module, base) and type(module) is not base:
+            return type(module).__call__ is not base.__call__
+    return False
 
 
 def is_projection(path: str, module: nn.Module) -> bool:
-    """Whether ``module`` at ``path`` is a linear projection inside an attention or MLP block.
+    """Whether ``module`` at ``path`` is a linear projection inside the model's stack of blocks.
 
-    Embeddings, ``lm_head`` and anything outside attention/MLP blocks are not projections.
+    Selected by structure, not by name: any ``nn.Linear`` or ``nn.QuantizedLinear`` (or an
+    already patched layer) whose path goes through a numbered list of blocks. Embeddings,
+    ``lm_head`` and layers outside the blocks are not projections, nor are subclasses with their
+    own forward. MoE routers are excluded by :func:`projections`, which sees the whole model.
     """
-    if not isinstance(module, (nn.Linear, nn.QuantizedLinear, ZigzagLinear)):
+    if not isinstance(module, (*_LINEAR_TYPES, ZigzagLinear)) or _own_forward(module):
         return False
-    parents = path.lower().split(".")[:-1]
-    return any(marker in part for part in parents for marker in _BLOCK_MARKERS)
+    return _in_block(path) and path.split(".")[-1] != "lm_head"
+
+
+def routers(model: nn.Module) -> set[str]:
+    """Paths of MoE routers: the linear layers beside a block's experts (``mlp.gate`` next to
+    ``mlp.switch_mlp``, ``shared_expert_gate``). Their outputs pick the experts, so they stay exact
+    and dense, as mlx-lm's quantization recipes keep them at higher precision."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
+
+    experts = (SwitchGLU, SwitchMLP, SwitchLinear, QuantizedSwitchLinear)
+    found = set()
+    for path, module in model.named_modules():
+        children = module.children()
+        if any(isinstance(c, experts) for c in children.values()):
+            for name, child in children.items():
+                if isinstance(child, (*_LINEAR_TYPES, ZigzagLinear)):
+                    found.add(f"{path}.{name}" if path else name)
+    return found
+
+
+def projections(model: nn.Module) -> list[str]:
+    """Paths of the layers :func:`patch_model` swaps by default, in model order: the projections
+    of the model's stack of blocks (:func:`is_projection`) except MoE routers. A module without a
+    stack of blocks (a single block) has all its linear layers patched, routers again excepted."""
+    skip = routers(model)
+    leaves = [(p, m) for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module) if p not in skip]
+    found = [p for p, m in leaves if is_projection(p, m)]
+    if found:
+        return found
+    return [p for p, m in leaves if isinstance(m, (*_LINEAR_TYPES, ZigzagLinear)) and not _own_forward(m)
+            and p.split(".")[-1] != "lm_head"]
 
 
 def _output_dims(module: nn.Linear | nn.QuantizedLinear) -> int:
@@ -65,13 +111,15 @@ def patch_model(
         thresholds: one threshold for every patched layer, or ``{path: threshold}`` (from
             :func:`spqt_mlx.calibrate.calibrate`). ``None`` leaves every threshold at 0 (dense).
         predicate: ``predicate(path, module) -> bool`` selects the layers to patch; defaults to
-            :func:`is_projection`. Embeddings and ``lm_head`` are never patched.
+            :func:`projections`: every linear layer inside the model's stack of blocks except
+            MoE routers and subclasses with their own forward (those are left as they are, with
+            a warning). Embeddings and ``lm_head`` are never patched.
         allocate_only: build zero-filled layers of the right shapes instead of quantizing, for
             loading saved zigzag weights with ``model.load_weights``.
-        progress: show a progress bar over the layers quantized.
-
-    Each layer is quantized (evaluated) as it is replaced, so peak memory stays near one float
-    layer above the model's own, and the call takes the time the quantization takes.
+        progress: quantize (evaluate) each layer as it is replaced, with a progress bar: peak
+            memory stays near one float layer above the model's own, and the call takes the time
+            the quantization takes. By default the quantization is lazy, as ``nn.quantize``'s: it
+            runs when the model's parameters are first evaluated.
 
     ``nn.Linear`` weights are quantized once. ``nn.QuantizedLinear`` weights are dequantized and
     quantized again (a second rounding; convert from float weights when possible). Layers whose
@@ -83,7 +131,13 @@ def patch_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}.")
     check_bits_group_size(group_size, bits)
-    select = predicate or is_projection
+    if predicate is None:
+        chosen = set(projections(model))
+
+        def select(path, module):
+            return path in chosen
+    else:
+        select = predicate
     leaves = model.leaf_modules()
     if isinstance(thresholds, Mapping):
         # Check names and values before changing anything: a typo must not leave a half-configured model.
@@ -101,6 +155,9 @@ def patch_model(
 
     def convert(path: str, module: nn.Module):
         if isinstance(module, nn.Embedding) or path.split(".")[-1] == "lm_head":
+            return module
+        if predicate is None and _own_forward(module):
+            skipped.append(f"{path} ({type(module).__name__} has its own forward)")
             return module
         if isinstance(module, ZigzagLinear) or not select(path, module):
             return module
@@ -125,8 +182,9 @@ def patch_model(
                 layer = ZigzagLinear.from_linear(module, group_size, bits)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None  # nothing was replaced yet
-        mx.eval(layer.parameters())
-        bar.update()
+        if progress:
+            mx.eval(layer.parameters())
+            bar.update()
         patched.append(path)
         return layer
 
@@ -138,6 +196,15 @@ def patch_model(
         warnings.warn(
             f"spqt: {len(skipped)} layer(s) stay dense: " + "; ".join(skipped), stacklevel=2
         )
+    if not patched and not allocate_only and not zigzag_layers(model):
+        linears = [p for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if isinstance(m, _LINEAR_TYPES)]
+        if linears:
+            warnings.warn(
+                f"spqt: no layer of this model was patched, although it has {len(linears)} linear layers "
+                f"(e.g. {linears[0]}); none of them is a projection inside a numbered stack of blocks"
+                + (" that the predicate selects" if predicate is not None else "") + ".",
+                stacklevel=2,
+            )
     if thresholds is not None:
         layers = zigzag_layers(model)
         if isinstance(thresholds, Mapping):
