@@ -139,3 +139,19 @@ def test_a_dtype_change_restacks_instead_of_keeping_a_stale_copy(monkeypatch):
     assert (8, 128, 4) in calls and (16, 128, 4) in calls
     np.testing.assert_allclose(got, decode_logits(model, tokens, 2), rtol=2e-2, atol=2e-2)
     assert all(m["scales"].dtype == mx.float16 for m in zigzag_layers(fused).values())
+
+
+def test_stacking_a_lazy_model_keeps_it_lazy():
+    """A model that was never evaluated (mlx-lm's tests build full-size ones) is stacked without
+    evaluating it; once evaluated it gives what the unstacked model gives."""
+    from spqt_mlx import _ext
+
+    model = tiny_llama(seed=4)
+    patch_model(model, group_size=32, bits=4)  # lazy: nothing quantized yet
+    q = model.model.layers[0].self_attn.q_proj
+    assert not _ext.is_evaluated(q["weight"])
+    reference = copy.deepcopy(model)
+    assert fuse_shared_inputs(model) > 0
+    assert not _ext.is_evaluated(q["weight"]) and not _ext.is_evaluated(q._shared.weight)
+    tokens = random_tokens(5, seed=2)
+    np.testing.assert_allclose(decode_logits(model, tokens, 2), decode_logits(reference, tokens, 2), rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .. import _ext
 from .linear import ZigzagLinear, zigzag_product
 
 # Sibling projections that read one input in mlx-lm's models, by attribute name.
@@ -67,16 +68,22 @@ class SharedInputGroup:
 
     def _stack(self) -> None:
         """Stack the members' current parameters; the members' parameters become views of the
-        stacked arrays (their own copies, and any earlier stack, are freed)."""
+        stacked arrays (their own copies, and any earlier stack, are freed once evaluated).
+
+        Lazy, like the rest of MLX: a model that was never evaluated stays unevaluated, and an
+        evaluated one is stacked a group at a time (peak memory: one group's copy)."""
         layers = self.layers
         self.weight = mx.concatenate([m["weight"] for m in layers])
         self.scales = mx.concatenate([m["scales"] for m in layers])
         self.biases = mx.concatenate([m["biases"] for m in layers])
-        mx.eval(self.weight, self.scales, self.biases)
+        evaluated = all(_ext.is_evaluated(m["weight"]) for m in layers)
+        if evaluated:
+            mx.eval(self.weight, self.scales, self.biases)
         for m, (lo, hi) in zip(layers, self.bounds):
             b0, b1 = lo // self.group_size, hi // self.group_size
             m.weight, m.scales, m.biases = self.weight[b0:b1], self.scales[b0:b1], self.biases[b0:b1]
-            mx.eval(m.weight, m.scales, m.biases)
+            if evaluated:
+                mx.eval(m.weight, m.scales, m.biases)
         self._views = [(m["weight"], m["scales"], m["biases"]) for m in layers]
 
     def _restack_if_changed(self) -> bool:
