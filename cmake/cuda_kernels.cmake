@@ -15,6 +15,14 @@ execute_process(
   COMMAND "${Python_EXECUTABLE}" "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda/instances.py"
   OUTPUT_STRIP_TRAILING_WHITESPACE OUTPUT_VARIABLE SPQT_CUDA_INSTANCES COMMAND_ERROR_IS_FATAL ANY)
 
+# The same list as a header for the dispatch, which finds each kernel's name there.
+execute_process(
+  COMMAND "${Python_EXECUTABLE}" "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda/instances.py"
+          --header "${CMAKE_CURRENT_BINARY_DIR}/cuda_kernels/kernel_names.h"
+  COMMAND_ERROR_IS_FATAL ANY)
+set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda/instances.py"
+  "${CMAKE_CURRENT_SOURCE_DIR}/kernels/contract.h")
+
 set(kernel_dir "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda")
 set(fatbins "")
 foreach(instance IN LISTS SPQT_CUDA_INSTANCES)
@@ -51,5 +59,5 @@ add_custom_command(
   VERBATIM)
 target_sources(_ext PRIVATE dispatch/cuda.cpp dispatch/cuda_driver.cpp "${embedded}")
 target_include_directories(_ext PRIVATE ${CUDAToolkit_INCLUDE_DIRS}
-  "${CMAKE_CURRENT_SOURCE_DIR}/dispatch/cuda_compat")
+  "${CMAKE_CURRENT_SOURCE_DIR}/dispatch/cuda_compat" "${CMAKE_CURRENT_BINARY_DIR}/cuda_kernels")
 target_link_libraries(_ext PRIVATE ${CMAKE_DL_LIBS})

@@ -10,6 +10,7 @@
 #include "mlx/backend/cuda/utils.h"
 
 #include "cuda_driver.h"
+#include "kernel_names.h" // generated from kernels/cuda/instances.py
 
 namespace spqt::cuda {
 
@@ -37,6 +38,27 @@ std::string dtype_name(mx::Dtype t) {
   if (t == mx::float16) return "float16";
   if (t == mx::bfloat16) return "bfloat16";
   throw std::invalid_argument("[spqt] unsupported dtype for the CUDA kernels.");
+}
+
+// Names of the embedded kernels, from the table the build generates (kernels/cuda/instances.py).
+const char* gemv_kernel_name(const std::string& dtype, int bits, int group_size, bool tensor_cores) {
+  for (const auto& k : cuda_kernels::kGemv) {
+    if (dtype == k.dtype && bits == k.bits && group_size == k.group_size && tensor_cores == k.tensor_cores) {
+      return k.name;
+    }
+  }
+  throw std::invalid_argument(
+      "[zigzag_gemv] no CUDA kernel was built for " + dtype + ", " + std::to_string(bits) + " bits, group size " +
+      std::to_string(group_size) + (tensor_cores ? " (tensor cores)." : "."));
+}
+
+const char* collect_kernel_name(const std::string& dtype) {
+  for (const auto& k : cuda_kernels::kCollect) {
+    if (dtype == k.dtype) {
+      return k.name;
+    }
+  }
+  throw std::invalid_argument("[collect_active] no CUDA kernel was built for " + dtype + ".");
 }
 
 // Blocks that split one band's columns: enough to fill the GPU once, but each keeping at least
@@ -111,8 +133,7 @@ int per_column_threshold(const mx::array& t, float& value) {
 
 void collect_into(
     mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& t, mx::array& out) {
-  const std::string name = "spqt_collect_active_" + dtype_name(x.dtype());
-  CUfunction f = kernel(name, enc);
+  CUfunction f = kernel(collect_kernel_name(dtype_name(x.dtype())), enc);
   int K = x.shape(-1);
   float t_value = 0.0f;
   int per_column = per_column_threshold(t, t_value);
@@ -193,10 +214,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     counters = mx::gpu_ptr<void>(count);
   }
 
-  const std::string name = std::string(mma ? "spqt_zigzag_gemv_mma_" : "spqt_zigzag_gemv_") +
-      dtype_name(x.dtype()) + "_b" +
-      std::to_string(p.bits()) + "_g" + std::to_string(gs);
-  CUfunction f = kernel(name, enc);
+  CUfunction f = kernel(gemv_kernel_name(dtype_name(x.dtype()), p.bits(), gs, mma), enc);
   enc.set_input_array(x);
   enc.set_input_array(w);
   enc.set_input_array(scales);

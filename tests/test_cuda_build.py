@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "kernels" / "cuda"
 NVCC = shutil.which("nvcc")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -68,3 +69,14 @@ def test_cuda_dispatch_compiles():
                f"-I{found[0]}", f"-I{root / 'dispatch' / 'cuda_compat'}", str(root / source)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, (source, r.stderr[-4000:])
+
+
+def test_kernel_names_have_one_source(tmp_path):
+    """instances.py forms every kernel name; the dispatch finds them in the header it generates,
+    which lists exactly the embedded instances."""
+    dispatch = (ROOT / "dispatch" / "cuda.cpp").read_text()
+    assert "spqt_zigzag_gemv" not in dispatch and "spqt_collect_active" not in dispatch
+    header = tmp_path / "kernel_names.h"
+    subprocess.run([sys.executable, str(KERNELS / "instances.py"), "--header", str(header)], check=True)
+    listed = set(re.findall(r'"(spqt_\w+)"', header.read_text()))
+    assert listed == {name for name, *_ in instances()}

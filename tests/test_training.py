@@ -131,6 +131,7 @@ def test_lora_over_a_patched_model_trains():
     assert isinstance(fused, ZigzagLinear) and fused.threshold == adapters[0].linear.threshold
     set_thresholds(model, 0.0)
     dense = adapters[0].fuse(dequantize=True)
-    assert mx.allclose(dense(x), adapters[0](x), rtol=1e-3, atol=1e-3).item()
+    want = adapters[0](x)  # to float32 rounding (TF32 in MLX's float32 matmuls on CUDA)
+    assert mx.allclose(dense(x), want, atol=2e-3 * mx.abs(want).max().item()).item()
     fused.threshold = 0.0
     assert mx.array_equal(fused(x), ZigzagLinear.from_linear(dense, 64, 4)(x)).item()  # one more 4-bit rounding
