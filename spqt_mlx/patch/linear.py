@@ -202,14 +202,18 @@ class ZigzagLinear(nn.Module):
         # Decode makes hundreds of these calls per token, so the path goes straight to the C++ op
         # (which validates its inputs) with dict lookups instead of Module attribute fallbacks:
         # about 1 us of host time per call instead of 6.
-        if x.dtype != self["scales"].dtype and x.dtype in FLOAT_DTYPES:
-            # nn.Linear and nn.QuantizedLinear promote a mixed call (float32 x, float16 layer:
-            # float32 y); the kernels take x in the layer's dtype.
+        try:
+            y = self._shared.product(self, x) if self._shared is not None else None
+            if y is None:
+                y = zigzag_product(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
+                                   self._threshold_value, self["_threshold"])
+        except ValueError:
+            # The ops refuse x in another dtype than the layer's. nn.Linear and nn.QuantizedLinear
+            # promote such a call (float32 x, float16 layer: float32 y), so this does too, running
+            # the product in the layer's dtype. Handled here, off the path of every other call.
+            if x.dtype == self["scales"].dtype or x.dtype not in FLOAT_DTYPES:
+                raise
             return self(x.astype(self["scales"].dtype)).astype(mx.result_type(x.dtype, self["scales"].dtype))
-        y = self._shared.product(self, x) if self._shared is not None else None
-        if y is None:
-            y = zigzag_product(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
-                               self._threshold_value, self["_threshold"])
         if self._stats_on and self._threshold_value > 0 and x.size == self["weight"].shape[1]:
             self._record(collect_active(x, self._threshold_value).count)
         if "bias" in self:
