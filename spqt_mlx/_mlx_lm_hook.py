@@ -103,6 +103,17 @@ def _with_install_before_main(loader, fullname):
     return None
 
 
+def spec_from_other_finders(skip, fullname, path=None, target=None):
+    """The module spec the finders of ``sys.meta_path`` other than ``skip`` give, or None."""
+    for finder in sys.meta_path:
+        if finder is skip or not hasattr(finder, "find_spec"):
+            continue
+        spec = finder.find_spec(fullname, path, target)
+        if spec is not None:
+            return spec
+    return None
+
+
 class _Finder:
     """Finds the target modules through the other finders and wraps their loaders."""
 
@@ -113,13 +124,8 @@ class _Finder:
             return None
         self._busy = True
         try:
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-            else:
+            spec = spec_from_other_finders(self, fullname, path, target)
+            if spec is None:
                 return None
             if spec.loader is None or not hasattr(spec.loader, "exec_module"):
                 return spec

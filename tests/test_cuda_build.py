@@ -51,8 +51,9 @@ def test_cuda_kernels_compile(tmp_path):
         assert frames and max(frames) <= 8, (name, r.stderr)
 
 
-def test_cuda_dispatch_compiles():
-    """dispatch/cuda*.cpp against the installed mlx headers and the toolkit's cuda.h."""
+def test_cuda_dispatch_compiles(tmp_path):
+    """dispatch/cuda*.cpp against the installed mlx headers, the toolkit's cuda.h and the kernel-name
+    header the build generates."""
     import mlx
 
     cxx = shutil.which("c++") or shutil.which("g++")
@@ -64,9 +65,12 @@ def test_cuda_dispatch_compiles():
     if not found:
         pytest.skip("the CUDA toolkit headers were not found")
     mlx_include = Path(mlx.__path__[0]) / "include"
+    generated = tmp_path / "cuda_kernels"
+    subprocess.run([sys.executable, str(KERNELS / "instances.py"), "--header", str(generated / "kernel_names.h")],
+                   check=True)
     for source in ["dispatch/cuda.cpp", "dispatch/cuda_driver.cpp"]:
         cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", f"-I{root}", f"-I{mlx_include}",
-               f"-I{found[0]}", f"-I{root / 'dispatch' / 'cuda_compat'}", str(root / source)]
+               f"-I{found[0]}", f"-I{root / 'dispatch' / 'cuda_compat'}", f"-I{generated}", str(root / source)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, (source, r.stderr[-4000:])
 

@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 
+from spqt_mlx._mlx_lm_hook import spec_from_other_finders
 from spqt_mlx.patch import patch_model
 
 THRESHOLD = float(os.environ.get("SPQT_TEST_THRESHOLD", "0"))
@@ -56,14 +57,9 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if not fullname.startswith("mlx_lm.models.") or fullname.count(".") != 2:
             return None
-        for finder in sys.meta_path:
-            if finder is self:
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
+        spec = spec_from_other_finders(self, fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
         exec_module = spec.loader.exec_module
 
         def exec_and_wrap(module):

@@ -17,6 +17,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "metal_encoding.h" // dispatch/metal_encoding.h, or a variant of it (see metal_emulator.build)
@@ -42,49 +43,27 @@ T poison() {
 // Element types of buffers, so that a buffer bound where a kernel expects another type is reported.
 enum class Tag { F32, F16, BF16, U16, U32, I32 };
 
-const char* tag_name(Tag t) {
-  switch (t) {
-    case Tag::F32:
-      return "float32";
-    case Tag::F16:
-      return "float16";
-    case Tag::BF16:
-      return "bfloat16";
-    case Tag::U16:
-      return "uint16";
-    case Tag::U32:
-      return "uint32";
-    case Tag::I32:
-      return "int32";
+template <typename T>
+constexpr Tag tag_of() {
+  if constexpr (std::is_same_v<T, float>) {
+    return Tag::F32;
+  } else if constexpr (std::is_same_v<T, half>) {
+    return Tag::F16;
+  } else if constexpr (std::is_same_v<T, bfloat>) {
+    return Tag::BF16;
+  } else if constexpr (std::is_same_v<T, uint16_t>) {
+    return Tag::U16;
+  } else if constexpr (std::is_same_v<T, uint32_t>) {
+    return Tag::U32;
+  } else {
+    static_assert(std::is_same_v<T, int32_t>);
+    return Tag::I32;
   }
-  return "?";
 }
 
-template <typename T>
-Tag tag_of();
-template <>
-Tag tag_of<float>() {
-  return Tag::F32;
-}
-template <>
-Tag tag_of<half>() {
-  return Tag::F16;
-}
-template <>
-Tag tag_of<bfloat>() {
-  return Tag::BF16;
-}
-template <>
-Tag tag_of<uint16_t>() {
-  return Tag::U16;
-}
-template <>
-Tag tag_of<uint32_t>() {
-  return Tag::U32;
-}
-template <>
-Tag tag_of<int32_t>() {
-  return Tag::I32;
+const char* tag_name(Tag t) {
+  static const char* names[] = {"float32", "float16", "bfloat16", "uint16", "uint32", "int32"};
+  return names[int(t)];
 }
 
 struct GuardedBase {
@@ -141,6 +120,20 @@ using CopyKernel = void (*)(const T*, T*, const int*, const int64_t*, const int&
 
 bool starts_with(const std::string& s, const std::string& prefix) {
   return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+template <typename F>
+int with_type(const std::string& type, F&& f) {
+  if (type == "float32") {
+    f.template operator()<float>();
+  } else if (type == "float16") {
+    f.template operator()<half>();
+  } else if (type == "bfloat16") {
+    f.template operator()<bfloat>();
+  } else {
+    throw std::runtime_error("unknown type " + type);
+  }
+  return 0;
 }
 
 // The encoder of dispatch/metal_encoding.h for the emulator: records the bindings of each dispatch
@@ -289,19 +282,6 @@ class FakeEncoder {
     return reinterpret_cast<const T*>(s.data.data());
   }
 
-  template <typename F>
-  void with_type(const std::string& type, F&& f) {
-    if (type == "float32") {
-      f.template operator()<float>();
-    } else if (type == "float16") {
-      f.template operator()<half>();
-    } else if (type == "bfloat16") {
-      f.template operator()<bfloat>();
-    } else {
-      throw std::runtime_error("unknown kernel " + kernel_);
-    }
-  }
-
   void run(uint3 grid, uint threads) {
     const std::string& k = kernel_;
     if (starts_with(k, "zigzag_gemv_reduce_")) {
@@ -391,19 +371,6 @@ int report(const std::exception& e, char* err, int err_len) {
   return 1;
 }
 
-template <typename F>
-int with_type(const std::string& type, F&& f) {
-  if (type == "float32") {
-    f.template operator()<float>();
-  } else if (type == "float16") {
-    f.template operator()<half>();
-  } else if (type == "bfloat16") {
-    f.template operator()<bfloat>();
-  } else {
-    throw std::runtime_error("unknown type " + type);
-  }
-  return 0;
-}
 
 struct GemvArgs {
   int bits, gs, kind;
