@@ -241,9 +241,39 @@ def install(namespace: dict, *, strict: bool = False):
     setattr(load, _MARK, True)
     namespace["load"] = load
 
+    base_sharded_load = namespace.get("sharded_load")
+    if base_sharded_load is not None:
+
+        @functools.wraps(base_sharded_load)
+        def sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=False, **kw):
+            """Under ``mlx.launch``: load as ``load`` does with --spqt (patched and calibrated, or a
+            converted directory), then shard the zigzag model over ``tensor_group``."""
+            if state.get("args") is None:
+                return base_sharded_load(repo, pipeline_group, tensor_group, return_config, **kw)
+            import mlx.core as mx
+
+            if pipeline_group is not None:
+                raise ValueError("--spqt shards by tensor parallelism only; drop --pipeline.")
+            model, tokenizer, config = load(repo, return_config=True)
+            if not hasattr(model, "shard"):
+                raise ValueError(f"{repo}: this model family has no tensor-parallel sharding in mlx-lm.")
+            model.shard(tensor_group or mx.distributed.init())
+            from .patch import fuse_shared_inputs
+
+            fuse_shared_inputs(model)  # the sharded layers are new: stack them again
+            mx.eval(model.parameters())
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))  # ranks start together
+            _log(f"sharded over {(tensor_group or mx.distributed.init()).size()} processes")
+            return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+        setattr(sharded_load, _MARK, True)
+        namespace["sharded_load"] = sharded_load
+
     def restore():
         restore_parser()
         namespace["load"] = base_load
+        if base_sharded_load is not None:
+            namespace["sharded_load"] = base_sharded_load
         _uninstall_generate(namespace)
 
     return restore

@@ -205,6 +205,10 @@ def patch_model(
                 + (" that the predicate selects" if predicate is not None else "") + ".",
                 stacklevel=2,
             )
+    if patched or allocate_only:
+        from .sharded import make_shardable
+
+        make_shardable(model)  # model.shard(group) shards zigzag layers too
     if thresholds is not None:
         layers = zigzag_layers(model)
         if isinstance(thresholds, Mapping):

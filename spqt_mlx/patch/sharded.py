@@ -1,0 +1,188 @@
+"""Tensor parallelism for zigzag layers: what ``model.shard(group)`` does to them.
+
+mlx-lm's model files shard their projections with ``mlx.nn.layers.distributed.shard_linear``,
+which knows ``nn.Linear`` and ``nn.QuantizedLinear`` only. ``patch_model`` wraps the ``shard``
+method of each patched model's class so that, during the call, ``shard_linear`` also takes
+zigzag layers:
+
+* ``"all-to-sharded"``: each rank keeps whole bands of output rows (the zigzag layout splits
+  there for free); the forward pass is local.
+* ``"sharded-to-all"``: each rank keeps a slice of the input columns; the partial products are
+  summed with ``mx.distributed.all_sum``. Thresholds act per column, so a rank's sparse step skips
+  the small inputs of its own slice.
+
+Like mlx's own sharded layers, gradients with respect to the input are summed over the group.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import mlx.core as mx
+from mlx.nn.layers.distributed import sum_gradients
+
+from .linear import ZigzagLinear
+
+_MARK = "__spqt_shard__"
+
+
+def _parts(n: int, segments, what: str) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each segment of ``n`` (``segments``: a count, or split fractions)."""
+    if isinstance(segments, int):
+        if n % segments:
+            raise ValueError(f"{what}: {n} cannot be cut into {segments} equal segments.")
+        step = n // segments
+        return [(i * step, (i + 1) * step) for i in range(segments)]
+    cuts = [0, *(int(s * n) for s in segments), n]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _rank_slices(n: int, segments, group: mx.distributed.Group, unit: int, what: str) -> list[tuple[int, int]]:
+    """This rank's ``[start, stop)`` in each segment of ``n`` elements, in whole ``unit``s."""
+    size, rank = group.size(), group.rank()
+    out = []
+    for start, stop in _parts(n, segments, what):
+        length = stop - start
+        if length % (size * unit):
+            raise ValueError(
+                f"{what}: a segment of {length} cannot be split over {size} ranks in whole units of {unit}; "
+                "use a smaller group size (--group-size 32) or fewer ranks."
+            )
+        share = length // size
+        out.append((start + rank * share, start + (rank + 1) * share))
+    return out
+
+
+class _GradientSum:
+    """``sum_gradients(group)`` that gives the same array back for the same input, so that sibling
+    projections reading one input still see one array (and stack, see fused.py)."""
+
+    def __init__(self, group):
+        self._f = sum_gradients(group)
+        self._x = self._y = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x is not self._x:
+            self._x, self._y = x, self._f(x)
+        return self._y
+
+
+_gradient_sums: dict[int, _GradientSum] = {}
+
+
+def _gradient_sum(group) -> _GradientSum:
+    key = id(group)
+    if key not in _gradient_sums:
+        _gradient_sums[key] = _GradientSum(group)
+    return _gradient_sums[key]
+
+
+def _take(a: mx.array, slices, axis: int) -> mx.array:
+    parts = [mx.take(a, mx.arange(lo, hi), axis=axis) for lo, hi in slices]
+    return mx.contiguous(mx.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0])
+
+
+class ZigzagAllToShardedLinear(ZigzagLinear):
+    """A rank's bands of output rows of a zigzag layer: the input is whole, the output sharded."""
+
+    @classmethod
+    def from_zigzag(cls, layer: ZigzagLinear, *, segments=1, group=None) -> "ZigzagAllToShardedLinear":
+        group = group or mx.distributed.init()
+        gs = layer.group_size
+        bands = _rank_slices(layer.output_dims, segments, group, gs, f"output rows of {layer}")
+        band_slices = [(lo // gs, hi // gs) for lo, hi in bands]
+        qweight = layer.qweight
+        sharded = cls.__new__(cls)
+        ZigzagLinear.__init__(
+            sharded,
+            type(qweight)(_take(qweight.weight, band_slices, 0), _take(qweight.scales, band_slices, 0),
+                          _take(qweight.biases, band_slices, 0), gs, layer.bits),
+            _take(layer.bias, bands, 0) if "bias" in layer else None,
+            layer.threshold,
+        )
+        sharded.group = group
+        sharded._gradient_sum = _gradient_sum(group)
+        return sharded
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(self._gradient_sum(x))
+
+
+class ZigzagShardedToAllLinear(ZigzagLinear):
+    """A rank's slice of the input columns of a zigzag layer: the input is sharded, the output
+    whole (the ranks' partial products are summed)."""
+
+    @classmethod
+    def from_zigzag(cls, layer: ZigzagLinear, *, segments=1, group=None) -> "ZigzagShardedToAllLinear":
+        group = group or mx.distributed.init()
+        columns = _rank_slices(layer.input_dims, segments, group, 1, f"input columns of {layer}")
+        qweight = layer.qweight
+        sharded = cls.__new__(cls)
+        ZigzagLinear.__init__(
+            sharded,
+            type(qweight)(_take(qweight.weight, columns, 1), _take(qweight.scales, columns, 1),
+                          _take(qweight.biases, columns, 1), layer.group_size, layer.bits),
+            None,
+            layer.threshold,
+        )
+        if "bias" in layer:
+            sharded.sharded_bias = layer.bias  # added once, after the sum
+            sharded.freeze(keys=["sharded_bias"])
+        sharded.group = group
+        return sharded
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.distributed.all_sum(super().__call__(x), group=self.group)
+        if "sharded_bias" in self:
+            y = y + self["sharded_bias"]
+        return y
+
+
+def shard_zigzag(module, sharding: str, *, segments=1, group=None):
+    """``shard_linear`` for zigzag layers (a new layer; the original is unchanged)."""
+    if sharding == "all-to-sharded":
+        return ZigzagAllToShardedLinear.from_zigzag(module, segments=segments, group=group)
+    if sharding == "sharded-to-all":
+        return ZigzagShardedToAllLinear.from_zigzag(module, segments=segments, group=group)
+    raise ValueError(f"sharding must be 'all-to-sharded' or 'sharded-to-all', got {sharding!r}.")
+
+
+def _with_zigzag(shard_linear):
+    @functools.wraps(shard_linear)
+    def wrapped(module, sharding, *args, **kwargs):
+        if isinstance(module, ZigzagLinear):
+            return shard_zigzag(module, sharding, *args, **kwargs)
+        return shard_linear(module, sharding, *args, **kwargs)
+
+    setattr(wrapped, _MARK, True)
+    return wrapped
+
+
+def make_shardable(model) -> None:
+    """Let ``model.shard(group)`` shard zigzag layers: wraps the ``shard`` method of the model's
+    class (once) so that mlx-lm's model files see a ``shard_linear`` that takes them too."""
+    cls = type(model)
+    base = getattr(cls, "shard", None)
+    if base is None or getattr(base, _MARK, False):
+        return
+
+    @functools.wraps(base)
+    def shard(self, *args, **kwargs):
+        # The model files bind shard_linear at import: swap it in every loaded model module (a
+        # model may shard through submodules defined elsewhere) for the duration of the call.
+        swapped = []
+        for name, module in list(sys.modules.items()):
+            if name.startswith("mlx_lm.models.") and module is not None:
+                current = getattr(module, "shard_linear", None)
+                if current is not None and not getattr(current, _MARK, False):
+                    module.shard_linear = _with_zigzag(current)
+                    swapped.append((module, current))
+        try:
+            return base(self, *args, **kwargs)
+        finally:
+            for module, current in swapped:
+                module.shard_linear = current
+
+    setattr(shard, _MARK, True)
+    cls.shard = shard

@@ -1,0 +1,125 @@
+"""model.shard(group) on patched models: zigzag layers split by output bands or input columns,
+checked in one process against the unsharded layer, and end to end over two processes
+(mlx.launch, ring backend) against the unsharded model."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from spqt_mlx.patch import ZigzagLinear
+from spqt_mlx.patch.sharded import ZigzagAllToShardedLinear, ZigzagShardedToAllLinear, shard_zigzag
+
+JOB = Path(__file__).resolve().parent / "distributed" / "sharded_decode.py"
+
+
+class FakeGroup:
+    """A rank of a group, for splitting parameters in one process."""
+
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def layer(out_dims=256, in_dims=96, bias=True, seed=0):
+    mx.random.seed(seed)
+    return ZigzagLinear.from_linear(nn.Linear(in_dims, out_dims, bias=bias), group_size=32, bits=4)
+
+
+@pytest.mark.parametrize("segments", [1, 2, [0.25, 0.75]])
+def test_all_to_sharded_ranks_hold_whole_bands(segments):
+    full = layer()
+    x = mx.random.normal((3, 96))
+    want = np.array(full(x))
+    parts = [np.array(ZigzagLinear.__call__(ZigzagAllToShardedLinear.from_zigzag(full, segments=segments,
+                                                                                  group=FakeGroup(r, 2)), x))
+             for r in range(2)]
+    # Each segment's rows are split in two, rank 0 taking the first half: put them back in order.
+    bounds = {1: [0, 256], 2: [0, 128, 256]}.get(segments, [0, 64, 256]) if not isinstance(segments, list) \
+        else [0, 64, 192, 256]
+    offset, pieces = [0, 0], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        share = (hi - lo) // 2
+        for r in range(2):
+            pieces.append(parts[r][:, offset[r]:offset[r] + share])
+            offset[r] += share
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_to_all_partials_sum_to_the_layer():
+    full = layer(in_dims=128)
+    full.threshold = 0.3
+    x = mx.random.normal((1, 128))
+    want = np.array(full(x))  # one token: the sparse kernel
+    shards = [ZigzagShardedToAllLinear.from_zigzag(full, group=FakeGroup(r, 2)) for r in range(2)]
+    partial = sum(np.array(ZigzagLinear.__call__(s, x[:, 64 * r:64 * (r + 1)])) for r, s in enumerate(shards))
+    np.testing.assert_allclose(partial + np.array(full.bias), want, rtol=1e-5, atol=1e-5)
+    assert all(s.threshold == 0.3 and "bias" not in s and "sharded_bias" in s for s in shards)
+
+
+def test_uneven_splits_are_refused():
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks in whole units of 32"):
+        shard_zigzag(layer(out_dims=128), "all-to-sharded", group=FakeGroup(0, 3))
+    with pytest.raises(ValueError, match="cannot be split over 5 ranks"):
+        shard_zigzag(layer(in_dims=96), "sharded-to-all", group=FakeGroup(0, 5))
+    with pytest.raises(ValueError, match="sharding must be"):
+        shard_zigzag(layer(), "both")
+
+
+def launcher():
+    exe = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    if not Path(exe).exists():
+        pytest.skip("mlx.launch not found")
+    return exe
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_two_processes_decode_as_one(threshold):
+    """Two ranks over the ring backend: prompt logits and greedy (sparse) decode of the sharded model
+    equal the unsharded model's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--python", sys.executable,
+           str(JOB), str(threshold)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["size"] == 2 and result["kinds"] == ["ZigzagAllToShardedLinear", "ZigzagShardedToAllLinear"]
+    assert result["prompt_diff"] < 1e-4 and result["decode_diff"] < 1e-4
+    assert result["tokens"] == result["ref_tokens"]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("_spqt_mlx_lm_hook") is None,
+                    reason="spqt-mlx is not pip-installed (no mlx-lm hook)")
+def test_mlx_lm_benchmark_spqt_under_mlx_launch(tmp_path):
+    """The user's path: mlx.launch -n 2 ... mlx_lm.benchmark --spqt (mlx-lm's sharded_load, patched)."""
+    import os
+
+    from lm_fixtures import write_model_dir
+
+    model_dir = write_model_dir(tmp_path / "tiny", chat_template=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    benchmark = shutil.which("mlx_lm.benchmark") or str(Path(sys.executable).parent / "mlx_lm.benchmark")
+    # Long options only: mlx.launch takes -n and -p itself.
+    cmd = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--python", sys.executable,
+           benchmark, "--model", str(model_dir), "--spqt", "--sparsity", "0.4", "--group-size", "32",
+           "--prompt-tokens", "16", "--generation-tokens", "8", "--num-trials", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert out.count("[spqt] sharded over 2 processes") == 2 and "Averages: prompt_tps=" in out
