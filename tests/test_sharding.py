@@ -85,15 +85,15 @@ def launcher():
     return exe
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.05])
-def test_two_processes_decode_as_one(threshold):
+@pytest.mark.parametrize("threshold,family", [(0.0, "llama"), (0.05, "llama"), (0.05, "qwen2")])
+def test_two_processes_decode_as_one(threshold, family):
     """Two ranks over the ring backend: prompt logits and greedy (sparse) decode of the sharded model
     equal the unsharded model's."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--python", sys.executable,
-           str(JOB), str(threshold)]
+           str(JOB), str(threshold), family]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

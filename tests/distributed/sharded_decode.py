@@ -9,13 +9,14 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm_fixtures import random_tokens, tiny_llama  # noqa: E402
+from lm_fixtures import random_tokens, tiny_llama, tiny_model  # noqa: E402
 
 from spqt_mlx.patch import fuse_shared_inputs, patch_model, zigzag_layers  # noqa: E402
 
 threshold = float(sys.argv[1])
+family = sys.argv[2] if len(sys.argv) > 2 else "llama"
 group = mx.distributed.init()
-model = tiny_llama(seed=5)  # the same weights on every rank
+model = tiny_llama(seed=5) if family == "llama" else tiny_model(family, seed=5)  # the same weights on every rank
 patch_model(model, group_size=32, bits=4, thresholds=threshold)
 prompt = random_tokens(9, seed=3)
 
