@@ -174,7 +174,22 @@ def report(model, elapsed: float | None = None, file=None) -> str:
 # ---- mlx_lm.generate hooks -----------------------------------------------------------------------
 
 
-def install(namespace: dict, *, strict: bool = False):
+def shard_model(model, group, name) -> None:
+    """Shard a loaded SpQt model over ``group`` (tensor parallelism) and stack its projections again."""
+    import mlx.core as mx
+
+    from .patch import fuse_shared_inputs
+
+    if not hasattr(model, "shard"):
+        raise ValueError(f"{name}: this model family has no tensor-parallel sharding in mlx-lm.")
+    model.shard(group)
+    fuse_shared_inputs(model)  # the sharded layers are new: stack them again
+    mx.eval(model.parameters())
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))  # the ranks start together
+    _log(f"sharded over {group.size()} processes (rank {group.rank()})")
+
+
+def install(namespace: dict, *, strict: bool = False, distributed: bool = False):
     """Swap the SpQt argument parser and ``load`` into an mlx-lm CLI module's globals.
 
     ``namespace`` is the globals of ``mlx_lm.generate``, ``mlx_lm.chat``, ``mlx_lm.benchmark`` or
@@ -182,8 +197,10 @@ def install(namespace: dict, *, strict: bool = False):
     parser inside ``main``) from their ``argparse``. Without ``--spqt`` the wrapped functions
     behave exactly like mlx-lm's, except that ``--model smollm2`` names the offline default model
     and a directory from spqt-convert asks for ``--spqt``. ``strict`` (spqt-generate's own CLI)
-    also rejects a negative ``--max-tokens`` without ``--spqt``. Returns a function that restores
-    the originals; installing twice is a no-op (its restore is too).
+    also rejects a negative ``--max-tokens`` without ``--spqt``. With ``distributed`` (spqt-generate
+    too: mlx-lm's generate does not shard), a ``--spqt`` model loaded under ``mlx.launch`` is sharded
+    over the processes. Returns a function that restores the originals; installing twice is a no-op
+    (its restore is too).
     """
     if getattr(namespace.get("load"), _MARK, False):
         return lambda: None
@@ -235,6 +252,12 @@ def install(namespace: dict, *, strict: bool = False):
         else:
             out = base_load(path_or_hf_repo, *a, **kw)
             convert_and_calibrate(out[0], out[1], args)
+        if distributed:
+            import mlx.core as mx
+
+            group = mx.distributed.init()
+            if group.size() > 1:
+                shard_model(out[0], group, path_or_hf_repo)
         state["model"] = out[0]
         return out
 
@@ -255,15 +278,7 @@ def install(namespace: dict, *, strict: bool = False):
             if pipeline_group is not None:
                 raise ValueError("--spqt shards by tensor parallelism only; drop --pipeline.")
             model, tokenizer, config = load(repo, return_config=True)
-            if not hasattr(model, "shard"):
-                raise ValueError(f"{repo}: this model family has no tensor-parallel sharding in mlx-lm.")
-            model.shard(tensor_group or mx.distributed.init())
-            from .patch import fuse_shared_inputs
-
-            fuse_shared_inputs(model)  # the sharded layers are new: stack them again
-            mx.eval(model.parameters())
-            mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))  # ranks start together
-            _log(f"sharded over {(tensor_group or mx.distributed.init()).size()} processes")
+            shard_model(model, tensor_group or mx.distributed.init(), repo)
             return (model, tokenizer, config) if return_config else (model, tokenizer)
 
         setattr(sharded_load, _MARK, True)
@@ -375,17 +390,29 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Run ``mlx_lm.generate``'s CLI with the SpQt options (``argv`` defaults to ``sys.argv[1:]``)."""
+    """Run ``mlx_lm.generate``'s CLI with the SpQt options (``argv`` defaults to ``sys.argv[1:]``).
+
+    Under ``mlx.launch`` a ``--spqt`` model is sharded over the processes and only rank 0 prints.
+    """
+    import contextlib
+    import os
+
+    import mlx.core as mx
+
     G = importlib.import_module("mlx_lm.generate")
-    restore = install(G.__dict__, strict=True)
+    restore = install(G.__dict__, strict=True, distributed=True)
     saved_argv = sys.argv
     if argv is not None:
         sys.argv = [saved_argv[0] if saved_argv else "spqt-generate", *argv]
-    try:
-        G.main()
-    finally:
-        sys.argv = saved_argv
-        restore()
+    group = mx.distributed.init()
+    with contextlib.ExitStack() as stack:
+        if group.size() > 1 and group.rank() != 0:
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        try:
+            G.main()
+        finally:
+            sys.argv = saved_argv
+            restore()
 
 
 if __name__ == "__main__":

@@ -123,3 +123,32 @@ def test_mlx_lm_benchmark_spqt_under_mlx_launch(tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert out.count("[spqt] sharded over 2 processes") == 2 and "Averages: prompt_tps=" in out
+
+
+def test_spqt_generate_under_mlx_launch(tmp_path):
+    """mlx.launch -n 2 spqt-generate --spqt: the model is sharded over both processes, rank 0 alone
+    prints, and the text is the unsharded run's."""
+    import os
+
+    from lm_fixtures import write_model_dir
+
+    model_dir = write_model_dir(tmp_path / "tiny")
+    args = ["--model", str(model_dir), "--spqt", "--sparsity", "0.4", "--group-size", "32", "--prompt", "the quick brown",
+            "--max-tokens", "12", "--ignore-chat-template", "--temp", "0"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    single = subprocess.run([sys.executable, "-m", "spqt_mlx.generate", *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = shutil.which("spqt-generate") or str(Path(sys.executable).parent / "spqt-generate")
+    if not Path(script).exists():
+        pytest.skip("spqt-mlx is not pip-installed (no spqt-generate script)")
+    cmd = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--python", sys.executable,
+           script, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("Generation:") == 1 and (done.stdout + done.stderr).count("sharded over 2 processes") == 2
+    text = lambda out: out.split("==========")[1].strip()
+    assert text(done.stdout) == text(single.stdout)
