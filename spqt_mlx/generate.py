@@ -185,7 +185,7 @@ def shard_model(model, group, name) -> None:
     model.shard(group)
     fuse_shared_inputs(model)  # the sharded layers are new: stack them again
     mx.eval(model.parameters())
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))  # the ranks start together
+    mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the ranks start together
     _log(f"sharded over {group.size()} processes (rank {group.rank()})")
 
 
