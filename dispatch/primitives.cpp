@@ -85,9 +85,9 @@ std::vector<mx::array> ZigzagGemv::vjp(
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
   for (int a : argnums) {
-    if (a != 0) {
+    if (a >= 1 && a <= 3) {
       throw std::invalid_argument(
-          "[zigzag_gemv] only x has a gradient: the zigzag-quantized weight is not trainable "
+          "[zigzag_gemv] the zigzag-quantized weight has no gradient: it is not trainable "
           "(freeze it, as nn.QuantizedLinear is).");
     }
   }
@@ -131,7 +131,14 @@ std::vector<mx::array> ZigzagGemv::vjp(
       break;
     }
   }
-  return {mx::astype(mx::reshape(dx, x.shape(), s), x.dtype(), s)};
+  dx = mx::astype(mx::reshape(dx, x.shape(), s), x.dtype(), s);
+  std::vector<mx::array> grads;
+  for (int a : argnums) {
+    // The active set (input 4: a list or thresholds) may be computed from x; the choice of
+    // columns is piecewise constant, so it passes no gradient.
+    grads.push_back(a == 0 ? dx : mx::zeros_like(primals[a], s));
+  }
+  return grads;
 }
 
 void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {

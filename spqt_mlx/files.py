@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -31,8 +32,9 @@ def atomic_directory(target, *, overwrite: bool = False):
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The writer's pid is in the name, so that a later writer can tell a dead one's leftovers.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    # The writer's host and pid are in the name, so that a later writer can tell a dead one's
+    # leftovers from a live one's (also on a filesystem that several machines share).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_writer()}-", dir=target.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
         yield tmp
@@ -81,7 +83,30 @@ def sha256_file(path, *, progress: bool = False) -> str:
 def moved_aside(target) -> list[Path]:
     """Previous versions of ``target`` that a replacement moved aside, newest first."""
     target = Path(target)
-    return sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:  # removed meanwhile by another process
+            return 0.0
+
+    return sorted(target.parent.glob(f".{target.name}.old-*"), key=mtime, reverse=True)
+
+
+def _writer() -> str:
+    """This process as a writer: ``host-pid``, the host reduced to letters and digits."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _dead_writer(entry: Path, kind: str, target: Path) -> bool:
+    """Whether the writer that made ``entry`` (``.NAME.<kind>-HOST-PID-...``) is a process of this
+    host that no longer runs. Entries of other hosts, or of live writers, are left alone."""
+    match = re.match(rf"^\.{re.escape(target.name)}\.{kind}-([A-Za-z0-9]+)-(\d+)-", entry.name)
+    if not match:
+        return False
+    host, pid = match.groups()
+    return host == _writer().split("-")[0] and not _alive(int(pid))
 
 
 def _umask() -> int:
@@ -112,18 +137,22 @@ def _recover(target: Path) -> None:
 
     A replacement killed between its two renames: with ``target`` missing, its previous version
     (moved aside, complete) goes back; versions moved aside from a ``target`` that is in place are
-    dropped. A writer killed before its rename: its temporary directory is removed once its
-    process is gone.
+    dropped. A writer killed before its rename: its temporary directory is removed. Only what
+    writers of this host that no longer run left behind is touched.
     """
     for old in moved_aside(target):
+        if not _dead_writer(old, "old", target):
+            continue  # a live writer is between its renames (or another host's entry)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(old, target)
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-")
+            try:
+                os.replace(old, target)
+            except OSError:
+                if not target.exists():
+                    raise
     for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        match = pattern.match(tmp.name)
-        if match and tmp.is_dir() and not _alive(int(match.group(1))):
+        if tmp.is_dir() and _dead_writer(tmp, "tmp", target):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -139,7 +168,7 @@ def _swap_in(tmp: Path, target: Path, overwrite: bool) -> None:
                 raise
     if not overwrite:  # another process finished first
         raise FileExistsError(f"{target} appeared while it was being written; not replacing it.")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_writer()}-", dir=target.parent))
     old.rmdir()
     os.replace(target, old)
     try:

@@ -91,11 +91,16 @@ def _spqt_config(path_or_repo) -> dict | None:
         return None
 
 
-def _load_converted(path, *, return_config: bool = False, lazy: bool = False, **_):
+def _load_converted(path, *, return_config: bool = False, lazy: bool = False, adapter_path=None,
+                    tokenizer_config=None, **_):
     """Load a directory written by spqt-convert (its config has an ``spqt`` section).
 
-    Returns what ``mlx_lm.load`` would; its tokenizer, adapter and model options do not apply.
+    Returns what ``mlx_lm.load`` would, with ``tokenizer_config`` (e.g. the server's
+    ``--chat-template``) applied; adapters are refused, since they train on the float model.
     """
+    if adapter_path:
+        raise ValueError(f"{path} holds an spqt-converted model: --adapter-path does not apply to it "
+                         "(convert the model with the adapter fused instead).")
     try:
         checkpoint = importlib.import_module("spqt_mlx.checkpoint")
     except ImportError:
@@ -103,8 +108,13 @@ def _load_converted(path, *, return_config: bool = False, lazy: bool = False, **
     if checkpoint is None or not hasattr(checkpoint, "load"):
         raise ValueError(f"{path} holds an spqt-converted model, but this spqt-mlx cannot load those.")
     model, tokenizer = checkpoint.load(path, lazy=lazy)
+    config = json.loads((Path(path) / "config.json").read_text())
+    if tokenizer_config:
+        from mlx_lm.utils import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(path), tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     if return_config:
-        return model, tokenizer, json.loads((Path(path) / "config.json").read_text())
+        return model, tokenizer, config
     return model, tokenizer
 
 
@@ -185,7 +195,11 @@ def shard_model(model, group, name) -> None:
     model.shard(group)
     fuse_shared_inputs(model)  # the sharded layers are new: stack them again
     mx.eval(model.parameters())
-    mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # the ranks start together
+    # The ranks start together and sample alike: each draws the next seed from its own generator,
+    # and all take rank 0's (with --seed every rank's generator is in the same state anyway).
+    draw = mx.random.randint(0, 2**31 - 1, ())
+    seed = mx.distributed.all_sum(mx.where(mx.array(group.rank() == 0), draw, 0), group=group)
+    mx.random.seed(int(seed.item()))
     _log(f"sharded over {group.size()} processes (rank {group.rank()})")
 
 
@@ -210,7 +224,7 @@ def install(namespace: dict, *, strict: bool = False, distributed: bool = False)
     def parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
         state.clear()
         model = getattr(args, "model", None)
-        if model:
+        if model and not Path(model).exists():  # a local directory of that name comes first
             from .sources import resolve_short_name
 
             try:
@@ -277,7 +291,7 @@ def install(namespace: dict, *, strict: bool = False, distributed: bool = False)
 
             if pipeline_group is not None:
                 raise ValueError("--spqt shards by tensor parallelism only; drop --pipeline.")
-            model, tokenizer, config = load(repo, return_config=True)
+            model, tokenizer, config = load(repo, return_config=True, **kw)
             shard_model(model, tensor_group or mx.distributed.init(), repo)
             return (model, tokenizer, config) if return_config else (model, tokenizer)
 

@@ -30,7 +30,7 @@ def resolve_short_name(model: str, *, dtype: str | None = None) -> str:
     The directory holds ``dtype`` weights (default ``default_dtype()``); it is fetched and
     converted on first use.
     """
-    if model not in SHORT_NAMES:
+    if model not in SHORT_NAMES or Path(model).exists():  # a local directory of that name comes first
         return model
     from .assets import default_model_dir
 

@@ -52,13 +52,19 @@ def self_generated_tokens(
     produces on its own kind of text.
     """
     from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
     from tqdm.auto import tqdm
 
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}.")
-    mx.random.seed(seed)
-    sampler = make_sampler(temp=temperature)
+    # Sampled with keys of its own: the global random state (the user's generation after
+    # calibration) is left as it was.
+    key = mx.random.key(seed)
+
+    def sampler(logprobs):
+        nonlocal key
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1 / temperature), key=draw)
+
     eos = set(getattr(tokenizer, "eos_token_ids", []) or [])
     tokens: list[int] = []
     prompts = iter(CALIBRATION_PROMPTS * (1 + n_tokens // 16))

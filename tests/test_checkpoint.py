@@ -343,7 +343,6 @@ with files.atomic_directory(target, overwrite=True) as tmp:
 def test_writer_killed_midway_leaves_nothing_after_the_next_write(tmp_path):
     """A writer killed before its rename leaves its temporary directory; the next write to the same
     target removes it (a live writer's is kept)."""
-    import os
     import subprocess
     import sys
 
@@ -360,11 +359,13 @@ with files.atomic_directory(Path({str(target)!r})) as tmp:
     assert killed.returncode == -9, killed.stderr
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".model.tmp-"), left
-    live = tmp_path / f".model.tmp-{os.getpid()}-live"  # a writer that is still running
+    live = tmp_path / f".model.tmp-{files._writer()}-live"  # a writer of this host that still runs
+    elsewhere = tmp_path / ".model.tmp-otherhost-999999-x"  # another machine's writer: not ours to judge
     live.mkdir()
+    elsewhere.mkdir()
     with files.atomic_directory(target) as tmp:
         (tmp / "config.json").write_text("{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, elsewhere.name])
 
 
 def test_atomic_write_text(tmp_path):

@@ -184,3 +184,14 @@ def test_long_steps_show_progress(tiny_gguf, tmp_path, capsys):
     checkpoint.load(out, progress=False)
     perplexity.perplexity(model, list(range(3, 40)), window=16, progress=False)
     assert "|" not in capsys.readouterr().err
+
+
+def test_self_generated_text_leaves_the_global_random_state_alone(tiny_model_dir):
+    """Calibration text is sampled with keys of its own: a user's sampling after it (--temp > 0
+    without --seed) is not made the same on every run."""
+    model, tokenizer, _ = sources.load_source(str(tiny_model_dir))
+    mx.random.seed(11)
+    want = mx.random.uniform(shape=(4,))
+    mx.random.seed(11)
+    texts.self_generated_tokens(model, tokenizer, 16, seed=3, progress=False)
+    assert mx.array_equal(mx.random.uniform(shape=(4,)), want).item()

@@ -155,3 +155,21 @@ def test_stacking_a_lazy_model_keeps_it_lazy():
     assert not _ext.is_evaluated(q["weight"]) and not _ext.is_evaluated(q._shared.weight)
     tokens = random_tokens(5, seed=2)
     np.testing.assert_allclose(decode_logits(model, tokens, 2), decode_logits(reference, tokens, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mixed_dtype_call_keeps_the_siblings_stacked(monkeypatch):
+    """A float32 input to a float16 model is cast once for all siblings, so they still run as one
+    stacked product."""
+    model, fused = patched_pair(0.0)
+    for m in (model, fused):
+        m.set_dtype(mx.float16)
+    assert fuse_shared_inputs(fused) > 0
+    x = mx.random.normal((1, 1, 128))  # float32
+    attn = fused.model.layers[0].self_attn
+    calls = gemv_calls(monkeypatch)
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    # (Each layer first tries x as it is, which the op refuses; then the cast x runs stacked.)
+    assert q.dtype == mx.float32 and attn.q_proj._shared.enabled and calls.count((8, 128, 4)) == 1
+    ref = model.model.layers[0].self_attn
+    for got, layer in ((q, ref.q_proj), (k, ref.k_proj), (v, ref.v_proj)):
+        np.testing.assert_allclose(np.array(got), np.array(layer(x)), rtol=1e-3, atol=1e-3)

@@ -323,3 +323,20 @@ def test_moe_routers_stay_exact():
     assert "model.layers.0.mlp.gate" in routers(model) and type(model.model.layers[0].mlp.gate) is nn.Linear
     assert "model.layers.0.self_attn.q_proj" in paths and not [p for p in paths if p.endswith("mlp.gate")]
     mx.eval(model(random_tokens(3)))
+
+
+def test_routers_nested_in_a_router_module_stay_exact():
+    """afmoe keeps its router one level down (mlp.router.gate): found by its output, one score per
+    expert."""
+    import importlib
+
+    module = importlib.import_module("mlx_lm.models.afmoe")
+    config = {"model_type": "afmoe", "vocab_size": 320, "hidden_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "head_dim": 32,
+              "rope_theta": 100.0, "layer_types": ["full_attention", "sliding_attention"], "num_experts": 64,
+              "num_experts_per_tok": 2, "moe_intermediate_size": 64, "num_dense_layers": 1}
+    model = module.Model(module.ModelArgs.from_dict(config))
+    found = routers(model)
+    assert found and all(p.endswith("router.gate") for p in found), found
+    paths = patch_model(model, group_size=32)
+    assert not set(paths) & found and [p for p in paths if "self_attn" in p]

@@ -78,6 +78,21 @@ def test_uneven_splits_are_refused():
         shard_zigzag(layer(), "both")
 
 
+def free_ports() -> int:
+    """A port p with p and p + 1 free: the ring backend listens on one port per rank."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", p + 1))
+                    return p
+            except OSError:
+                continue
+    pytest.skip("no two adjacent free ports")
+
+
 def launcher():
     exe = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
     if not Path(exe).exists():
@@ -89,9 +104,7 @@ def launcher():
 def test_two_processes_decode_as_one(threshold, family):
     """Two ranks over the ring backend: prompt logits and greedy (sparse) decode of the sharded model
     equal the unsharded model's."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()
     cmd = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--python", sys.executable,
            str(JOB), str(threshold), family]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -111,9 +124,7 @@ def test_mlx_lm_benchmark_spqt_under_mlx_launch(tmp_path):
     from lm_fixtures import write_model_dir
 
     model_dir = write_model_dir(tmp_path / "tiny", chat_template=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()
     benchmark = shutil.which("mlx_lm.benchmark") or str(Path(sys.executable).parent / "mlx_lm.benchmark")
     # Long options only: mlx.launch takes -n and -p itself.
     cmd = [launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--python", sys.executable,
@@ -139,9 +150,7 @@ def test_spqt_generate_under_mlx_launch(tmp_path):
     single = subprocess.run([sys.executable, "-m", "spqt_mlx.generate", *args], capture_output=True, text=True,
                             env=env, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()
     script = shutil.which("spqt-generate") or str(Path(sys.executable).parent / "spqt-generate")
     if not Path(script).exists():
         pytest.skip("spqt-mlx is not pip-installed (no spqt-generate script)")

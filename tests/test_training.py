@@ -62,8 +62,25 @@ def test_gradient_with_respect_to_x(gs, bits, dtype):
 def test_quantized_weights_have_no_gradient():
     q = layer(np.random.default_rng(0), 64, 32, 64, 4, mx.float32)
     x = mx.random.normal((1, 32))
-    with pytest.raises(ValueError, match="only x has a gradient"):
+    with pytest.raises(ValueError, match="weight has no gradient"):
         mx.grad(lambda s: _ext.zigzag_gemv(x, q.weight, s, q.biases, None, ActiveKind.Dense, 64, 4).sum())(q.scales)
+
+
+def test_an_active_set_computed_from_x_passes_no_gradient():
+    """Indices picked from x itself (top-k of |x|): the gradient flows to x through the product only."""
+    q = layer(np.random.default_rng(1), 64, 32, 64, 4, mx.float32)
+    W = dense_weight64(q)
+    x = mx.random.normal((1, 32))
+
+    def loss(x):
+        top = mx.argsort(mx.abs(x[0]))[-8:].astype(mx.int32)
+        return _ext.zigzag_gemv(x, q.weight, q.scales, q.biases, top, ActiveKind.Indices, 64, 4).sum()
+
+    got = np.array(mx.grad(loss)(x))[0]
+    top = np.argsort(np.abs(np.array(x[0])))[-8:]
+    want = np.zeros(32)
+    want[top] = W.sum(0)[top]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_zigzag_layers_are_frozen_like_quantized_linear():

@@ -121,6 +121,10 @@ class SharedInputGroup:
         if not self.enabled:
             return None
         if x is not self._x:
+            if x.dtype != self.layers[0]["scales"].dtype:
+                # A mixed-dtype call: the layer casts x (once for all siblings, see linear.py)
+                # and comes back with the cast array.
+                return None
             if self._pending:
                 # A sibling skipped the last input: not a shared one. Stop stacking for good.
                 self.enabled = False

@@ -28,6 +28,17 @@ def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value,
     return zigzag_matmul(x, ZigzagWeight(weight, scales, biases, group_size, bits))
 
 
+_last_cast: list = [None, None, None]  # (x, dtype, x cast to dtype)
+
+
+def _cast(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    """``x.astype(dtype)``, the same array again for the same ``x``: siblings that read one input
+    (q/k/v, gate/up) must still see one array to run stacked (fused.py)."""
+    if _last_cast[0] is not x or _last_cast[1] != dtype:
+        _last_cast[:] = [x, dtype, x.astype(dtype)]
+    return _last_cast[2]
+
+
 def check_threshold(value) -> float:
     """A layer threshold as a float, or a TypeError/ValueError saying what is wrong with it."""
     if isinstance(value, mx.array):
@@ -213,7 +224,7 @@ class ZigzagLinear(nn.Module):
             # the product in the layer's dtype. Handled here, off the path of every other call.
             if x.dtype == self["scales"].dtype or x.dtype not in FLOAT_DTYPES:
                 raise
-            return self(x.astype(self["scales"].dtype)).astype(mx.result_type(x.dtype, self["scales"].dtype))
+            return self(_cast(x, self["scales"].dtype)).astype(mx.result_type(x.dtype, self["scales"].dtype))
         if self._stats_on and self._threshold_value > 0 and x.size == self["weight"].shape[1]:
             self._record(collect_active(x, self._threshold_value).count)
         if "bias" in self:

@@ -46,19 +46,38 @@ def is_projection(path: str, module: nn.Module) -> bool:
 
 
 def routers(model: nn.Module) -> set[str]:
-    """Paths of MoE routers: the linear layers beside a block's experts (``mlp.gate`` next to
-    ``mlp.switch_mlp``, ``shared_expert_gate``). Their outputs pick the experts, so they stay exact
+    """Paths of MoE routers: in a block that holds experts (``SwitchGLU``, ``SwitchMLP``,
+    ``SwitchLinear``), the linear layers beside the experts (``mlp.gate`` next to
+    ``mlp.switch_mlp``, ``shared_expert_gate``) and the single linear layer of a router module with
+    one output per expert (``mlp.router.gate``). Their outputs pick the experts, so they stay exact
     and dense, as mlx-lm's quantization recipes keep them at higher precision."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
 
     experts = (SwitchGLU, SwitchMLP, SwitchLinear, QuantizedSwitchLinear)
+    linears = (*_LINEAR_TYPES, ZigzagLinear)
     found = set()
     for path, module in model.named_modules():
         children = module.children()
-        if any(isinstance(c, experts) for c in children.values()):
-            for name, child in children.items():
-                if isinstance(child, (*_LINEAR_TYPES, ZigzagLinear)):
-                    found.add(f"{path}.{name}" if path else name)
+        switch = [c for c in tree_flatten(children, is_leaf=nn.Module.is_module) if isinstance(c[1], experts)]
+        if not switch:
+            continue
+        counts = set()
+        for _, sw in switch:
+            for _, m in sw.named_modules():
+                if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)):
+                    counts.add(m.num_experts)
+        prefix = f"{path}." if path else ""
+        for sub, m in tree_flatten(children, is_leaf=nn.Module.is_module):
+            if isinstance(m, experts):
+                continue
+            if isinstance(m, linears):  # beside the experts: a router or a shared-expert gate
+                found.add(prefix + sub)
+                continue
+            # A router module one level down holds a single linear layer with one output per
+            # expert (a shared expert is an MLP of several).
+            inner = [(n, leaf) for n, leaf in m.named_modules() if isinstance(leaf, linears)]
+            if len(inner) == 1 and _output_dims(inner[0][1]) in counts:
+                found.add(f"{prefix}{sub}.{inner[0][0]}")
     return found
 
 
@@ -75,7 +94,9 @@ def projections(model: nn.Module) -> list[str]:
             and p.split(".")[-1] != "lm_head"]
 
 
-def _output_dims(module: nn.Linear | nn.QuantizedLinear) -> int:
+def _output_dims(module: nn.Module) -> int:
+    if isinstance(module, ZigzagLinear):
+        return module.output_dims
     return module.weight.shape[0]
 
 

@@ -1,9 +1,9 @@
 """Tensor parallelism for zigzag layers: what ``model.shard(group)`` does to them.
 
-mlx-lm's model files shard their projections with ``mlx.nn.layers.distributed.shard_linear``,
-which knows ``nn.Linear`` and ``nn.QuantizedLinear`` only. ``patch_model`` wraps the ``shard``
-method of each patched model's class so that, during the call, ``shard_linear`` also takes
-zigzag layers:
+mlx-lm's model files shard their projections with ``shard_linear`` and ``shard_inplace`` (from
+``mlx.nn.layers.distributed``), which know ``nn.Linear`` and ``nn.QuantizedLinear`` only.
+``patch_model`` wraps the ``shard`` method of each patched model's class so that, during the call,
+both also take zigzag layers:
 
 * ``"all-to-sharded"``: each rank keeps whole bands of output rows (the zigzag layout splits
   there for free); the forward pass is local.
@@ -28,13 +28,17 @@ _MARK = "__spqt_shard__"
 
 
 def _parts(n: int, segments, what: str) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each segment of ``n`` (``segments``: a count, or split fractions)."""
+    """``[start, stop)`` of each segment of ``n``, as mlx's sharding reads ``segments``: a count of
+    equal segments, a list of split points (integers) or a list of split fractions."""
     if isinstance(segments, int):
-        if n % segments:
+        if segments < 1 or n % segments:
             raise ValueError(f"{what}: {n} cannot be cut into {segments} equal segments.")
         step = n // segments
         return [(i * step, (i + 1) * step) for i in range(segments)]
-    cuts = [0, *(int(s * n) for s in segments), n]
+    points = [int(s) if isinstance(segments[0], int) else int(s * n) for s in segments]
+    cuts = [0, *points, n]
+    if any(a > b for a, b in zip(cuts[:-1], cuts[1:])):
+        raise ValueError(f"{what}: the split points {list(segments)} are not ordered within [0, {n}].")
     return list(zip(cuts[:-1], cuts[1:]))
 
 
@@ -139,6 +143,20 @@ class ZigzagShardedToAllLinear(ZigzagLinear):
         return y
 
 
+def shard_zigzag_inplace(module: ZigzagLinear, sharding: str, *, segments=1, group=None) -> None:
+    """``shard_inplace`` for zigzag layers: the layer keeps the rank's bands (all-to-sharded) or
+    input columns (sharded-to-all; the bias stays whole) and its caller communicates, as mlx's
+    ``shard_inplace`` leaves it to the caller."""
+    cls = {"all-to-sharded": ZigzagAllToShardedLinear, "sharded-to-all": ZigzagShardedToAllLinear}.get(sharding)
+    if cls is None:
+        raise ValueError(f"sharding must be 'all-to-sharded' or 'sharded-to-all', got {sharding!r}.")
+    sharded = cls.from_zigzag(module, segments=segments, group=group)
+    module.weight, module.scales, module.biases = sharded["weight"], sharded["scales"], sharded["biases"]
+    if "bias" in sharded:
+        module.bias = sharded["bias"]
+    module._shared = None  # its stacked group, if any, no longer matches
+
+
 def shard_zigzag(module, sharding: str, *, segments=1, group=None):
     """``shard_linear`` for zigzag layers (a new layer; the original is unchanged)."""
     if sharding == "all-to-sharded":
@@ -148,12 +166,12 @@ def shard_zigzag(module, sharding: str, *, segments=1, group=None):
     raise ValueError(f"sharding must be 'all-to-sharded' or 'sharded-to-all', got {sharding!r}.")
 
 
-def _with_zigzag(shard_linear):
-    @functools.wraps(shard_linear)
+def _with_zigzag(base, for_zigzag):
+    @functools.wraps(base)
     def wrapped(module, sharding, *args, **kwargs):
         if isinstance(module, ZigzagLinear):
-            return shard_zigzag(module, sharding, *args, **kwargs)
-        return shard_linear(module, sharding, *args, **kwargs)
+            return for_zigzag(module, sharding, *args, **kwargs)
+        return base(module, sharding, *args, **kwargs)
 
     setattr(wrapped, _MARK, True)
     return wrapped
@@ -174,15 +192,16 @@ def make_shardable(model) -> None:
         swapped = []
         for name, module in list(sys.modules.items()):
             if name.startswith("mlx_lm.models.") and module is not None:
-                current = getattr(module, "shard_linear", None)
-                if current is not None and not getattr(current, _MARK, False):
-                    module.shard_linear = _with_zigzag(current)
-                    swapped.append((module, current))
+                for attr, for_zigzag in (("shard_linear", shard_zigzag), ("shard_inplace", shard_zigzag_inplace)):
+                    current = getattr(module, attr, None)
+                    if current is not None and not getattr(current, _MARK, False):
+                        setattr(module, attr, _with_zigzag(current, for_zigzag))
+                        swapped.append((module, attr, current))
         try:
             return base(self, *args, **kwargs)
         finally:
-            for module, current in swapped:
-                module.shard_linear = current
+            for module, attr, current in swapped:
+                setattr(module, attr, current)
 
     setattr(shard, _MARK, True)
     cls.shard = shard

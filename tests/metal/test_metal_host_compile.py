@@ -9,9 +9,11 @@ clang).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -56,7 +58,16 @@ def mlx_metal_include(tmp_path_factory):
     root.mkdir(parents=True, exist_ok=True)
     target = root / "include"
     if not target.exists():
-        (staging / "mlx" / "include").replace(target)
+        # Copied beside the cache first (the temp dir may be another filesystem), then renamed in.
+        beside = Path(tempfile.mkdtemp(prefix=".include-", dir=root))
+        shutil.copytree(staging / "mlx" / "include", beside / "include")
+        try:
+            os.replace(beside / "include", target)
+        except OSError:
+            if not target.exists():
+                raise
+        finally:
+            shutil.rmtree(beside, ignore_errors=True)
     return target
 
 
