@@ -161,3 +161,22 @@ def test_spqt_generate_under_mlx_launch(tmp_path):
     assert done.stdout.count("Generation:") == 1 and (done.stdout + done.stderr).count("sharded over 2 processes") == 2
     text = lambda out: out.split("==========")[1].strip()
     assert text(done.stdout) == text(single.stdout)
+
+
+def test_integer_split_points_and_in_place_sharding():
+    """segments as split points (qwen3_5's [kd, 2*kd]) and mlx-lm's shard_inplace, for zigzag layers."""
+    from spqt_mlx.patch.sharded import _parts, shard_zigzag_inplace
+
+    assert _parts(192, [64, 128], "w") == [(0, 64), (64, 128), (128, 192)]
+    assert _parts(192, [0.25, 0.5], "w") == [(0, 48), (48, 96), (96, 192)]
+    with pytest.raises(ValueError, match="not ordered"):
+        _parts(192, [128, 64], "w")
+    full = layer(out_dims=256, in_dims=64)
+    x = mx.random.normal((2, 64))
+    want = np.array(full(x))
+    rank1 = layer(out_dims=256, in_dims=64)
+    shard_zigzag_inplace(rank1, "all-to-sharded", segments=[64], group=FakeGroup(1, 2))
+    assert type(rank1) is ZigzagLinear and rank1.output_dims == 128
+    # Rank 1 holds the second half of each segment: rows 32-63 and 160-255.
+    np.testing.assert_allclose(np.array(rank1(x)), np.concatenate([want[:, 32:64], want[:, 160:]], axis=1),
+                               rtol=1e-5, atol=1e-5)
