@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Sequence
 
@@ -18,3 +19,13 @@ def run(prog: str, work: Callable[[Sequence[str] | None], object], argv: Sequenc
     except EXPECTED as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def sparsity_value(text: str):
+    """The type of ``--sparsity``: a number or ``auto`` (the range is checked with the other values)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or 'auto', got {text!r}") from None

@@ -16,6 +16,7 @@ that projection's inputs is the ``s``-quantile of the samples.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -492,6 +493,62 @@ def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform",
         thresholds = calibrate(model, tokens, sparsity, method=method, progress=progress)
     set_thresholds(model, thresholds)
     return thresholds
+
+
+# ---- sparsity chosen by a quality budget ---------------------------------------------------------
+
+DEFAULT_MAX_PPL_INCREASE = 5.0  # percent
+AUTO_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCREASE, method: str = "uniform",
+                    candidates=AUTO_CANDIDATES, window: int = 256) -> tuple[float, dict[str, float], list[dict]]:
+    """The largest sparsity whose perplexity rises by at most ``max_increase`` percent.
+
+    The first half of ``tokens`` calibrates the thresholds of each candidate sparsity (in
+    ascending order), the second half is scored (masked, as decoding skips) against sparsity 0;
+    the search stops at the first candidate over the budget. The chosen thresholds are set on the
+    patched ``model``. Returns ``(sparsity, thresholds, rows)``, a row per sparsity tried:
+    ``{"sparsity", "perplexity", "increase"}`` (increase in percent).
+    """
+    if not math.isfinite(max_increase) or max_increase < 0:
+        raise ValueError(f"the perplexity budget must be a percentage >= 0, got {max_increase}.")
+    tokens = list(tokens)
+    if len(tokens) < 32:
+        raise ValueError(f"choosing a sparsity needs at least 32 tokens (half to calibrate, half to score), got {len(tokens)}.")
+    half = len(tokens) // 2
+    calibration, held_out = tokens[:half], tokens[half:]
+    window = min(window, len(held_out))
+
+    from .perplexity import perplexity
+
+    def score():
+        return perplexity(model, held_out, window=window, progress=False)["perplexity"]
+
+    chosen = sparsify(model, calibration, 0.0, method, progress=False)
+    base = score()
+    rows = [{"sparsity": 0.0, "perplexity": base, "increase": 0.0}]
+    best = 0.0
+    for s in sorted(candidates):
+        thresholds = sparsify(model, calibration, s, method, progress=False)
+        ppl = score()
+        rows.append({"sparsity": s, "perplexity": ppl, "increase": 100.0 * (ppl / base - 1.0)})
+        if not rows[-1]["increase"] <= max_increase:
+            break
+        best, chosen = s, thresholds
+    set_thresholds(model, chosen)
+    return best, chosen, rows
+
+
+def describe_choice(sparsity: float, rows: list[dict], max_increase: float, source: str) -> str:
+    """One line on what ``choose_sparsity`` chose and why."""
+    chosen = next(r for r in rows if r["sparsity"] == sparsity)
+    line = (f"sparsity auto: {sparsity:.0%} (perplexity {chosen['increase']:+.1f} % on held-out tokens of {source}, "
+            f"budget {max_increase:g} %)")
+    over = [r for r in rows if r["sparsity"] > sparsity]
+    if over:
+        line += f"; {over[0]['sparsity']:.0%} would cost {over[0]['increase']:+.1f} %"
+    return line
 
 
 def apply_thresholds(model: nn.Module, thresholds: float | Mapping[str, float]) -> None:

@@ -19,10 +19,14 @@ import time
 import types
 from pathlib import Path
 
+from . import _cli
 from .calibrate import METHODS
 
 _MARK = "__spqt_hook__"
-DEFAULT_SPARSITY = 0.5
+# The largest sparsity within a perplexity budget (spqt_mlx.perplexity.choose_sparsity).
+DEFAULT_SPARSITY = "auto"
+
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--sparsity",
+        type=_cli.sparsity_value,
+        default=None,
+        help="Target fraction of skipped projection inputs per decoded token, or 'auto': the largest whose "
+        "perplexity on held-out calibration text rises by at most --max-ppl-increase (default: auto; a "
+        "directory from spqt-convert keeps its calibrated thresholds unless this is given).",
+    )
+    group.add_argument(
+        "--max-ppl-increase",
         type=float,
         default=None,
-        help=f"Target fraction of skipped projection inputs per decoded token (default: {DEFAULT_SPARSITY}; a "
-        "directory from spqt-convert keeps its calibrated thresholds unless this is given).",
+        help="With --sparsity auto: the perplexity increase allowed, in percent (default: 5).",
     )
     group.add_argument(
         "--calibration-text",
@@ -56,15 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration-tokens",
         type=int,
         default=256,
-        help="Number of calibration tokens (default: 256).",
+        help="Number of calibration tokens (default: 256; with --sparsity auto half of them calibrate and half "
+        "are scored).",
     )
     group.add_argument("--group-size", type=int, default=64, help="Zigzag group size: 32, 64 or 128 (default: 64).")
     group.add_argument("--bits", type=int, default=4, help="Zigzag bits: 2, 3, 4, 5, 6 or 8 (default: 4).")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+    if args.sparsity is not None and args.sparsity != "auto" and not 0.0 <= args.sparsity < 1.0:
         raise ValueError(f"--sparsity must lie in [0, 1), got {args.sparsity}.")
+    if args.max_ppl_increase is not None and not args.max_ppl_increase >= 0:
+        raise ValueError(f"--max-ppl-increase must be a percentage >= 0, got {args.max_ppl_increase}.")
     if args.calibration_tokens < 2:
         raise ValueError(f"--calibration-tokens must be at least 2, got {args.calibration_tokens}.")
     if args.calibration_text is not None and not Path(args.calibration_text).is_file():
@@ -128,7 +142,7 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
         raise ValueError("--spqt: the model has no attention or MLP projections that can be patched.")
     _log(f"{len(paths)} projections -> {args.bits}-bit zigzag (group size {args.group_size}) in {time.perf_counter() - t0:.1f} s")
     sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
-    if sparsity > 0:
+    if sparsity != 0:
         recalibrate(model, tokenizer, args, sparsity)
     from .patch import fuse_shared_inputs
 
@@ -137,8 +151,9 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     return paths
 
 
-def recalibrate(model, tokenizer, args, sparsity: float) -> None:
-    """Calibrate the thresholds of a patched ``model`` for ``sparsity`` (0 turns sparsity off)."""
+def recalibrate(model, tokenizer, args, sparsity) -> None:
+    """Calibrate the thresholds of a patched ``model`` for ``sparsity``: a fraction (0 turns
+    sparsity off) or ``"auto"`` (the largest within the perplexity budget)."""
     from .calibrate import apply_thresholds, calibrate
 
     if sparsity == 0:
@@ -149,8 +164,16 @@ def recalibrate(model, tokenizer, args, sparsity: float) -> None:
     t0 = time.perf_counter()
     tokens, _ = calibration_tokens(model, tokenizer, text_file=args.calibration_text, n_tokens=args.calibration_tokens)
     source = args.calibration_text or "self-generated text"
-    _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of {source}")
-    apply_thresholds(model, calibrate(model, tokens, sparsity, method=args.calibration_method))
+    if sparsity == "auto":
+        from .calibrate import DEFAULT_MAX_PPL_INCREASE, choose_sparsity, describe_choice
+
+        budget = DEFAULT_MAX_PPL_INCREASE if args.max_ppl_increase is None else args.max_ppl_increase
+        _log(f"choosing the sparsity within a {budget:g} % perplexity budget on {len(tokens)} tokens of {source}")
+        chosen, _, rows = choose_sparsity(model, tokens, max_increase=budget, method=args.calibration_method)
+        _log(describe_choice(chosen, rows, budget, source))
+    else:
+        _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of {source}")
+        apply_thresholds(model, calibrate(model, tokens, sparsity, method=args.calibration_method))
     if getattr(args, "seed", None) is not None:
         import mlx.core as mx
 

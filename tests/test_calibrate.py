@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from spqt_mlx.calibrate import apply_thresholds, block_output_errors, calibrate, input_sparsity
-from spqt_mlx.patch import achieved_sparsity, patch_model, record_stats, zigzag_layers
+from spqt_mlx.patch import achieved_sparsity, patch_model, record_stats, set_thresholds, zigzag_layers
 
 from lm_fixtures import random_tokens, tiny_llama
 
@@ -169,3 +169,28 @@ patch_model(model)
 tokens = [3, 7, {bad}, 11]
 {entry}
 """, "ValueError", "vocabulary")
+
+
+def test_sparsity_auto_takes_the_largest_within_the_budget(patched, calibration_tokens):
+    """choose_sparsity: thresholds from the first half of the tokens, perplexity on the second;
+    the largest candidate within the budget is set on the model."""
+    from spqt_mlx.calibrate import AUTO_CANDIDATES, choose_sparsity, describe_choice
+    from spqt_mlx.patch import get_thresholds
+
+    tokens = calibration_tokens[0, :96].tolist()
+    chosen, thresholds, rows = choose_sparsity(patched, tokens, max_increase=1e9)
+    assert chosen == max(AUTO_CANDIDATES) and get_thresholds(patched) == thresholds
+    assert [r["sparsity"] for r in rows] == [0.0, *sorted(AUTO_CANDIDATES)] and rows[0]["increase"] == 0.0
+    for budget in (0.0, 3.0, 30.0):
+        chosen, thresholds, rows = choose_sparsity(patched, tokens, max_increase=budget)
+        within = [r for r in rows if r["sparsity"] <= chosen]
+        assert all(r["increase"] <= budget for r in within)
+        beyond = [r for r in rows if r["sparsity"] > chosen]
+        assert not beyond or beyond[0]["increase"] > budget
+        assert get_thresholds(patched) == thresholds
+        assert f"sparsity auto: {chosen:.0%}" in describe_choice(chosen, rows, budget, "test text")
+    with pytest.raises(ValueError, match="at least 32 tokens"):
+        choose_sparsity(patched, tokens[:20])
+    with pytest.raises(ValueError, match="budget"):
+        choose_sparsity(patched, tokens, max_increase=-1)
+    set_thresholds(patched, 0.0)  # the module's other tests start dense

@@ -126,6 +126,11 @@ def test_bad_arguments(tiny_model_dir, tmp_path, text_file):
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     with pytest.raises(ValueError, match="sparsity"):
         convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--sparsity", "1.0"])
+    with pytest.raises(SystemExit):  # argparse: a number or 'auto'
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--sparsity", "most"])
+    for bad in (1.0, "most", -0.1):
+        with pytest.raises(ValueError, match="sparsity"):
+            convert.convert(str(tiny_model_dir), tmp_path / "o", sparsity=bad)
     with pytest.raises(FileNotFoundError):
         convert.run(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError):

@@ -306,3 +306,9 @@ def test_spqt_generate_exit_codes(model_dir, tmp_path):
         failed = subprocess.run([*cmd, *args, "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300)
         assert failed.returncode == 2, failed.stderr
         assert "Traceback" not in failed.stderr and message in failed.stderr.strip().splitlines()[-1]
+
+
+def test_sparsity_auto_is_the_default(model_dir, capsys):
+    main(["--model", str(model_dir), *COMMON, "--spqt", "--max-ppl-increase", "50"])
+    err = capsys.readouterr().err
+    assert "choosing the sparsity within a 50 % perplexity budget" in err and "sparsity auto:" in err
