@@ -58,10 +58,7 @@ class Encoder {
         library_(device_.get_library("spqt_mlx", module_dir())) {}
 
   Buffer temporary(int64_t elements, Element type) {
-    mx::array a(mx::Shape{int(elements)}, type == Element::Float32 ? mx::float32 : mx::int32, nullptr, {});
-    a.set_data(mx::allocator::malloc(a.nbytes()));
-    encoder_.add_temporary(a);
-    return a;
+    return temporary(mx::Shape{int(elements)}, type == Element::Float32 ? mx::float32 : mx::int32);
   }
 
   void set_kernel(const std::string& name) {
@@ -103,15 +100,21 @@ class Encoder {
     if (a.flags().row_contiguous || a.size() == 0) {
       return a;
     }
-    mx::array out(a.shape(), a.dtype(), nullptr, {});
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder_.add_temporary(out);
+    auto out = temporary(a.shape(), a.dtype());
     encode_copy_to_contiguous(*this, a, out, int(a.itemsize()), std::vector<int32_t>(a.shape().begin(), a.shape().end()),
                               std::vector<int64_t>(a.strides().begin(), a.strides().end()));
     return out;
   }
 
  private:
+  // A fresh array the command buffer keeps alive until it completes.
+  mx::array temporary(mx::Shape shape, mx::Dtype dtype) {
+    mx::array a(std::move(shape), dtype, nullptr, {});
+    a.set_data(mx::allocator::malloc(a.nbytes()));
+    encoder_.add_temporary(a);
+    return a;
+  }
+
   mx::metal::Device& device_;
   mx::metal::CommandEncoder& encoder_;
   MTL::Library* library_;

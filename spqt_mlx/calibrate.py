@@ -364,15 +364,7 @@ def calibrate(
         raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}.")
     rec = _record(model, tokens, with_blocks=method == "greedy", max_samples=max_samples, seed=seed, progress=progress)
     if method == "uniform" or sparsity == 0:
-        thresholds = {p: probe.threshold(sparsity) for p, probe in rec.probes.items()}
-        # Siblings reading one input (q/k/v, gate/up) see the same activations, so they get one
-        # threshold (their samples differ only by subsampling), which lets them run as one product.
-        from .patch.fused import shared_input_groups
-
-        for group in shared_input_groups(list(thresholds)):
-            for p in group[1:]:
-                thresholds[p] = thresholds[group[0]]
-        return thresholds
+        return _uniform_thresholds(rec, sparsity)
     sparsities = {p: sparsity for p in rec.probes}  # projections outside blocks stay uniform
     for (block_path, block), calls in tqdm(
         list(zip(rec.blocks, rec.block_calls)), desc="greedy allocation", disable=not progress
@@ -384,6 +376,20 @@ def calibrate(
         for probe in members.values():
             probe.release()
     return {p: rec.probes[p].threshold(s) for p, s in sparsities.items()}
+
+
+def _uniform_thresholds(rec: _Recording, sparsity: float) -> dict[str, float]:
+    """Every projection at ``sparsity``, from one recording (any number of sparsities can be read
+    from it)."""
+    thresholds = {p: probe.threshold(sparsity) for p, probe in rec.probes.items()}
+    # Siblings reading one input (q/k/v, gate/up) see the same activations, so they get one
+    # threshold (their samples differ only by subsampling), which lets them run as one product.
+    from .patch.fused import shared_input_groups
+
+    for group in shared_input_groups(list(thresholds)):
+        for p in group[1:]:
+            thresholds[p] = thresholds[group[0]]
+    return thresholds
 
 
 def _truncated(calls, tokens: int):
@@ -525,12 +531,22 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     def score():
         return perplexity(model, held_out, window=window, progress=False)["perplexity"]
 
+    if method == "uniform":  # one recording gives every candidate's thresholds
+        rec = _record(model, calibration, with_blocks=False, max_samples=1 << 16, seed=0, progress=False)
+
+        def thresholds_for(s):
+            return _uniform_thresholds(rec, s)
+    else:
+        def thresholds_for(s):
+            return calibrate(model, calibration, s, method=method, progress=False)
+
     chosen = sparsify(model, calibration, 0.0, method, progress=False)
     base = score()
     rows = [{"sparsity": 0.0, "perplexity": base, "increase": 0.0}]
     best = 0.0
     for s in sorted(candidates):
-        thresholds = sparsify(model, calibration, s, method, progress=False)
+        thresholds = thresholds_for(s)
+        set_thresholds(model, thresholds)
         ppl = score()
         rows.append({"sparsity": s, "perplexity": ppl, "increase": 100.0 * (ppl / base - 1.0)})
         if not rows[-1]["increase"] <= max_increase:

@@ -80,7 +80,8 @@ def convert(
     if sparsity == "auto":
         sparsity, thresholds, rows = choose_sparsity(net, tokens, max_increase=max_ppl_increase,
                                                      method=calibration_method)
-        choice = describe_choice(sparsity, rows, max_ppl_increase, described.split(" of ", 1)[-1])
+        source = Path(calibration_text).name if calibration_text is not None else "self-generated text"
+        choice = describe_choice(sparsity, rows, max_ppl_increase, source)
     else:
         thresholds = sparsify(net, tokens, sparsity, calibration_method, progress=progress)
     meta = {

@@ -23,10 +23,8 @@ from . import _cli
 from .calibrate import METHODS
 
 _MARK = "__spqt_hook__"
-# The largest sparsity within a perplexity budget (spqt_mlx.perplexity.choose_sparsity).
+# The largest sparsity within a perplexity budget (spqt_mlx.calibrate.choose_sparsity).
 DEFAULT_SPARSITY = "auto"
-
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,10 +152,10 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
 def recalibrate(model, tokenizer, args, sparsity) -> None:
     """Calibrate the thresholds of a patched ``model`` for ``sparsity``: a fraction (0 turns
     sparsity off) or ``"auto"`` (the largest within the perplexity budget)."""
-    from .calibrate import apply_thresholds, calibrate
+    from .calibrate import sparsify
 
     if sparsity == 0:
-        apply_thresholds(model, 0.0)
+        sparsify(model, [], 0.0)
         return
     from .texts import calibration_tokens
 
@@ -173,11 +171,7 @@ def recalibrate(model, tokenizer, args, sparsity) -> None:
         _log(describe_choice(chosen, rows, budget, source))
     else:
         _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of {source}")
-        apply_thresholds(model, calibrate(model, tokens, sparsity, method=args.calibration_method))
-    if getattr(args, "seed", None) is not None:
-        import mlx.core as mx
-
-        mx.random.seed(args.seed)  # sampling the calibration text used the global generator
+        sparsify(model, tokens, sparsity, args.calibration_method)
     _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
 
 

@@ -110,7 +110,7 @@ def test_failure_during_conversion_leaves_nothing(tiny_model_dir, tmp_path, text
     def broken(*args, **kwargs):
         raise RuntimeError("calibration failed")
 
-    monkeypatch.setattr(spqt_mlx.calibrate, "calibrate", broken)
+    monkeypatch.setattr(spqt_mlx.calibrate, "_record", broken)  # the forward pass every calibration makes
     with pytest.raises(RuntimeError, match="calibration failed"):
         convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
                       "--calibration-text", str(text_file)])

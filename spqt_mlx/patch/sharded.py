@@ -22,6 +22,7 @@ import sys
 import mlx.core as mx
 from mlx.nn.layers.distributed import sum_gradients
 
+from ..layout import ZigzagWeight
 from .linear import ZigzagLinear
 
 _MARK = "__spqt_shard__"
@@ -96,12 +97,10 @@ class ZigzagAllToShardedLinear(ZigzagLinear):
         gs = layer.group_size
         bands = _rank_slices(layer.output_dims, segments, group, gs, f"output rows of {layer}")
         band_slices = [(lo // gs, hi // gs) for lo, hi in bands]
-        qweight = layer.qweight
-        sharded = cls.__new__(cls)
-        ZigzagLinear.__init__(
-            sharded,
-            type(qweight)(_take(qweight.weight, band_slices, 0), _take(qweight.scales, band_slices, 0),
-                          _take(qweight.biases, band_slices, 0), gs, layer.bits),
+        q = layer.qweight
+        sharded = cls(
+            ZigzagWeight(_take(q.weight, band_slices, 0), _take(q.scales, band_slices, 0),
+                         _take(q.biases, band_slices, 0), gs, layer.bits),
             _take(layer.bias, bands, 0) if "bias" in layer else None,
             layer.threshold,
         )
@@ -121,12 +120,10 @@ class ZigzagShardedToAllLinear(ZigzagLinear):
     def from_zigzag(cls, layer: ZigzagLinear, *, segments=1, group=None) -> "ZigzagShardedToAllLinear":
         group = group or mx.distributed.init()
         columns = _rank_slices(layer.input_dims, segments, group, 1, f"input columns of {layer}")
-        qweight = layer.qweight
-        sharded = cls.__new__(cls)
-        ZigzagLinear.__init__(
-            sharded,
-            type(qweight)(_take(qweight.weight, columns, 1), _take(qweight.scales, columns, 1),
-                          _take(qweight.biases, columns, 1), layer.group_size, layer.bits),
+        q = layer.qweight
+        sharded = cls(
+            ZigzagWeight(_take(q.weight, columns, 1), _take(q.scales, columns, 1), _take(q.biases, columns, 1),
+                         layer.group_size, layer.bits),
             None,
             layer.threshold,
         )
