@@ -340,3 +340,11 @@ def test_routers_nested_in_a_router_module_stay_exact():
     assert found and all(p.endswith("router.gate") for p in found), found
     paths = patch_model(model, group_size=32)
     assert not set(paths) & found and [p for p in paths if "self_attn" in p]
+
+
+def test_structure_helpers_refuse_what_is_not_a_model():
+    from spqt_mlx.patch import projections
+
+    for fn in (projections, routers):
+        with pytest.raises(TypeError, match="mlx.nn.Module"):
+            fn({"layers": []})

@@ -76,6 +76,8 @@ def test_uneven_splits_are_refused():
         shard_zigzag(layer(in_dims=96), "sharded-to-all", group=FakeGroup(0, 5))
     with pytest.raises(ValueError, match="sharding must be"):
         shard_zigzag(layer(), "both")
+    with pytest.raises(TypeError, match="ZigzagLinear"):
+        shard_zigzag(nn.Linear(64, 64), "all-to-sharded")
 
 
 def free_ports() -> int:

@@ -53,6 +53,7 @@ def routers(model: nn.Module) -> set[str]:
     and dense, as mlx-lm's quantization recipes keep them at higher precision."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
 
+    _check_model(model)
     experts = (SwitchGLU, SwitchMLP, SwitchLinear, QuantizedSwitchLinear)
     linears = (*_LINEAR_TYPES, ZigzagLinear)
     found = set()
@@ -85,6 +86,7 @@ def projections(model: nn.Module) -> list[str]:
     """Paths of the layers :func:`patch_model` swaps by default, in model order: the projections
     of the model's stack of blocks (:func:`is_projection`) except MoE routers. A module without a
     stack of blocks (a single block) has all its linear layers patched, routers again excepted."""
+    _check_model(model)
     skip = routers(model)
     leaves = [(p, m) for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module) if p not in skip]
     found = [p for p, m in leaves if is_projection(p, m)]
@@ -92,6 +94,11 @@ def projections(model: nn.Module) -> list[str]:
         return found
     return [p for p, m in leaves if isinstance(m, (*_LINEAR_TYPES, ZigzagLinear)) and not _own_forward(m)
             and p.split(".")[-1] != "lm_head"]
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}.")
 
 
 def _output_dims(module: nn.Module) -> int:
@@ -149,8 +156,7 @@ def patch_model(
     Returns:
         The paths of the patched layers, e.g. ``["model.layers.0.self_attn.q_proj", ...]``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}.")
+    _check_model(model)
     check_bits_group_size(group_size, bits)
     if predicate is None:
         chosen = set(projections(model))

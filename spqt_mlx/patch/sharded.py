@@ -144,6 +144,8 @@ def shard_zigzag_inplace(module: ZigzagLinear, sharding: str, *, segments=1, gro
     """``shard_inplace`` for zigzag layers: the layer keeps the rank's bands (all-to-sharded) or
     input columns (sharded-to-all; the bias stays whole) and its caller communicates, as mlx's
     ``shard_inplace`` leaves it to the caller."""
+    if not isinstance(module, ZigzagLinear):
+        raise TypeError(f"expected a ZigzagLinear, got {type(module).__name__}.")
     cls = {"all-to-sharded": ZigzagAllToShardedLinear, "sharded-to-all": ZigzagShardedToAllLinear}.get(sharding)
     if cls is None:
         raise ValueError(f"sharding must be 'all-to-sharded' or 'sharded-to-all', got {sharding!r}.")
@@ -156,6 +158,8 @@ def shard_zigzag_inplace(module: ZigzagLinear, sharding: str, *, segments=1, gro
 
 def shard_zigzag(module, sharding: str, *, segments=1, group=None):
     """``shard_linear`` for zigzag layers (a new layer; the original is unchanged)."""
+    if not isinstance(module, ZigzagLinear):
+        raise TypeError(f"expected a ZigzagLinear, got {type(module).__name__}.")
     if sharding == "all-to-sharded":
         return ZigzagAllToShardedLinear.from_zigzag(module, segments=segments, group=group)
     if sharding == "sharded-to-all":
