@@ -19,6 +19,10 @@ NB_MODULE(_ext, m) {
       .value("Indices", spqt::ActiveKind::Indices, "an integer list of column indices")
       .value("Packed", spqt::ActiveKind::Packed, "a count-prefixed int32 list [n, idx...] of length K + 1")
       .value("Threshold", spqt::ActiveKind::Threshold, "columns with |x| > threshold, collected in the kernel");
+  nb::enum_<spqt::Prologue>(m, "Prologue", "What a fused zigzag GEMV does to x before the product.")
+      .value("Identity", spqt::Prologue::Identity, "x itself")
+      .value("RmsNorm", spqt::Prologue::RmsNorm, "x * rsqrt(mean(x^2) + eps) * norm_weight, per row")
+      .value("SwiGLU", spqt::Prologue::SwiGLU, "silu(x[..., :K]) * x[..., K:]");
   m.attr("SUPPORTED_BITS") = nb::tuple(nb::cast(std::vector<int>(std::begin(spqt::kSupportedBits),
                                                                  std::end(spqt::kSupportedBits))));
   m.attr("SUPPORTED_GROUP_SIZES") = nb::tuple(nb::cast(std::vector<int>(
@@ -34,11 +38,16 @@ NB_MODULE(_ext, m) {
          spqt::ActiveKind kind,
          int group_size,
          int bits,
+         spqt::Prologue prologue,
+         const std::optional<mx::array>& norm_weight,
+         float eps,
+         const std::optional<mx::array>& residual,
          mx::StreamOrDevice s) {
         if (kind != spqt::ActiveKind::Dense && !active) {
           throw std::invalid_argument("[zigzag_gemv] this kind of active set needs an array.");
         }
-        return spqt::zigzag_gemv(x, w, scales, biases, active, kind, group_size, bits, s);
+        return spqt::zigzag_gemv(
+            x, w, scales, biases, active, kind, group_size, bits, {prologue, norm_weight, eps, residual}, s);
       },
       "x"_a,
       "w"_a,
@@ -48,6 +57,20 @@ NB_MODULE(_ext, m) {
       "kind"_a,
       "group_size"_a,
       "bits"_a,
+      "prologue"_a = spqt::Prologue::Identity,
+      "norm_weight"_a = nb::none(),
+      "eps"_a = 0.0f,
+      "residual"_a = nb::none(),
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "apply_prologue",
+      &spqt::apply_prologue,
+      "x"_a,
+      "prologue"_a,
+      "norm_weight"_a = nb::none(),
+      "eps"_a = 0.0f,
       nb::kw_only(),
       "stream"_a = nb::none());
 

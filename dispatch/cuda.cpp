@@ -87,12 +87,17 @@ int mma_split_count(int bands, int K, mx::cu::CommandEncoder& enc) {
   return splits;
 }
 
-bool use_mma(const ZigzagGemv& p, int N, int K) {
+bool use_mma(int bits, int group_size, int N, int K) {
   const auto listed = [](int v, const auto& values) {
     return std::find(std::begin(values), std::end(values), v) != std::end(values);
   };
-  return listed(p.bits(), kTensorCoreBits) && listed(p.group_size(), kTensorCoreGroupSizes) &&
+  return listed(bits, kTensorCoreBits) && listed(group_size, kTensorCoreGroupSizes) &&
       int64_t(N) * K >= kMmaMinWeights;
+}
+
+// Whether the general kernel collects the active set inside (else a collection launch first).
+bool collects_inside(bool mma, int K) {
+  return mma || K <= kMaxFusedK;
 }
 
 // A row-contiguous input, as the kernels read them. The op functions make unevaluated inputs
@@ -106,8 +111,8 @@ const mx::array& contiguous(const mx::array& a, const char* what) {
   return a;
 }
 
-// The element stride between consecutive columns of x. One row may be any view (decode's x
-// usually is an unevaluated, contiguous one); several rows must be row-contiguous.
+// The element stride between consecutive columns of x (or of a residual). One row may be any view
+// (decode's x usually is an unevaluated, contiguous one); several rows must be row-contiguous.
 int column_stride(const mx::array& x) {
   const int K = x.shape(-1);
   if (x.size() == size_t(K)) {
@@ -131,18 +136,22 @@ int per_column_threshold(const mx::array& t, float& value) {
   return 0;
 }
 
+// The count-prefixed active list of x into `out`: threshold array `t`, or (t null) the scalar t_value.
 void collect_into(
-    mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array& t, mx::array& out) {
+    mx::cu::CommandEncoder& enc, const mx::array& x, const mx::array* t, float t_value, mx::array& out) {
   CUfunction f = kernel(collect_kernel_name(dtype_name(x.dtype())), enc);
   int K = x.shape(-1);
-  float t_value = 0.0f;
-  int per_column = per_column_threshold(t, t_value);
+  int per_column = 0;
+  void* t_ptr = mx::gpu_ptr<void>(x);  // unused for a threshold by value
+  if (t) {
+    per_column = per_column_threshold(*t, t_value);
+    enc.set_input_array(*t);
+    t_ptr = mx::gpu_ptr<void>(*t);
+  }
   int x_stride = column_stride(x);
   enc.set_input_array(x);
-  enc.set_input_array(t);
   enc.set_output_array(out);
   void* x_ptr = mx::gpu_ptr<void>(x);
-  void* t_ptr = mx::gpu_ptr<void>(t);
   void* out_ptr = mx::gpu_ptr<void>(out);
   enc.add_kernel_node_ex(
       f, dim3(1), dim3(kCollectThreads), {}, 0, x_ptr, t_ptr, out_ptr, K, x_stride, per_column, t_value);
@@ -150,10 +159,16 @@ void collect_into(
 
 } // namespace
 
+bool folds(int bits, int group_size, int N, int K, ActiveKind kind, Prologue prologue) {
+  // A separate collection launch would read x, not x'.
+  return kind != ActiveKind::Threshold || prologue == Prologue::Identity ||
+      collects_inside(use_mma(bits, group_size, N, K), K);
+}
+
 void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out) {
   auto& enc = mx::cu::get_command_encoder(p.stream());
   allocate(out, out.nbytes(), enc);
-  collect_into(enc, inputs[0], contiguous(inputs[1], "threshold"), out);
+  collect_into(enc, inputs[0], &contiguous(inputs[1], "threshold"), 0.0f, out);
 }
 
 void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array& out) {
@@ -163,9 +178,9 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   const mx::array& w = contiguous(inputs[1], "weight");
   const mx::array& scales = contiguous(inputs[2], "scales");
   const mx::array& biases = contiguous(inputs[3], "biases");
-  int K = x.shape(-1);
-  const int M = K ? int(x.size() / K) : 0;
+  int K = w.shape(1);
   const int N = out.shape(-1);
+  const int M = int(out.size() / N);
   const int bands = N / gs;
   allocate(out, out.nbytes(), enc);
   if (out.size() == 0) {
@@ -173,25 +188,32 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   }
 
   int kind = int(p.kind());
-  const bool mma = use_mma(p, N, K);
+  const bool mma = use_mma(p.bits(), gs, N, K);
   int n_host = 0;
   int per_column = 0;
   float t_value = 0.0f;
   void* active = mx::gpu_ptr<void>(x);  // unused by the dense walk; any pointer will do
   if (p.kind() != ActiveKind::Dense) {
-    const mx::array& a = contiguous(inputs[4], "active set");
-    enc.set_input_array(a);
-    active = mx::gpu_ptr<void>(a);
+    const mx::array* a = nullptr;  // none for a threshold by value
+    if (p.threshold()) {
+      t_value = *p.threshold();
+    } else {
+      a = &contiguous(inputs[4], "active set");
+      enc.set_input_array(*a);
+      active = mx::gpu_ptr<void>(*a);
+    }
     if (p.kind() == ActiveKind::Indices) {
-      n_host = a.size();
+      n_host = a->size();
     } else if (p.kind() == ActiveKind::Threshold) {
-      per_column = per_column_threshold(a, t_value);
-      if (!mma && K > kMaxFusedK) {
+      if (a) {
+        per_column = per_column_threshold(*a, t_value);
+      }
+      if (!collects_inside(mma, K)) {
         // Too many columns for the general kernel's fused collection: collect once, then walk
         // the list. (The tensor-core kernel's blocks each scan their own columns: no limit.)
         mx::array list({K + 1}, mx::int32, nullptr, {});
         allocate(list, list.nbytes(), enc);
-        collect_into(enc, x, a, list);
+        collect_into(enc, x, a, t_value, list);
         enc.add_temporary(list);
         enc.set_input_array(list);
         active = mx::gpu_ptr<void>(list);
@@ -228,10 +250,27 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   int x_stride = column_stride(x);
   int rows = M;
   int cols = N;
+  int prologue = int(p.prologue());
+  float eps = p.eps();
+  void* norm_ptr = nullptr;
+  void* residual_ptr = nullptr;
+  if (p.norm_input() >= 0) {
+    const mx::array& nw = contiguous(inputs[p.norm_input()], "norm weight");
+    enc.set_input_array(nw);
+    norm_ptr = mx::gpu_ptr<void>(nw);
+  }
+  int residual_stride = 1;
+  if (p.residual_input() >= 0) {
+    const mx::array& r = inputs[p.residual_input()];
+    residual_stride = column_stride(r);
+    enc.set_input_array(r);
+    residual_ptr = mx::gpu_ptr<void>(r);
+  }
   enc.add_kernel_node_ex(
       f, dim3(bands * splits, std::min(M, kMaxGridY)), dim3(kThreads), {}, 0,
       x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
-      rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits);
+      rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits,
+      norm_ptr, residual_ptr, residual_stride, prologue, eps);
 }
 
 } // namespace spqt::cuda

@@ -124,6 +124,10 @@ class Encoder {
 } // namespace
 
 void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array& out) {
+  if (p.prologue() != Prologue::Identity || p.residual_input() >= 0) {
+    // ops.cpp runs a fused product's neighbours as MLX ops on Metal.
+    throw std::logic_error("[zigzag_gemv] the Metal kernels fold no prologue or residual.");
+  }
   out.set_data(mx::allocator::malloc(out.nbytes()));
   if (out.size() == 0) {
     return;

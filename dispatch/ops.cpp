@@ -3,9 +3,14 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <cmath>
+
 #include "mlx/backend/cuda/cuda.h"
+#include "mlx/compile.h"
+#include "mlx/fast.h"
 #include "mlx/ops.h"
 
+#include "cuda.h"
 #include "primitives.h"
 
 namespace spqt {
@@ -53,10 +58,9 @@ void check_bits_group_size(const std::string& where, int group_size, int bits) {
   check_one_of(where, "group_size", group_size, kSupportedGroupSizes);
 }
 
-// Checks one single-token activation and its threshold.
-void validate_threshold(const std::string& where, const mx::array& x, const mx::array& threshold) {
-  const int K = x.shape(-1);
-  if (x.size() != static_cast<size_t>(K)) {
+// Checks one single-token activation and its threshold over K columns.
+void validate_threshold(const std::string& where, const mx::array& x, const mx::array& threshold, int K) {
+  if (x.size() != static_cast<size_t>(x.shape(-1))) {
     fail(where, "active columns are collected for a single token: x must hold one row, got shape " +
                     shape_str(x.shape()) + ".");
   }
@@ -75,18 +79,23 @@ mx::array check_threshold(
     const std::string& where,
     const mx::array& x,
     const mx::array& threshold,
+    int K,
     mx::StreamOrDevice s) {
-  validate_threshold(where, x, threshold);
+  validate_threshold(where, x, threshold, K);
   return mx::astype(threshold, mx::float32, s);
 }
 
-// The CUDA kernels read one row of x with any stride, everything else row-contiguous. Evaluated
+// The CUDA kernels read one row of x (and of a residual) with any stride, everything else
+// row-contiguous. Evaluated
 // arrays show their layout now; the rest go through mx::contiguous, which copies only when needed
 // but is one more array to evaluate, so decode's single row skips it.
-void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s) {
+void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s, int residual = -1) {
   const auto& x = inputs[0];
   const bool one_row = x.ndim() > 0 && x.size() == static_cast<size_t>(x.shape(-1));
   for (size_t i = one_row ? 1 : 0; i < inputs.size(); ++i) {
+    if (one_row && int(i) == residual) {
+      continue;  // read with its stride, like x
+    }
     auto& a = inputs[i];
     if (!(a.is_available() && a.flags().row_contiguous)) {
       a = mx::contiguous(a, false, s);
@@ -103,7 +112,87 @@ mx::array cuda_threshold(mx::array t, int K, mx::Stream s) {
   return t;
 }
 
+// The fusion of a product of x (its last axis of K or 2K columns) into out_shape, checked; the norm
+// weight cast to x's dtype.
+Fusion check_fusion(
+    const std::string& where,
+    const Fusion& f,
+    const mx::array& x,
+    int K,
+    const mx::Shape& out_shape,
+    mx::Stream s) {
+  Fusion out = f;
+  switch (f.prologue) {
+    case Prologue::Identity:
+    case Prologue::SwiGLU:
+      if (f.norm_weight) {
+        fail(where, "a norm weight is given, but the prologue is not RMSNorm.");
+      }
+      break;
+    case Prologue::RmsNorm: {
+      if (!f.norm_weight) {
+        fail(where, "the RMSNorm prologue needs the norm's weight.");
+      }
+      const auto& nw = *f.norm_weight;
+      if (nw.shape() != mx::Shape{K} || !is_float_dtype(nw.dtype())) {
+        fail(where, "the norm weight must be a float array of shape (" + std::to_string(K) + ",), got " +
+                        dtype_str(nw.dtype()) + " " + shape_str(nw.shape()) + ".");
+      }
+      if (!std::isfinite(f.eps) || f.eps < 0.0f) {
+        fail(where, "eps must be finite and >= 0, got " + std::to_string(f.eps) + ".");
+      }
+      out.norm_weight = mx::astype(nw, x.dtype(), s);
+      break;
+    }
+    default:
+      fail(where, "unknown prologue.");
+  }
+  if (f.residual) {
+    const auto& r = *f.residual;
+    if (r.shape() != out_shape || r.dtype() != x.dtype()) {
+      fail(where, "the residual must be " + dtype_str(x.dtype()) + " of shape " + shape_str(out_shape) +
+                      " (the product's), got " + dtype_str(r.dtype()) + " " + shape_str(r.shape()) + ".");
+    }
+  }
+  return out;
+}
+
+// silu(gate) * up in float32, rounded once as the kernels do, compiled into one elementwise kernel
+// (as mlx-lm's own swiglu is), so that the unfolded path launches no more than the unfused model.
+const std::function<std::vector<mx::array>(const std::vector<mx::array>&)>& swiglu() {
+  static const auto f = mx::compile(
+      [](const std::vector<mx::array>& in) {
+        auto gate = mx::astype(in[0], mx::float32);
+        auto up = mx::astype(in[1], mx::float32);
+        auto silu = mx::multiply(gate, mx::sigmoid(gate));
+        return std::vector<mx::array>{mx::astype(mx::multiply(silu, up), in[0].dtype())};
+      },
+      /* shapeless = */ true);
+  return f;
+}
+
 } // namespace
+
+mx::array apply_prologue(
+    const mx::array& x,
+    Prologue prologue,
+    const std::optional<mx::array>& norm_weight,
+    float eps,
+    mx::StreamOrDevice s) {
+  switch (prologue) {
+    case Prologue::Identity:
+      return x;
+    case Prologue::RmsNorm:
+      return mx::fast::rms_norm(x, mx::astype(norm_weight.value(), x.dtype(), s), eps, s);
+    case Prologue::SwiGLU: {
+      const int K = x.shape(-1) / 2;
+      auto parts = mx::split(x, mx::Shape{K}, -1, s);
+      mx::StreamContext on(mx::to_stream(s));  // the compiled function's ops take the default stream
+      return swiglu()({parts[0], parts[1]})[0];
+    }
+  }
+  throw std::invalid_argument("[zigzag_gemv] unknown prologue.");
+}
 
 mx::array zigzag_gemv(
     const mx::array& x,
@@ -114,6 +203,7 @@ mx::array zigzag_gemv(
     ActiveKind kind,
     int group_size,
     int bits,
+    const Fusion& fusion,
     mx::StreamOrDevice s) {
   const std::string where = "zigzag_gemv";
   check_bits_group_size(where, group_size, bits);
@@ -148,9 +238,10 @@ mx::array zigzag_gemv(
     fail(where, "scales and biases must share one float dtype, got " + dtype_str(scales.dtype()) +
                     " and " + dtype_str(biases.dtype()) + ".");
   }
-  if (x.shape(-1) != K) {
+  const bool swiglu = fusion.prologue == Prologue::SwiGLU;
+  if (x.shape(-1) != (swiglu ? 2 * K : K)) {
     fail(where, "x has " + std::to_string(x.shape(-1)) + " input features but the weight has K=" +
-                    std::to_string(K) + ".");
+                    std::to_string(K) + (swiglu ? " (SwiGLU reads gate and up: 2K)." : "."));
   }
   if (x.dtype() != scales.dtype()) {
     fail(where, "x is " + dtype_str(x.dtype()) + " but the weight's scales are " +
@@ -158,7 +249,21 @@ mx::array zigzag_gemv(
   }
 
   auto stream = mx::to_stream(s);
+  auto out_shape = x.shape();
+  out_shape.back() = N;
+  auto fused = check_fusion(where, fusion, x, K, out_shape, stream);
+  const bool on_cuda = stream.device == mx::Device::gpu && mx::cu::is_available();
+  const bool folded = stream.device == mx::Device::cpu ||
+      (on_cuda && cuda::folds(bits, group_size, N, K, kind, fusion.prologue));
+  if (fusion.any() && !folded) {
+    // The Metal kernels fold nothing yet (and CUDA not everywhere): run the neighbours as MLX ops
+    // around the plain product.
+    auto xp = apply_prologue(x, fusion.prologue, fused.norm_weight, fused.eps, stream);
+    auto y = zigzag_gemv(xp, w, scales, biases, active, kind, group_size, bits, {}, stream);
+    return fused.residual ? mx::add(*fused.residual, y, stream) : y;
+  }
   std::vector<mx::array> inputs{x, w, scales, biases};
+  std::optional<float> threshold;
   switch (kind) {
     case ActiveKind::Dense:
       break;
@@ -193,22 +298,36 @@ mx::array zigzag_gemv(
       break;
     }
     case ActiveKind::Threshold: {
-      inputs.push_back(cuda_threshold(check_threshold(where, x, active.value(), stream), K, stream));
+      auto t = check_threshold(where, x, active.value(), K, stream);
+      if (on_cuda && t.ndim() == 0 && t.is_available()) {
+        // Decode's scalar threshold goes to the CUDA kernels by value, read here once: not an
+        // input, so the GPU never holds it and encoding never reads it back.
+        threshold = *t.data<float>();  // ready: item() would go through eval
+      } else {
+        inputs.push_back(cuda_threshold(t, K, stream));
+      }
       break;
     }
     default:
       fail(where, "unknown kind of active set.");
   }
 
-  auto out_shape = x.shape();
-  out_shape.back() = N;
-  if (stream.device == mx::Device::gpu && mx::cu::is_available()) {
-    make_contiguous(inputs, stream);
+  if (fused.norm_weight) {
+    inputs.push_back(*fused.norm_weight);
+  }
+  int residual = -1;
+  if (fused.residual) {
+    residual = int(inputs.size());
+    inputs.push_back(*fused.residual);
+  }
+  if (on_cuda) {
+    make_contiguous(inputs, stream, residual);
   }
   return mx::array(
       std::move(out_shape),
       x.dtype(),
-      std::make_shared<ZigzagGemv>(stream, group_size, bits, kind),
+      std::make_shared<ZigzagGemv>(
+          stream, group_size, bits, kind, fused.prologue, fused.eps, fused.residual.has_value(), threshold),
       std::move(inputs));
 }
 
@@ -220,7 +339,7 @@ void check_collect_active(const mx::array& x, const mx::array& threshold) {
   if (x.ndim() < 1 || x.size() == 0) {
     fail(where, "x must be a non-empty activation of shape (..., K).");
   }
-  validate_threshold(where, x, threshold);
+  validate_threshold(where, x, threshold, x.shape(-1));
 }
 
 mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::StreamOrDevice s) {

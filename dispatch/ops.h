@@ -13,7 +13,22 @@ namespace spqt {
 
 namespace mx = mlx::core;
 
-// y = x @ W.T for the zigzag-quantized W = (w, scales, biases), restricted to the active columns.
+// The neighbours of a product that a decoder block folds into it: a prologue applied to x
+// (kernels/contract.h) and a residual added to y. The default folds nothing.
+struct Fusion {
+  Prologue prologue = Prologue::Identity;
+  std::optional<mx::array> norm_weight;  // (K,): the RMSNorm's weight (RmsNorm only)
+  float eps = 0.0f;                      // the RMSNorm's epsilon (RmsNorm only)
+  std::optional<mx::array> residual;     // shaped like y: y = residual + x' @ W.T
+
+  bool any() const {
+    return prologue != Prologue::Identity || residual.has_value();
+  }
+};
+
+// y = residual + x' @ W.T for the zigzag-quantized W = (w, scales, biases), restricted to the
+// active columns, where x' is x after the fusion's prologue (x itself without one) and the active
+// set is decided on x'. x' is rounded to x's dtype, as an unfused norm or activation would write it.
 mx::array zigzag_gemv(
     const mx::array& x,
     const mx::array& w,
@@ -23,6 +38,16 @@ mx::array zigzag_gemv(
     ActiveKind kind,
     int group_size,
     int bits,
+    const Fusion& fusion = {},
+    mx::StreamOrDevice s = {});
+
+// x' of a fused product, with MLX ops: what the kernels compute on the fly. The unfused path
+// (Metal, gradients) and the tests use it.
+mx::array apply_prologue(
+    const mx::array& x,
+    Prologue prologue,
+    const std::optional<mx::array>& norm_weight,
+    float eps,
     mx::StreamOrDevice s = {});
 
 // Count-prefixed, ascending list of the columns k with |x[k]| > threshold[k] (threshold: () or (K,)).

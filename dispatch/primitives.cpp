@@ -6,6 +6,7 @@
 
 #include "mlx/allocator.h"
 #include "mlx/ops.h"
+#include "mlx/transforms.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/backend/cuda/cuda.h"
 
@@ -92,6 +93,9 @@ std::vector<mx::array> ZigzagGemv::vjp(
     }
   }
   auto s = stream();
+  if (prologue_ != Prologue::Identity || has_residual_) {
+    return fused_vjp(primals, cotangents, argnums);
+  }
   const auto& x = primals[0];
   const auto& w = primals[1];
   const int K = x.shape(-1);
@@ -113,7 +117,8 @@ std::vector<mx::array> ZigzagGemv::vjp(
     case ActiveKind::Dense:
       break;
     case ActiveKind::Threshold:
-      dx = mx::where(mx::greater(mx::abs(mx::reshape(x, {-1, K}, s), s), primals[4], s), dx, mx::zeros_like(dx, s), s);
+      dx = mx::where(mx::greater(mx::abs(mx::reshape(x, {-1, K}, s), s), threshold_array(primals), s), dx,
+                     mx::zeros_like(dx, s), s);
       break;
     case ActiveKind::Indices: {
       const auto& idx = primals[4];
@@ -141,6 +146,55 @@ std::vector<mx::array> ZigzagGemv::vjp(
   return grads;
 }
 
+mx::array ZigzagGemv::threshold_array(const std::vector<mx::array>& inputs) const {
+  return threshold_ ? mx::array(*threshold_) : inputs[4];
+}
+
+std::vector<mx::array> ZigzagGemv::fused_vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums) {
+  // The gradient of the composition the kernels fuse: prologue, plain product, residual. Only x,
+  // the norm weight and the residual are variables; the weight and the active set are constants.
+  auto s = stream();
+  const int norm = norm_input();
+  const int residual = residual_input();
+  const int active = active_input();
+  std::vector<int> vars{0};
+  for (int i : {norm, residual}) {
+    if (i >= 0) {
+      vars.push_back(i);
+    }
+  }
+  auto fun = [&](const std::vector<mx::array>& in) {
+    auto at = [&](int input) { return in[std::find(vars.begin(), vars.end(), input) - vars.begin()]; };
+    std::optional<mx::array> weight;
+    if (norm >= 0) {
+      weight = at(norm);
+    }
+    auto xp = apply_prologue(in[0], prologue_, weight, eps_, s);
+    std::optional<mx::array> set;
+    if (kind_ == ActiveKind::Threshold) {
+      set = threshold_array(primals);
+    } else if (active >= 0) {
+      set = primals[active];
+    }
+    auto y = zigzag_gemv(xp, primals[1], primals[2], primals[3], set, kind_, group_size_, bits_, {}, s);
+    return std::vector<mx::array>{residual >= 0 ? mx::add(at(residual), y, s) : y};
+  };
+  std::vector<mx::array> var_primals;
+  for (int i : vars) {
+    var_primals.push_back(primals[i]);
+  }
+  auto grads = mx::vjp(fun, var_primals, cotangents).second;
+  std::vector<mx::array> out;
+  for (int a : argnums) {
+    auto it = std::find(vars.begin(), vars.end(), a);
+    out.push_back(it == vars.end() ? mx::zeros_like(primals[a], s) : grads[it - vars.begin()]);
+  }
+  return out;
+}
+
 void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -166,15 +220,21 @@ void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
                     out = mx::array::unsafe_weak_copy(out),
                     gs = group_size_,
                     bits = bits_,
-                    kind = kind_]() mutable {
+                    kind = kind_,
+                    prologue = prologue_,
+                    eps = eps_,
+                    active = active_input(),
+                    threshold = threshold_,
+                    norm = norm_input(),
+                    residual = residual_input()]() mutable {
     for (size_t i = 0; i < src.size(); ++i) {
       if (copy[i]) {
         copy_strided(src[i], dst[i]);
       }
     }
     const auto& x = dst[0];
-    const int K = x.shape(-1);
-    const int M = K ? int(x.size() / K) : 0;
+    const int K = dst[1].shape(1);
+    const int M = int(out.size() / std::max(out.shape(-1), 1));
     const int N = out.shape(-1);
     if (out.size() == 0) {
       return;
@@ -183,23 +243,30 @@ void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     const int32_t* cols = nullptr;
     int64_t n = K;
     if (kind == ActiveKind::Indices) {
-      cols = dst[4].data<int32_t>();
-      n = dst[4].size();
+      cols = dst[active].data<int32_t>();
+      n = dst[active].size();
     } else if (kind == ActiveKind::Packed) {
-      cols = dst[4].data<int32_t>() + 1;
-      n = std::clamp<int64_t>(dst[4].data<int32_t>()[0], 0, K);
+      cols = dst[active].data<int32_t>() + 1;
+      n = std::clamp<int64_t>(dst[active].data<int32_t>()[0], 0, K);
     }
     dispatch_float(x.dtype(), [&]<typename T>() {
+      const T* xp = x.data<T>();
+      std::vector<T> transformed;
+      if (prologue != Prologue::Identity) {
+        transformed.resize(size_t(M) * K);
+        cpu::prologue<T>(xp, int(prologue), norm >= 0 ? dst[norm].data<T>() : nullptr, eps, M, K, transformed.data());
+        xp = transformed.data();
+      }
       if (kind == ActiveKind::Threshold) {
-        const auto& t = dst[4];
+        const float* t = threshold ? &*threshold : dst[active].data<float>();
         collected.resize(K + 1);
-        cpu::collect_active<T>(x.data<T>(), t.data<float>(), t.ndim() ? 1 : 0, K, collected.data());
+        cpu::collect_active<T>(xp, t, !threshold && dst[active].ndim() ? 1 : 0, K, collected.data());
         cols = collected.data() + 1;
         n = collected[0];
       }
       dispatch_bits_group_size(bits, gs, [&]<int BITS, int GS>() {
         cpu::zigzag_gemv<T, BITS, GS>(
-            x.data<T>(),
+            xp,
             dst[1].data<uint32_t>(),
             dst[2].data<T>(),
             dst[3].data<T>(),
@@ -208,7 +275,8 @@ void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
             out.data<T>(),
             M,
             N,
-            K);
+            K,
+            residual >= 0 ? dst[residual].data<T>() : nullptr);
       });
     });
   });

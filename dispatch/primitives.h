@@ -3,19 +3,35 @@
 // CUDA and to the Metal kernels (kernels/metal, see metal.h) on Apple GPUs.
 #pragma once
 
+#include <optional>
+
 #include "mlx/primitives.h"
 
 #include "ops.h"
 
 namespace spqt {
 
+// Inputs: x, w, scales, biases, then the active set (every kind but Dense, and but a Threshold
+// given by value), the norm weight (RmsNorm prologue) and the residual (has_residual), in that order.
 class ZigzagGemv : public mx::UnaryPrimitive {
  public:
-  ZigzagGemv(mx::Stream stream, int group_size, int bits, ActiveKind kind)
+  ZigzagGemv(
+      mx::Stream stream,
+      int group_size,
+      int bits,
+      ActiveKind kind,
+      Prologue prologue = Prologue::Identity,
+      float eps = 0.0f,
+      bool has_residual = false,
+      std::optional<float> threshold = std::nullopt)
       : mx::UnaryPrimitive(stream),
         group_size_(group_size),
         bits_(bits),
-        kind_(kind) {}
+        kind_(kind),
+        prologue_(prologue),
+        eps_(eps),
+        has_residual_(has_residual),
+        threshold_(threshold) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -33,7 +49,7 @@ class ZigzagGemv : public mx::UnaryPrimitive {
       const std::vector<int>& argnums,
       const std::vector<mx::array>& outputs) override;
   auto state() const {
-    return std::make_tuple(group_size_, bits_, kind_);
+    return std::make_tuple(group_size_, bits_, kind_, prologue_, eps_, has_residual_, threshold_);
   }
 
   int group_size() const {
@@ -45,11 +61,42 @@ class ZigzagGemv : public mx::UnaryPrimitive {
   ActiveKind kind() const {
     return kind_;
   }
+  Prologue prologue() const {
+    return prologue_;
+  }
+  float eps() const {
+    return eps_;
+  }
+  // A scalar threshold passed by value (CUDA decode), instead of an input array.
+  std::optional<float> threshold() const {
+    return threshold_;
+  }
+  // Positions of the optional inputs, or -1.
+  int active_input() const {
+    return kind_ == ActiveKind::Dense || threshold_ ? -1 : 4;
+  }
+  int norm_input() const {
+    return prologue_ == Prologue::RmsNorm ? 4 + (active_input() >= 0) : -1;
+  }
+  int residual_input() const {
+    return has_residual_ ? 4 + (active_input() >= 0) + (prologue_ == Prologue::RmsNorm) : -1;
+  }
 
  private:
+  // The threshold of the Threshold kind as an array, whether an input or by value.
+  mx::array threshold_array(const std::vector<mx::array>& inputs) const;
+  std::vector<mx::array> fused_vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums);
+
   int group_size_;
   int bits_;
   ActiveKind kind_;
+  Prologue prologue_;
+  float eps_;
+  bool has_residual_;
+  std::optional<float> threshold_;
 };
 
 class CollectActive : public mx::UnaryPrimitive {

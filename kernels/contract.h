@@ -14,6 +14,15 @@ enum class ActiveKind : int {
   Threshold = 3,  // float32 () or (K,): columns with |x| > threshold, collected inside the kernel
 };
 
+// What a zigzag GEMV does to x before the product (kernels receive it as an int). The decoder block
+// around a projection reads x through it, so one launch replaces a norm or activation kernel, its
+// output in global memory and the product; the active set is decided on the transformed x.
+enum class Prologue : int {
+  Identity = 0, // x itself
+  RmsNorm = 1,  // x * rsqrt(mean(x^2) + eps) * norm_weight, per row (the norm before q/k/v, gate/up)
+  SwiGLU = 2,   // silu(x[:K]) * x[K:], x of 2K columns per row (gate and up, stacked, before down)
+};
+
 // Formats the kernels are instantiated for.
 constexpr int kSupportedBits[] = {2, 3, 4, 5, 6, 8};
 constexpr int kSupportedGroupSizes[] = {32, 64, 128};

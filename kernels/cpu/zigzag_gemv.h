@@ -3,6 +3,7 @@
 // skipped. Templated on activation type, bits and group size so the inner loops vectorize.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -36,7 +37,36 @@ inline void unpack_group(const uint32_t* words, float* q) {
   }
 }
 
-// y (M, N) = x (M, K) @ W.T over the active columns. cols == nullptr means every column (n == K).
+// x' (M, K) of a fused product (kernels/contract.h's Prologue, as an int): computed in float32 and
+// rounded to T once. x holds M rows of K columns, or of 2K for SwiGLU (gate, then up).
+template <typename T>
+void prologue(const T* x, int kind, const T* norm_weight, float eps, int M, int K, T* out) {
+  const int width = kind == 2 ? 2 * K : K;
+  for (int m = 0; m < M; ++m) {
+    const T* xm = x + int64_t(m) * width;
+    T* om = out + int64_t(m) * K;
+    if (kind == 1) {
+      float squares = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        squares += float(xm[k]) * float(xm[k]);
+      }
+      const float inv_rms = 1.0f / std::sqrt(squares / float(K) + eps);
+      for (int k = 0; k < K; ++k) {
+        om[k] = T(float(xm[k]) * inv_rms * float(norm_weight[k]));
+      }
+    } else if (kind == 2) {
+      for (int k = 0; k < K; ++k) {
+        const float g = float(xm[k]);
+        om[k] = T(g / (1.0f + std::exp(-g)) * float(xm[K + k]));
+      }
+    } else {
+      std::copy(xm, xm + K, om);
+    }
+  }
+}
+
+// y (M, N) = residual + x (M, K) @ W.T over the active columns. cols == nullptr means every column
+// (n == K); residual may be nullptr.
 template <typename T, int BITS, int GS>
 void zigzag_gemv(
     const T* x,
@@ -48,7 +78,8 @@ void zigzag_gemv(
     T* y,
     int M,
     int N,
-    int K) {
+    int K,
+    const T* residual = nullptr) {
   constexpr int words_per_group = GS * BITS / 32;
   const int bands = N / GS;
   std::vector<float> acc(size_t(M) * GS);
@@ -79,10 +110,10 @@ void zigzag_gemv(
       }
     }
     for (int m = 0; m < M; ++m) {
-      T* yb = y + int64_t(m) * N + int64_t(b) * GS;
+      const int64_t at = int64_t(m) * N + int64_t(b) * GS;
       const float* a = acc.data() + size_t(m) * GS;
       for (int r = 0; r < GS; ++r) {
-        yb[r] = T(a[r] + bias_sum[m]);
+        y[at + r] = T(a[r] + bias_sum[m] + (residual ? float(residual[at + r]) : 0.0f));
       }
     }
   }

@@ -15,6 +15,11 @@ constexpr int kIndices = int(ActiveKind::Indices);
 constexpr int kPacked = int(ActiveKind::Packed);
 constexpr int kThreshold = int(ActiveKind::Threshold);
 
+// The prologues of a fused product (kernels/contract.h).
+constexpr int kIdentity = int(Prologue::Identity);
+constexpr int kRmsNorm = int(Prologue::RmsNorm);
+constexpr int kSwiGLU = int(Prologue::SwiGLU);
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
@@ -27,6 +32,60 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// Column k of x', the product's input after the prologue: rounded to T as the unfused norm or
+// activation would have written it, so the active set is decided on the same values.
+template <typename T>
+struct Input {
+  const T* x;     // this row of x
+  int stride;     // between columns
+  int prologue;
+  const T* norm;  // RMSNorm weight
+  float inv_rms;  // this row's, RMSNorm only
+  int K;
+
+  __device__ __forceinline__ float operator()(int k) const {
+    const float v = to_float(x[int64_t(k) * stride]);
+    if (prologue == kIdentity) {
+      return v;
+    }
+    float r;
+    if (prologue == kRmsNorm) {
+      r = v * inv_rms * to_float(norm[k]);
+    } else {
+      r = v / (1.0f + expf(-v)) * to_float(x[int64_t(k + K) * stride]);
+    }
+    return to_float(from_float<T>(r));
+  }
+};
+
+// The block's view of row m of x: with the RMSNorm prologue, the row's norm is reduced over K
+// first (every block of the row computes it; x is a few KB, read from L2). `scratch` holds
+// kWarps floats. Starts and ends with a barrier when it reduces.
+template <typename T, int WARPS>
+__device__ __forceinline__ Input<T> input_row(
+    const T* x, int m, int K, int stride, int prologue, const T* norm, float eps, float* scratch) {
+  const T* xm = x + int64_t(m) * (prologue == kSwiGLU ? 2 * K : K);
+  Input<T> in{xm, stride, prologue, norm, 1.0f, K};
+  if (prologue == kRmsNorm) {
+    float sq = 0.0f;
+    for (int k = threadIdx.x; k < K; k += WARPS * 32) {
+      const float v = to_float(xm[int64_t(k) * stride]);
+      sq = fmaf(v, v, sq);
+    }
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    __syncthreads();  // scratch may still be read from the previous row
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = sq;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < WARPS; ++i) total += scratch[i];
+    in.inv_rms = 1.0f / sqrtf(total / float(K) + eps);
+    __syncthreads();
+  }
+  return in;
 }
 
 // Loads the BITS words that hold 32 consecutive codes, as wide as their alignment allows.
@@ -148,7 +207,8 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& to
   return before + incl - v;
 }
 
-// The end of a block's work on one band and row m: sums the warps' partial rows and bias terms in
+// The end of a block's work on one band and row m (y = residual + the product; residual may be
+// null, and is read with a column stride: one row may be a view): sums the warps' partial rows and bias terms in
 // a fixed order and writes y; with several splits, stores this block's rows in the workspace and
 // counts it in, and the block that arrives last sums all splits in split order, writes y and
 // resets the band's counter for the workspace's next use. Every output bit is reproducible, with no
@@ -156,7 +216,8 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& to
 // shared. Starts and ends with a barrier.
 template <typename T, int GS, int WARPS>
 __device__ __forceinline__ void write_band(
-    const float (*partial)[GS], const float* bias, T* __restrict__ y, float* __restrict__ partials,
+    const float (*partial)[GS], const float* bias, const T* __restrict__ residual, int r_stride, T* __restrict__ y,
+    float* __restrict__ partials,
     int* __restrict__ counters, int m, int N, int band, int rank, int splits, int& arrived_last) {
   const int tid = threadIdx.x;
   const int bands = N / GS;
@@ -171,7 +232,8 @@ __device__ __forceinline__ void write_band(
       bias_total += bias[i];
     }
     if (splits == 1) {
-      y[y_row + tid] = from_float<T>(total + bias_total);
+      const float r = residual ? to_float(residual[(y_row + tid) * r_stride]) : 0.0f;
+      y[y_row + tid] = from_float<T>(total + bias_total + r);
     } else {
       partials[(slice + rank) * GS + tid] = total + bias_total;
     }
@@ -191,7 +253,8 @@ __device__ __forceinline__ void write_band(
       float total = 0.0f;
 #pragma unroll 8
       for (int s = 0; s < splits; ++s) total += __ldcg(partials + (slice + s) * GS + tid);
-      y[y_row + tid] = from_float<T>(total);
+      const float r = residual ? to_float(residual[(y_row + tid) * r_stride]) : 0.0f;
+      y[y_row + tid] = from_float<T>(total + r);
     }
   }
   __syncthreads();  // shared memory is rewritten for the next row

@@ -23,6 +23,9 @@
 // x is read with a column stride (a single row may be any strided view); several rows must be
 // row-contiguous.
 //
+// Fused neighbours (kernels/contract.h): x is read through a prologue (RMSNorm, whose row norm every
+// block reduces first, or SwiGLU over 2K columns), and a residual may be added to y.
+//
 // Instantiated by the build with SPQT_NAME, SPQT_T, SPQT_BITS and SPQT_GS.
 #include "zigzag.cuh"
 
@@ -39,7 +42,8 @@ __device__ __forceinline__ void zigzag_gemv(
     float* __restrict__ partials,
     int* __restrict__ counters,
     int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
-    float t_value, int splits) {
+    float t_value, int splits,
+    const T* __restrict__ norm, const T* __restrict__ residual, int r_stride, int prologue, float eps) {
   constexpr int kListCapacity = 2048;  // fused-collection window, in entries
   constexpr int kLanesPerGroup = GS / 32;
   constexpr int kColsPerWarp = 32 / kLanesPerGroup;
@@ -52,6 +56,7 @@ __device__ __forceinline__ void zigzag_gemv(
   __shared__ float partial_bias[kWarps];
   __shared__ int list[kListCapacity];
   __shared__ int scratch[kWarps];
+  __shared__ float norm_scratch[kWarps];
   __shared__ int arrived_last;
 
   const int tid = threadIdx.x;
@@ -66,7 +71,7 @@ __device__ __forceinline__ void zigzag_gemv(
   const T* bb = biases + int64_t(band) * K;
 
   for (int m = blockIdx.y; m < M; m += gridDim.y) {
-    const T* xm = x + int64_t(m) * K;
+    const Input<T> xin = input_row<T, kWarps>(x, m, K, x_stride, prologue, norm, eps, norm_scratch);
 
     // Size of the active set and this block's share of it.
     const int* cols;
@@ -86,7 +91,7 @@ __device__ __forceinline__ void zigzag_gemv(
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int k = min((i0 + j) * kThreads + tid, K - 1);
-          v[j] = fabsf(to_float(xm[int64_t(k) * x_stride]));
+          v[j] = fabsf(xin(k));
           th[j] = threshold_per_column ? t[k] : t_value;
         }
 #pragma unroll
@@ -138,7 +143,7 @@ __device__ __forceinline__ void zigzag_gemv(
           }
           if (unsigned(k) < unsigned(K)) {
             load_chunk<BITS>(wb + k * kWordsPerGroup, words[u]);
-            const float xv = to_float(xm[int64_t(k) * x_stride]);
+            const float xv = xin(k);
             xs[u] = xv * to_float(sb[k]);
             xb[u] = xv * to_float(bb[k]);
           } else {
@@ -178,7 +183,8 @@ __device__ __forceinline__ void zigzag_gemv(
 #pragma unroll
     for (int v = 0; v < kRowsPerLane; ++v) partial[warp][row0 + v] = acc[v];
     if (lane == 0) partial_bias[warp] = bias_acc;
-    write_band<T, GS, kWarps>(partial, partial_bias, y, partials, counters, m, N, band, rank, splits, arrived_last);
+    write_band<T, GS, kWarps>(partial, partial_bias, residual, r_stride, y, partials, counters, m, N, band, rank, splits,
+                              arrived_last);
   }
 }
 
@@ -189,9 +195,9 @@ extern "C" __global__ void __launch_bounds__(spqt::kThreads, 2) SPQT_NAME(
     const SPQT_T* x, const uint32_t* w, const SPQT_T* scales, const SPQT_T* biases,
     const void* active, SPQT_T* y, float* partials, int* counters,
     int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
-    float t_value, int splits) {
+    float t_value, int splits, const SPQT_T* norm, const SPQT_T* residual, int r_stride, int prologue, float eps) {
   spqt::zigzag_gemv<SPQT_T, SPQT_BITS, SPQT_GS>(
       x, w, scales, biases, active, y, partials, counters,
-      M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits);
+      M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits, norm, residual, r_stride, prologue, eps);
 }
 #endif

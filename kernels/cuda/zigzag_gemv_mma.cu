@@ -34,6 +34,8 @@
 // fixed order and over splits through the workspace (the last block in sums them in split
 // order), so every output bit is reproducible.
 //
+// Fused neighbours as in zigzag_gemv.cu: x' (the prologue's output) is what is staged and decided on.
+//
 // Instantiated by the build with SPQT_NAME, SPQT_T, SPQT_BITS (4) and SPQT_GS.
 #include "zigzag.cuh"
 
@@ -103,7 +105,8 @@ __device__ __forceinline__ void zigzag_gemv(
     float* __restrict__ partials,
     int* __restrict__ counters,
     int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
-    float t_value, int splits) {
+    float t_value, int splits,
+    const T* __restrict__ norm, const T* __restrict__ residual, int r_stride, int prologue, float eps) {
   constexpr int kGroupBytes = GS / 2;                   // 4-bit codes
   constexpr int kTileBytes = 16 * kGroupBytes;          // 16 columns of one band
   constexpr int kCopies = kTileBytes / (32 * 16);       // 16-byte copies per lane and tile
@@ -121,6 +124,7 @@ __device__ __forceinline__ void zigzag_gemv(
   __shared__ float partial[kWarps][GS];
   __shared__ float bias_part[kWarps];
   __shared__ int scratch[kWarps];
+  __shared__ float norm_scratch[kWarps];
   __shared__ int arrived_last;
 
   const int tid = threadIdx.x;
@@ -140,7 +144,7 @@ __device__ __forceinline__ void zigzag_gemv(
   const bool by_column = kind == kDense || kind == kThreshold;  // split the columns, else the list
 
   for (int m = blockIdx.y; m < M; m += gridDim.y) {
-    const T* xm = x + int64_t(m) * K;
+    const Input<T> xin = input_row<T, kWarps>(x, m, K, x_stride, prologue, norm, eps, norm_scratch);
     const int* list;
     const int n = walked(kind, active, n_host, K, list);
     int begin, count;
@@ -207,7 +211,7 @@ __device__ __forceinline__ void zigzag_gemv(
             const int e = j * kThreads + tid;
             on[j] = e < len;
             ks[j] = on[j] ? cursor + e : 0;
-            xv[j] = to_float(xm[int64_t(ks[j]) * x_stride]);
+            xv[j] = xin(ks[j]);
             tv[j] = threshold_per_column ? th[ks[j]] : t_value;
             sv[j] = to_float(sb[ks[j]]);
             bv[j] = to_float(bb[ks[j]]);
@@ -260,7 +264,7 @@ __device__ __forceinline__ void zigzag_gemv(
         float xv[kPerThread], sv[kPerThread], bv[kPerThread];
 #pragma unroll
         for (int j = 0; j < kPerThread; ++j) {
-          xv[j] = to_float(xm[int64_t(ks[j]) * x_stride]);
+          xv[j] = xin(ks[j]);
           sv[j] = to_float(sb[ks[j]]);
           bv[j] = to_float(bb[ks[j]]);
         }
@@ -323,7 +327,8 @@ __device__ __forceinline__ void zigzag_gemv(
 #pragma unroll
     for (int o = 16; o >= 1; o >>= 1) bias_acc += __shfl_xor_sync(0xffffffffu, bias_acc, o);
     if (lane == 0) bias_part[warp] = bias_acc;
-    write_band<T, GS, kWarps>(partial, bias_part, y, partials, counters, m, N, band, rank, splits, arrived_last);
+    write_band<T, GS, kWarps>(partial, bias_part, residual, r_stride, y, partials, counters, m, N, band, rank, splits,
+                              arrived_last);
   }
 }
 
@@ -337,10 +342,10 @@ extern "C" __global__ void __launch_bounds__(spqt::kThreads, SPQT_GS == 128 ? 3 
     const SPQT_T* x, const uint32_t* w, const SPQT_T* scales, const SPQT_T* biases,
     const void* active, SPQT_T* y, float* partials, int* counters,
     int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
-    float t_value, int splits) {
+    float t_value, int splits, const SPQT_T* norm, const SPQT_T* residual, int r_stride, int prologue, float eps) {
   static_assert(SPQT_BITS == 4, "the tensor-core kernel reads 4-bit codes");
   spqt::mma4::zigzag_gemv<SPQT_T, SPQT_GS>(
       x, w, scales, biases, active, y, partials, counters,
-      M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits);
+      M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits, norm, residual, r_stride, prologue, eps);
 }
 #endif
