@@ -12,6 +12,7 @@ import spqt_mlx.patch.linear as linear_module
 from spqt_mlx.calibrate import calibrate
 from spqt_mlx.patch import (
     ZigzagLinear,
+    fuse_blocks,
     fuse_shared_inputs,
     patch_model,
     set_thresholds,
@@ -31,8 +32,10 @@ def gemv_calls(monkeypatch) -> list:
 
 
 def patched_pair(thresholds):
+    # Stacking alone, per projection: the fused decoder blocks (test_fusion.py) are off.
     model = tiny_llama(seed=3)
     patch_model(model, group_size=32, bits=4)
+    fuse_blocks(model, enabled=False)
     set_thresholds(model, thresholds)
     fused = copy.deepcopy(model)
     return model, fused

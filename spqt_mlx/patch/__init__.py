@@ -1,5 +1,6 @@
 """The mlx-lm patch layer: ZigzagLinear and the functions that put it into a model."""
 
+from .blocks import FAMILIES, fuse_blocks
 from .fused import fuse_shared_inputs, shared_input_groups
 from .linear import ZigzagLinear
 from .model import (
@@ -15,8 +16,10 @@ from .model import (
 )
 
 __all__ = [
+    "FAMILIES",
     "ZigzagLinear",
     "achieved_sparsity",
+    "fuse_blocks",
     "fuse_shared_inputs",
     "get_thresholds",
     "is_projection",

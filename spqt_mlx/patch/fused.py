@@ -59,7 +59,6 @@ class SharedInputGroup:
             band += bands
         self._stack()
         self._split_at = [hi for _, hi in self.bounds[:-1]]
-        self._index = {id(m): i for i, m in enumerate(layers)}  # by identity: modules compare as dicts
         self.enabled = True
         self._pieces = None  # the siblings' outputs for _x, until each has taken its own
         self._x = None
@@ -110,11 +109,21 @@ class SharedInputGroup:
             self.layers[0] if all(m._threshold_value == first for m in self.layers) else None
         )
 
+    def stacked(self):
+        """``(weight, scales, biases, layer)``: the stacked arrays and the member whose threshold the
+        stack runs with, or None when the members cannot run as one product now (their
+        thresholds, formats or dtypes differ)."""
+        if not self.enabled or self._threshold_owner is None or not self._restack_if_changed():
+            return None
+        return self.weight, self.scales, self.biases, self._threshold_owner
+
     def is_intact(self) -> bool:
         """False once any member's parameters were replaced (e.g. by ``load_weights``)."""
-        return all(
-            m["weight"] is w and m["scales"] is s and m["biases"] is b for m, (w, s, b) in zip(self.layers, self._views)
-        )
+        # A plain loop: the fused decoder blocks ask this for two stacks per block and token.
+        for m, (w, s, b) in zip(self.layers, self._views):
+            if m["weight"] is not w or m["scales"] is not s or m["biases"] is not b:
+                return False
+        return True
 
     def product(self, layer: ZigzagLinear, x: mx.array) -> mx.array | None:
         """``layer``'s part of the stacked product for ``x``, or None to run the layer alone."""
@@ -138,7 +147,8 @@ class SharedInputGroup:
             self._x, self._pieces = x, mx.split(y, self._split_at, axis=-1)
             self._pending = len(self.layers)
         self._pending -= 1
-        y = self._pieces[self._index[id(layer)]]
+        # By identity (modules compare as dicts; ids change under deepcopy).
+        y = self._pieces[next(i for i, m in enumerate(self.layers) if m is layer)]
         if not self._pending:
             self._x = self._pieces = None  # every sibling has its part; keep no activations alive
         return y
@@ -163,8 +173,11 @@ def fuse_shared_inputs(model: nn.Module) -> int:
         if any(m.group_size != first.group_size or m.bits != first.bits or m["scales"].dtype != first["scales"].dtype
                or m.input_dims != first.input_dims for m in members):
             continue
-        group = SharedInputGroup(members)
-        for m in members:
-            m._shared = group
+        current = first._shared
+        if not (current is not None and current.enabled and len(current.layers) == len(members)
+                and all(a is b for a, b in zip(current.layers, members))):
+            group = SharedInputGroup(members)  # stacked already (e.g. by fuse_blocks): kept as it is
+            for m in members:
+                m._shared = group
         count += 1
     return count

@@ -233,9 +233,11 @@ def patch_model(
                 stacklevel=2,
             )
     if patched or allocate_only:
+        from .blocks import fuse_blocks
         from .sharded import make_shardable
 
         make_shardable(model)  # model.shard(group) shards zigzag layers too
+        fuse_blocks(model)  # known block structures decode with fused products
     if thresholds is not None:
         layers = zigzag_layers(model)
         if isinstance(thresholds, Mapping):

@@ -1,0 +1,258 @@
+"""Decoder blocks whose single-token step runs four zigzag products and little else.
+
+A pre-norm decoder block (``h = x + attn(norm1(x))``, ``out = h + mlp(norm2(h))``, RMSNorm and a
+SwiGLU MLP) calls, per decoded token, two norms, a stacked q/k/v product, the attention, o_proj, a
+residual add, a stacked gate/up product, the SwiGLU, down_proj and another residual add. Decoding
+small models on a fast GPU is bound by the host's cost per kernel, so this module folds each
+product's neighbours into the product's kernel (``zigzag_gemv``'s prologue and residual):
+
+    qkv = W_qkv @ rmsnorm(x)            one kernel (q/k/v stacked)
+    h   = x + W_o @ attention(q, k, v)  one kernel after the attention
+    gu  = W_gu @ rmsnorm(h)             one kernel (gate/up stacked)
+    out = h + W_down @ swiglu(gu)       one kernel
+
+The active columns of each product are still decided on its real input (the normalized vector,
+the SwiGLU output), as calibrated. The block is installed by class (the instance keeps its
+parameters and mlx-lm class, so saving, loading, sharding and LoRA see the same model) for the
+families listed in ``FAMILIES``. Any call that is not a plain single-token step (prefill,
+batches, recording statistics, calibration probes, LoRA adapters, thresholds that differ within a
+stack) runs the family's own forward, and with it the per-projection path.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import _ext
+from .._ext import ActiveKind, Prologue
+from .fused import SharedInputGroup
+from .linear import ZigzagLinear
+
+# mlx-lm model modules whose TransformerBlock is the pre-norm SwiGLU block above, with the
+# attention of llama (q/k/v or a single qkv_proj; qwen3's per-head q/k norms) and an MLP of
+# gate/up (or a single gate_up_proj) and down. Others (gemma2/3's post-norms and GeGLU, granite's
+# residual multipliers, ...) keep the per-projection path.
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
+
+
+class _Stack:
+    """A product's weight: a single ZigzagLinear, or sibling ZigzagLinear layers stacked into one
+    (stacked on the first fused step, so a patched model that never decodes is not copied)."""
+
+    __slots__ = ("layers", "has_bias", "_bias", "_bias_of")
+
+    def __init__(self, layers: list[ZigzagLinear]):
+        self.layers = layers
+        self.has_bias = "bias" in layers[0]  # all or none (checked by _why_not)
+        self._bias = self._bias_of = None
+
+    def arrays(self):
+        """(weight, scales, biases, threshold layer) to run the product now, or None."""
+        layers = self.layers
+        if len(layers) == 1:
+            m = layers[0]
+            return m["weight"], m["scales"], m["biases"], m
+        group = layers[0]._shared
+        if group is None:
+            first = layers[0]
+            if any(m._shared is not None or m["scales"].dtype != first["scales"].dtype for m in layers):
+                return None
+            group = SharedInputGroup(layers)
+            for m in layers:
+                m._shared = group
+        elif not _same(group.layers, layers):
+            return None
+        return group.stacked()
+
+    def bias(self):
+        """The layers' output biases, stacked once per set of bias arrays."""
+        of = tuple(m["bias"] for m in self.layers)
+        if self._bias_of is None or not _same(of, self._bias_of):
+            self._bias = mx.concatenate(of) if len(of) > 1 else of[0]
+            self._bias_of = of
+        return self._bias
+
+
+def _product(x, arrays, prologue, norm, residual):
+    """One zigzag product of a single token, with its neighbours folded in. Positional arguments:
+    this runs four times per block and token."""
+    w, s, b, layer = arrays
+    weight, eps = (norm["weight"], norm.eps) if norm is not None else (None, 0.0)
+    if layer._threshold_value > 0:
+        return _ext.zigzag_gemv(x, w, s, b, layer["_threshold"], ActiveKind.Threshold, layer.group_size, layer.bits,
+                                prologue, weight, eps, residual)
+    return _ext.zigzag_gemv(x, w, s, b, None, ActiveKind.Dense, layer.group_size, layer.bits,
+                            prologue, weight, eps, residual)
+
+
+class _Plan:
+    """What the fused step of one block runs, and the modules it was built from: checked on every
+    call (identity only, a few dict lookups), so a replaced module sends the block back to its own
+    forward."""
+
+    __slots__ = ("attn", "norms", "checks", "layers", "qkv", "o", "gate_up", "down", "qk_norms", "heads")
+
+    def __init__(self, block: nn.Module):
+        attn, mlp = block["self_attn"], block["mlp"]
+        self.attn = attn
+        self.norms = (block["input_layernorm"], block["post_attention_layernorm"])
+        qkv_names = ("qkv_proj",) if "qkv_proj" in attn else ("q_proj", "k_proj", "v_proj")
+        gate_up_names = ("gate_up_proj",) if "gate_up_proj" in mlp else ("gate_proj", "up_proj")
+        self.checks = [
+            (block, "self_attn", attn), (block, "mlp", mlp),
+            (block, "input_layernorm", self.norms[0]), (block, "post_attention_layernorm", self.norms[1]),
+            *((attn, n, attn[n]) for n in (*qkv_names, "o_proj", "rope", "q_norm", "k_norm") if n in attn),
+            *((mlp, n, mlp[n]) for n in (*gate_up_names, "down_proj")),
+        ]
+        qkv = [attn[n] for n in qkv_names]
+        self.qkv, self.o = _Stack(qkv), _Stack([attn["o_proj"]])
+        self.gate_up, self.down = _Stack([mlp[n] for n in gate_up_names]), _Stack([mlp["down_proj"]])
+        self.layers = (*qkv, attn["o_proj"], *self.gate_up.layers, mlp["down_proj"])
+        self.qk_norms = (attn["q_norm"], attn["k_norm"]) if "q_norm" in attn else None
+        head_dim = sum(m.output_dims for m in qkv) // (attn.n_heads + 2 * attn.n_kv_heads)
+        self.heads = (attn.n_heads, attn.n_kv_heads, head_dim)
+
+    def ready(self, block, dtype) -> tuple | None:
+        """The arrays of the four products if the fused step can run now, else None."""
+        for parent, key, module in self.checks:
+            if parent.get(key) is not module:
+                return None
+        for m in self.layers:
+            if m._stats_on:
+                return None
+        if self.layers[0]["scales"].dtype != dtype:
+            return None  # a mixed-dtype call: the projections promote, per projection
+        arrays = (self.qkv.arrays(), self.o.arrays(), self.gate_up.arrays(), self.down.arrays())
+        return None if None in arrays else arrays
+
+    def run(self, block, x, mask, cache, arrays):
+        """The block's output for one token (B = L = 1)."""
+        qkv_a, o_a, gu_a, down_a = arrays
+        attn = self.attn
+        n_heads, n_kv_heads, head_dim = self.heads
+        qkv = _product(x, qkv_a, Prologue.RmsNorm, self.norms[0], None)
+        if self.qkv.has_bias:
+            qkv = qkv + self.qkv.bias()
+        # One reshape and transpose for all heads, then views of q, k and v (mlx-lm splits first).
+        heads = qkv.reshape(1, 1, -1, head_dim)
+        if self.qk_norms is None:
+            heads = heads.transpose(0, 2, 1, 3)
+            queries = heads[:, :n_heads]
+            keys = heads[:, n_heads:n_heads + n_kv_heads]
+            values = heads[:, n_heads + n_kv_heads:]
+        else:
+            q_norm, k_norm = self.qk_norms
+            queries = q_norm(heads[:, :, :n_heads]).transpose(0, 2, 1, 3)
+            keys = k_norm(heads[:, :, n_heads:n_heads + n_kv_heads]).transpose(0, 2, 1, 3)
+            values = heads[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3)
+        rope = attn["rope"]
+        if cache is not None:
+            queries = rope(queries, offset=cache.offset)
+            keys = rope(keys, offset=cache.offset)
+            keys, values = cache.update_and_fetch(keys, values)
+        else:
+            queries, keys = rope(queries), rope(keys)
+        out = _attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
+        # (1, heads, 1, head_dim) to (1, 1, heads * head_dim): with one position the transpose
+        # mlx-lm does first changes no element's place.
+        out = out.reshape(1, 1, -1)
+
+        h = _product(out, o_a, Prologue.Identity, None, x)
+        if self.o.has_bias:
+            h = h + self.o.bias()
+        gu = _product(h, gu_a, Prologue.RmsNorm, self.norms[1], None)
+        if self.gate_up.has_bias:
+            gu = gu + self.gate_up.bias()
+        y = _product(gu, down_a, Prologue.SwiGLU, None, h)
+        if self.down.has_bias:
+            y = y + self.down.bias()
+        return y
+
+
+def _same(a, b) -> bool:
+    # Modules are dicts: == would compare their arrays.
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _attention(queries, keys, values, **kwargs):
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    return scaled_dot_product_attention(queries, keys, values, **kwargs)
+
+
+class FusedDecoderBlock:
+    """Mixed in before a family's TransformerBlock class by :func:`fuse_blocks`."""
+
+    def __call__(self, x, mask=None, cache=None):
+        plan = self._spqt_plan
+        if x.ndim == 3 and x.shape[0] * x.shape[1] == 1:
+            arrays = plan.ready(self, x.dtype)
+            if arrays is not None:
+                return plan.run(self, x, mask, cache, arrays)
+        return super().__call__(x, mask, cache)
+
+
+_fused_classes: dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type:
+    # Same name and module as the family's class, so messages and structure checks read the same.
+    if cls not in _fused_classes:
+        _fused_classes[cls] = type(
+            cls.__name__, (FusedDecoderBlock, cls), {"__module__": cls.__module__, "_spqt_base": cls}
+        )
+    return _fused_classes[cls]
+
+
+def _why_not(block: nn.Module) -> str | None:
+    """Why ``block`` cannot run fused, or None if it can."""
+    family = type(block).__module__.rpartition(".")[2]
+    if family not in FAMILIES or type(block).__name__ != "TransformerBlock":
+        return "not a known block"
+    attn, mlp = block.get("self_attn"), block.get("mlp")
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        if type(block.get(name)) is not nn.RMSNorm:
+            return f"{name} is not an RMSNorm"
+    if not isinstance(attn, nn.Module) or not isinstance(mlp, nn.Module):
+        return "no self_attn or mlp"
+    qkv = [attn.get(n) for n in (("qkv_proj",) if "qkv_proj" in attn else ("q_proj", "k_proj", "v_proj"))]
+    gate_up = [mlp.get(n) for n in (("gate_up_proj",) if "gate_up_proj" in mlp else ("gate_proj", "up_proj"))]
+    projections = [*qkv, attn.get("o_proj"), *gate_up, mlp.get("down_proj")]
+    if not all(type(m) is ZigzagLinear for m in projections):
+        return "not every projection is a ZigzagLinear"
+    first = projections[0]
+    if any(m.group_size != first.group_size or m.bits != first.bits for m in projections):
+        return "projections of different formats"
+    if any(len({"bias" in m for m in stack}) > 1 for stack in (qkv, gate_up)):
+        return "some projections of a stack have a bias and others not"
+    if "q_norm" in attn and not isinstance(attn["q_norm"], nn.RMSNorm):
+        return "an unknown q_norm"
+    return None
+
+
+def fuse_blocks(model: nn.Module, enabled: bool = True) -> int:
+    """Install (or with ``enabled=False`` remove) the fused single-token step in every decoder
+    block of ``model`` whose structure is known and whose projections are all ZigzagLinear layers.
+    Returns the number of fused blocks.
+
+    :func:`~spqt_mlx.patch.patch_model` calls it; call it again after replacing layers. The q/k/v
+    and gate/up weights are stacked on the first fused step (or by :func:`fuse_shared_inputs`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}.")
+    count = 0
+    for _, block in model.named_modules():
+        if isinstance(block, FusedDecoderBlock):
+            if not enabled or _why_not(block) is not None:
+                block.__class__ = block._spqt_base
+                del block._spqt_plan
+                continue
+        elif not enabled or _why_not(block) is not None:
+            continue
+        if not isinstance(block, FusedDecoderBlock):
+            block.__class__ = _fused_class(type(block))
+        block._spqt_plan = _Plan(block)
+        count += 1
+    return count
+
