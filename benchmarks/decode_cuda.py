@@ -10,10 +10,15 @@ GGUF, see spqt_mlx.assets).
 Baseline: mlx-lm's `nn.quantize` (4-bit, group 64; embeddings and lm_head included). Ours: the same
 float weights with the attention and MLP projections zigzag-quantized (4-bit, group 64) and the
 embeddings and lm_head quantized exactly as the baseline's, so the two differ only in the
-projections. Thresholds are calibrated (uniform, TEAL-style) for each target sparsity on 256 tokens:
+projections. "zigzag 4-bit" decodes through the fused decoder blocks (patch/blocks.py), as
+spqt-generate does; "(stacked)" runs every product per projection with q/k/v and gate/up stacked,
+"(unstacked)" every projection alone. Thresholds are calibrated (uniform, TEAL-style) for each
+target sparsity on 256 tokens:
 of `--text` if given (also the prompt's source), else random tokens. Decode tokens/s over
 `--tokens` generated tokens after a 128-token prompt and a full warm-up generation; prefill
-tokens/s from the prompt; each figure is the median of three generations.
+tokens/s from the prompt; each figure is the median of three generations. Where both models fit in
+memory (all but the 70B shape), each of our generations is followed by one of the baseline's, and
+a row's ratio is against those: the host's speed drifts over minutes, and decode is host-bound.
 """
 
 import argparse
@@ -28,8 +33,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import llama
 
 import spqt_mlx.calibrate as calibrate
-from spqt_mlx.patch import (ZigzagLinear, achieved_sparsity, fuse_shared_inputs, patch_model, record_stats,
-                             set_thresholds)
+from spqt_mlx.patch import (ZigzagLinear, achieved_sparsity, fuse_blocks, fuse_shared_inputs, patch_model,
+                             record_stats, set_thresholds)
 
 SIZES = {
     "70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
@@ -41,6 +46,7 @@ SIZES = {
 }
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7]
 UNSTACKED = [0.0, 0.5]  # also measured with every projection run alone
+STACKED = [0.0, 0.5]  # also measured per projection with q/k/v and gate/up stacked, blocks not fused
 LABELS = {"70b": "Llama-3-70B arch (random)", "8b": "Llama-3-8B arch (random)", "1b": "Llama-3.2-1B-sized (random)", "smollm2": "SmolLM2-135M (real)"}
 
 
@@ -90,21 +96,43 @@ def random_model(size):
     return model
 
 
-def decode_speed(model, prompt, tokens, repeats=3):
+def decode_speed(model, prompt, tokens, repeats=3, baseline=None):
     """Median (prefill tokens/s, decode tokens/s) of `repeats` greedy generations, after a warm-up
-    one. Decode is host-bound, so single runs vary by tens of percent."""
-    def run():
+    one. Decode is host-bound, so single runs vary by tens of percent, and the host's speed drifts
+    over minutes: with ``baseline`` (another model) each generation is followed by one of the
+    baseline's, and its median (prefill, decode) tokens/s come back too, from the same minutes."""
+    def run(m):
         times = []
         t0 = time.perf_counter()
-        for _ in generate_step(prompt, model, max_tokens=tokens):
+        for _ in generate_step(prompt, m, max_tokens=tokens):
             times.append(time.perf_counter())
         return t0, times
 
-    run()
-    runs = [run() for _ in range(repeats)]
-    prefill = sorted(len(prompt) / (times[0] - t0) for t0, times in runs)
-    decode = sorted((len(times) - 1) / (times[-1] - times[0]) for _, times in runs)
-    return prefill[len(runs) // 2], decode[len(runs) // 2]
+    def medians(runs):
+        prefill = sorted(len(prompt) / (times[0] - t0) for t0, times in runs)
+        decode = sorted((len(times) - 1) / (times[-1] - times[0]) for _, times in runs)
+        return prefill[len(runs) // 2], decode[len(runs) // 2]
+
+    models = [model] if baseline is None else [model, baseline]
+    for m in models:
+        run(m)
+    runs = [[] for _ in models]
+    for _ in range(repeats):
+        for i, m in enumerate(models):
+            runs[i].append(run(m))
+    out = medians(runs[0])
+    return out if baseline is None else (*out, *medians(runs[1]))
+
+
+def ratio(row, rows):
+    """Decode tokens/s against mlx-lm's: the baseline generations interleaved with this row's where
+    they were, else the baseline's own row."""
+    if row["model"].startswith("mlx"):
+        return 1.0
+    base = row.get("baseline_decode_tps")
+    if base is None:
+        base = next(b for b in rows if b["size"] == row["size"] and b["model"].startswith("mlx"))["decode_tps"]
+    return row["decode_tps"] / base
 
 
 def markdown(rows):
@@ -112,10 +140,9 @@ def markdown(rows):
     out = ["| model | variant | target sparsity | achieved | prefill tok/s | decode tok/s | decode vs mlx-lm 4-bit |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next(b for b in rows if b["size"] == r["size"] and b["model"].startswith("mlx"))
         variant = "mlx-lm 4-bit" if r["model"].startswith("mlx") else r["model"]
         out.append(f"| {r.get('label', r['size'])} | {variant} | {r['sparsity']:.2f} | {r['achieved']:.2f} | "
-                   f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['decode_tps'] / base['decode_tps']:.2f}× |")
+                   f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {ratio(r, rows):.2f}× |")
     return "\n".join(out)
 
 
@@ -154,6 +181,8 @@ def main(argv=None):
     p.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
     p.add_argument("--unstacked", type=float, nargs="*", default=UNSTACKED,
                    help="sparsities also measured with every projection run alone")
+    p.add_argument("--stacked", type=float, nargs="*", default=STACKED,
+                   help="sparsities also measured per projection with q/k/v and gate/up stacked (blocks not fused)")
     p.add_argument("--text", help="UTF-8 text: prompt and calibration tokens for models with a tokenizer")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -175,34 +204,58 @@ def main(argv=None):
         else:
             prompt = mx.random.randint(0, vocab, (128,), key=mx.random.key(1))
             calib = mx.random.randint(0, vocab, (256,), key=mx.random.key(2))
-        pre, dec = decode_speed(model, prompt, args.tokens)
-        rows.append(dict(size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)", sparsity=0.0,
-                         prefill_tps=pre, decode_tps=dec, achieved=0.0))
-        print(rows[-1], flush=True)
-        del model
-        mx.clear_cache()
+        # Both models stay in memory where they fit (all but the 70B shape), so that each of our
+        # generations runs next to one of the baseline's.
+        interleave = size != "70b"
+        if interleave:
+            baseline = model
+        else:
+            pre, dec = decode_speed(model, prompt, args.tokens)
+            rows.append(dict(size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)", sparsity=0.0,
+                             prefill_tps=pre, decode_tps=dec, achieved=0.0))
+            print(rows[-1], flush=True)
+            del model
+            mx.clear_cache()
         model, _ = load_model(size, zigzag_quantize)
-        # Each projection alone first (--unstacked), then q/k/v and gate/up stacked, as spqt-generate runs.
-        for stacked, sparsities in ((False, args.unstacked), (True, args.sparsities)):
-            if stacked:
+        # Each projection alone first (--unstacked), then q/k/v and gate/up stacked (--stacked), then
+        # the fused decoder blocks, as spqt-generate runs.
+        fuse_blocks(model, enabled=False)
+        base_runs = []
+        for mode, sparsities in (("unstacked", args.unstacked), ("stacked", args.stacked), ("fused", args.sparsities)):
+            if mode == "stacked":
                 fuse_shared_inputs(model)
+            if mode == "fused":
+                fuse_blocks(model)
             for s in sparsities:
                 set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)
                 record_stats(model, True)
                 decode_speed(model, prompt[:16], 8, repeats=1)
                 got = achieved_sparsity(model)
                 record_stats(model, False)
-                pre, dec = decode_speed(model, prompt, args.tokens)
-                rows.append(dict(size=size, label=LABELS[size], model="zigzag 4-bit" + ("" if stacked else " (unstacked)"),
-                                 sparsity=s, prefill_tps=pre, decode_tps=dec, achieved=got[0] if got else 0.0))
+                row = dict(size=size, label=LABELS[size], model="zigzag 4-bit" + ("" if mode == "fused" else f" ({mode})"),
+                           sparsity=s, achieved=got[0] if got else 0.0)
+                if interleave:
+                    pre, dec, base_pre, base_dec = decode_speed(model, prompt, args.tokens, baseline=baseline)
+                    row.update(baseline_prefill_tps=base_pre, baseline_decode_tps=base_dec)
+                    base_runs.append((base_pre, base_dec))
+                else:
+                    pre, dec = decode_speed(model, prompt, args.tokens)
+                rows.append(dict(row, prefill_tps=pre, decode_tps=dec))
                 print(rows[-1], flush=True)
+        if interleave:
+            # The baseline's row: the median of its medians over all of our variants' windows.
+            pre = sorted(p for p, _ in base_runs)[len(base_runs) // 2]
+            dec = sorted(d for _, d in base_runs)[len(base_runs) // 2]
+            rows.insert(len(rows) - len(base_runs), dict(
+                size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)", sparsity=0.0,
+                prefill_tps=pre, decode_tps=dec, achieved=0.0))
+            del baseline
         del model
         mx.clear_cache()
     print(f"\n{'size':>4} {'model':<36} {'target':>6} {'achieved':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'vs mlx-lm':>9}")
     for r in rows:
-        base = next(b["decode_tps"] for b in rows if b["size"] == r["size"] and b["model"].startswith("mlx"))
         print(f"{r['size']:>4} {r['model']:<36} {r['sparsity']:>6.2f} {r['achieved']:>8.2f} {r['prefill_tps']:>13.0f} "
-              f"{r['decode_tps']:>12.1f} {r['decode_tps'] / base:>9.2f}")
+              f"{r['decode_tps']:>12.1f} {ratio(r, rows):>9.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=mx.device_info().get("device_name", ""), date=datetime.date.today().isoformat(),
