@@ -5,8 +5,8 @@ with ``--encode`` MLX's time to encode each kind of kernel.
 
 Nothing is evaluated inside the timed loops, so this measures what the Python forward pass costs
 on any backend: per call for mlx-lm's `nn.QuantizedLinear` and for `ZigzagLinear` (dense and
-sparse), and per decode step of a 32-layer model with every projection alone and with q/k/v and
-gate/up stacked (`fuse_shared_inputs`). Best of 5 rounds.
+sparse), and per decode step of a 32-layer model with every projection alone, with q/k/v and
+gate/up stacked (`fuse_shared_inputs`), and through the fused decoder blocks. Best of 5 rounds.
 
 ``--encode`` (meant for the GPU) builds a chain of 256 dependent single-token products, y = f(y), and
 times ``mx.async_eval`` of the chain alone: the host's cost per kernel to encode it (MLX's graph
@@ -25,7 +25,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from spqt_mlx import _ext
-from spqt_mlx.patch import ZigzagLinear, fuse_shared_inputs, patch_model, set_thresholds
+from spqt_mlx.patch import ZigzagLinear, fuse_blocks, fuse_shared_inputs, patch_model, set_thresholds
 
 
 def best_of(fn, calls, rounds=5):
@@ -56,7 +56,7 @@ def encode_costs(chain=256, rounds=5):
         "mx.quantized_matmul": quantized,
         "zigzag dense": lambda y: _ext.zigzag_gemv(y, *args, None, dense, 64, 4),
         "zigzag sparse": lambda y: _ext.zigzag_gemv(y, *args, threshold, sparse, 64, 4),
-        "zigzag sparse + norm + residual": lambda y: _ext.zigzag_gemv(
+        "zigzag sparse + norm + residual": lambda y: _ext.zigzag_gemv_fused(
             y, *args, threshold, sparse, 64, 4, prologue=_ext.Prologue.RmsNorm, norm_weight=norm, eps=1e-5,
             residual=y),
     }
@@ -101,9 +101,12 @@ def main():
     model.set_dtype(mx.float16)
     patch_model(model, group_size=64, bits=4)
     set_thresholds(model, 0.5)
+    fused = copy.deepcopy(model)  # patch_model installed the fused decoder blocks
+    fuse_blocks(model, enabled=False)
     stacked = copy.deepcopy(model)
     fuse_shared_inputs(stacked)
-    for name, m in [("decode step, unstacked", model), ("decode step, stacked", stacked)]:
+    for name, m in [("decode step, unstacked", model), ("decode step, stacked", stacked),
+                    ("decode step, fused blocks", fused)]:
         cache = make_prompt_cache(m)
         token = mx.array([[5]])
         mx.eval(m(token, cache=cache))
