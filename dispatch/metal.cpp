@@ -89,6 +89,9 @@ class Encoder {
   void set_int64s(const std::vector<int64_t>& v, int slot) {
     encoder_.set_vector_bytes(v, slot);
   }
+  void set_float(float v, int slot) {
+    encoder_.set_bytes(v, slot);
+  }
 
   void dispatch(Size3 groups, Size3 threads) {
     encoder_.dispatch_threadgroups(MTL::Size(groups.x, groups.y, groups.z), MTL::Size(threads.x, threads.y, threads.z));
@@ -124,10 +127,6 @@ class Encoder {
 } // namespace
 
 void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array& out) {
-  if (p.prologue() != Prologue::Identity || p.residual_input() >= 0) {
-    // ops.cpp runs a fused product's neighbours as MLX ops on Metal.
-    throw std::logic_error("[zigzag_gemv] the Metal kernels fold no prologue or residual.");
-  }
   out.set_data(mx::allocator::malloc(out.nbytes()));
   if (out.size() == 0) {
     return;
@@ -137,12 +136,13 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   for (const auto& a : inputs) {
     in.push_back(enc.contiguous(a));
   }
-  const int K = in[0].shape(-1);
+  const int K = in[1].shape(1);
+  const int active = p.active_input();
   Gemv<mx::array> g{
       .type = type_name(in[0].dtype()),
       .bits = p.bits(),
       .group_size = p.group_size(),
-      .M = int(in[0].size() / K),
+      .M = int(out.size() / out.shape(-1)),
       .N = out.shape(-1),
       .K = K,
       .kind = p.kind(),
@@ -151,10 +151,17 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
       .scales = in[2],
       .biases = in[3],
       .y = out,
-      .active = p.kind() == ActiveKind::Dense ? std::nullopt : std::optional<mx::array>(in[4]),
-      .active_len = p.kind() == ActiveKind::Dense ? 0 : int(in[4].size()),
+      .active = active < 0 ? std::nullopt : std::optional<mx::array>(in[active]),
+      .active_len = active < 0 ? 0 : int(in[active].size()),
       .splits = 0,
+      .prologue = {p.prologue(), std::nullopt, p.eps()},
   };
+  if (p.norm_input() >= 0) {
+    g.prologue.norm = in[p.norm_input()];
+  }
+  if (p.residual_input() >= 0) {
+    g.residual = in[p.residual_input()];
+  }
   encode_gemv(enc, g);
 }
 

@@ -16,6 +16,7 @@
 //   void set_int64(int64_t, int slot);                   // constant int64_t&
 //   void set_ints(const std::vector<int32_t>&, int slot);
 //   void set_int64s(const std::vector<int64_t>&, int slot);
+//   void set_float(float, int slot);                     // constant float&
 //   void dispatch(Size3 threadgroups, Size3 threads_per_threadgroup);
 #pragma once
 
@@ -66,13 +67,23 @@ void encode_copy_to_contiguous(E& e, const typename E::Buffer& src, const typena
   e.dispatch(groups_for(size, kElementwiseThreads), {kElementwiseThreads, 1, 1});
 }
 
+// The prologue of a fused product (kernels/contract.h) as the kernels take it: its kind, the norm
+// weight (RMSNorm only) and epsilon.
+template <class Buffer>
+struct PrologueArgs {
+  Prologue kind = Prologue::Identity;
+  std::optional<Buffer> norm;
+  float eps = 0.0f;
+};
+
 // out (K + 1,) int32 = [n, ascending active k..., unspecified...] for x of K elements of `type`
-// ("float32", "float16", "bfloat16"); `threshold` holds one float32, or K when `per_column`.
-// `threads` > 0 overrides the threadgroup size (tests exercise other sizes with it).
+// ("float32", "float16", "bfloat16"), or of x' after a prologue (x then holds 2K for SwiGLU);
+// `threshold` holds one float32, or K when `per_column`. `threads` > 0 overrides the threadgroup
+// size (tests exercise other sizes with it).
 template <class E>
 void encode_collect(E& e, const typename E::Buffer& x, const typename E::Buffer& threshold,
                     const typename E::Buffer& out, const std::string& type, int K, bool per_column,
-                    int threads = 0) {
+                    int threads = 0, const PrologueArgs<typename E::Buffer>& prologue = {}) {
   using namespace metal_params;
   e.set_kernel(metal_kernels::collect_active(type));
   if (threads <= 0) {
@@ -86,6 +97,9 @@ void encode_collect(E& e, const typename E::Buffer& x, const typename E::Buffer&
   e.set_output(out, 2);
   e.set_int(K, 3);
   e.set_int(per_column ? 1 : 0, 4);
+  e.set_input(prologue.norm ? *prologue.norm : x, 5);  // read only by the RMSNorm prologue
+  e.set_int(int(prologue.kind), 6);
+  e.set_float(prologue.eps, 7);
   e.dispatch({1, 1, 1}, {threads, 1, 1});
 }
 
@@ -102,6 +116,10 @@ struct Gemv {
   std::optional<Buffer> active;
   int active_len = 0;
   int splits = 0;  // > 0 overrides the split policy (tests exercise other geometries with it)
+  // A fused product: x is read through the prologue (x then holds M rows of 2K for SwiGLU), and the
+  // residual (M, N) is added to y.
+  PrologueArgs<Buffer> prologue = {};
+  std::optional<Buffer> residual = std::nullopt;
 };
 
 template <class E>
@@ -125,7 +143,7 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
       break;
     case ActiveKind::Threshold:
       list = e.temporary(int64_t(g.K) + 1, Element::Int32);
-      encode_collect(e, g.x, *g.active, *list, g.type, g.K, g.active_len != 1);
+      encode_collect(e, g.x, *g.active, *list, g.type, g.K, g.active_len != 1, 0, g.prologue);
       listed = -1;
       break;
   }
@@ -154,6 +172,12 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
   e.set_int(g.K, 7);
   e.set_int(g.N, 8);
   e.set_int(listed, 9);
+  // Slots the product reads only when fused are bound to a valid buffer all the same.
+  e.set_input(g.prologue.norm ? *g.prologue.norm : g.x, 10);
+  e.set_input(g.residual ? *g.residual : g.x, 11);
+  e.set_int(int(g.prologue.kind), 12);
+  e.set_float(g.prologue.eps, 13);
+  e.set_int(g.residual && splits == 1 ? 1 : 0, 14);
   e.dispatch({g.N / g.group_size, splits, g.M}, {kGemvThreads, 1, 1});
 
   if (splits > 1) {
@@ -165,6 +189,8 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
     e.set_int(g.N, 2);
     e.set_int(splits, 3);
     e.set_int(size, 4);
+    e.set_input(g.residual ? *g.residual : *partials, 5);
+    e.set_int(g.residual ? 1 : 0, 6);
     e.dispatch(groups_for(size, kElementwiseThreads), {kElementwiseThreads, 1, 1});
   }
 }

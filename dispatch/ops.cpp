@@ -253,11 +253,10 @@ mx::array zigzag_gemv(
   out_shape.back() = N;
   auto fused = check_fusion(where, fusion, x, K, out_shape, stream);
   const bool on_cuda = stream.device == mx::Device::gpu && mx::cu::is_available();
-  const bool folded = stream.device == mx::Device::cpu ||
-      (on_cuda && cuda::folds(bits, group_size, N, K, kind, fusion.prologue));
+  const bool folded = !on_cuda || cuda::folds(bits, group_size, N, K, kind, fusion.prologue);
   if (fusion.any() && !folded) {
-    // The Metal kernels fold nothing yet (and CUDA not everywhere): run the neighbours as MLX ops
-    // around the plain product.
+    // Where a CUDA product would collect its active set in a launch of its own (which reads x, not
+    // x'), run the neighbours as MLX ops around the plain product.
     auto xp = apply_prologue(x, fusion.prologue, fused.norm_weight, fused.eps, stream);
     auto y = zigzag_gemv(xp, w, scales, biases, active, kind, group_size, bits, {}, stream);
     return fused.residual ? mx::add(*fused.residual, y, stream) : y;

@@ -41,8 +41,8 @@ mx::array zigzag_gemv(
     const Fusion& fusion = {},
     mx::StreamOrDevice s = {});
 
-// x' of a fused product, with MLX ops: what the kernels compute on the fly. The unfused path
-// (Metal, gradients) and the tests use it.
+// x' of a fused product, with MLX ops: what the kernels compute on the fly. Gradients, the CUDA
+// products that cannot fold their neighbours, and the tests use it.
 mx::array apply_prologue(
     const mx::array& x,
     Prologue prologue,

@@ -3,10 +3,12 @@
 // One threadgroup scans x in chunks of its size. Within a chunk, a simd prefix sum of the flags gives
 // each lane its slot inside its simdgroup, and the simdgroup counts (threadgroup memory) give each
 // simdgroup its offset, so the list is written in ascending order with no atomics. The unused tail is
-// filled with -1, as the CPU reference does.
+// filled with -1, as the CPU reference does. A fused product's collection decides on x' (prologue.h):
+// with RMSNorm the threadgroup reduces the row's norm first.
 #pragma once
 
 #include "params.h"
+#include "prologue.h"
 #include "utils.h"
 
 using namespace metal;
@@ -18,18 +20,27 @@ template <typename T>
     device int32_t* out [[buffer(2)]],
     const constant int& K [[buffer(3)]],
     const constant int& threshold_stride [[buffer(4)]],
+    const device T* norm [[buffer(5)]],
+    const constant int& prologue [[buffer(6)]],
+    const constant float& eps [[buffer(7)]],
     uint tid [[thread_index_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint simdgroups [[simdgroups_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   using namespace spqt::metal_params;
+  namespace pro = spqt::metal_prologue;
   threadgroup int sg_counts[kCollectMaxThreads / kSimdSize];
+  threadgroup float norm_scratch[kCollectMaxThreads / kSimdSize];
+  const float inv_rms = prologue == pro::kRmsNorm
+      ? pro::inv_rms(x, K, eps, norm_scratch, tid, threads, sg, simdgroups, lane)
+      : 1.0f;
 
   int base = 0; // entries written by the previous chunks
   for (int k0 = 0; k0 < K; k0 += int(threads)) {
     const int k = k0 + int(tid);
-    const bool on = k < K && metal::abs(float(x[k])) > threshold[int64_t(k) * threshold_stride];
+    const bool on =
+        k < K && metal::abs(pro::input(x, norm, inv_rms, prologue, K, k)) > threshold[int64_t(k) * threshold_stride];
     const int slot = simd_prefix_exclusive_sum(int(on));
     const int count = simd_sum(int(on));
     if (lane == 0) {

@@ -11,9 +11,14 @@
 // threadgroup memory adds the simdgroups, and with several splits zigzag_gemv_reduce adds the
 // per-split partials in a second dispatch. The bias term sum_k x[k] * bias[b, k] is accumulated once
 // per band (bias hoist) and added to every row.
+//
+// Fused neighbours (kernels/contract.h): x is read through a prologue (RMSNorm, whose row norm each
+// threadgroup reduces first, or SwiGLU over 2K columns; prologue.h), and with has_residual the
+// residual is added where y is written (here, or in zigzag_gemv_reduce with several splits).
 #pragma once
 
 #include "params.h"
+#include "prologue.h"
 #include "utils.h"
 
 using namespace metal;
@@ -44,17 +49,24 @@ template <typename T, int BITS, int GS, bool SPARSE>
     const constant int& K [[buffer(7)]],
     const constant int& N [[buffer(8)]],
     const constant int& listed [[buffer(9)]],
+    const device T* norm [[buffer(10)]],
+    const device T* residual [[buffer(11)]],
+    const constant int& prologue [[buffer(12)]],
+    const constant float& eps [[buffer(13)]],
+    const constant int& has_residual [[buffer(14)]],
     uint3 tg [[threadgroup_position_in_grid]],
     uint3 tgs [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   using namespace spqt::metal_params;
+  namespace pro = spqt::metal_prologue;
   constexpr int ROWS = GS / kLanesPerColumn; // rows per lane: 4, 8 or 16
   constexpr int WORDS = GS * BITS / 32;      // words per group
   static_assert(ROWS % 4 == 0, "lanes hold their rows as float4");
 
   threadgroup float sg_rows[kGemvSimdgroups * GS];
+  threadgroup float norm_scratch[kGemvSimdgroups];
 
   const int band = tg.x;
   const int split = tg.y;
@@ -84,7 +96,10 @@ template <typename T, int BITS, int GS, bool SPARSE>
   const int slot = int(lane) / kLanesPerColumn;          // which entry of a step
   const int r0 = (int(lane) % kLanesPerColumn) * ROWS;   // first row of this lane
 
-  const device T* xm = x + int64_t(m) * K;
+  const device T* xm = pro::row(x, m, K, prologue);
+  const float inv_rms = prologue == pro::kRmsNorm
+      ? pro::inv_rms(xm, K, eps, norm_scratch, tid, kGemvThreads, sg, kGemvSimdgroups, lane)
+      : 1.0f;
   const device uint32_t* wb = w + int64_t(band) * K * WORDS;
   const device T* sb = scales + int64_t(band) * K;
   const device T* bb = biases + int64_t(band) * K;
@@ -100,7 +115,7 @@ template <typename T, int BITS, int GS, bool SPARSE>
     if (k < 0 || k >= K) {
       continue;
     }
-    const float xk = float(xm[k]);
+    const float xk = pro::input(xm, norm, inv_rms, prologue, K, k);
     const float xs = xk * float(sb[k]);
     const device uint32_t* words = wb + int64_t(k) * WORDS;
     for (int j = 0; j < ROWS / 4; ++j) {
@@ -141,14 +156,16 @@ template <typename T, int BITS, int GS, bool SPARSE>
     }
     const int col = band * GS + r;
     if (splits == 1) {
-      y[int64_t(m) * N + col] = T(v);
+      const int64_t at = int64_t(m) * N + col;
+      y[at] = T(v + (has_residual ? float(residual[at]) : 0.0f));
     } else {
       partials[(int64_t(m) * splits + split) * N + col] = v;
     }
   }
 }
 
-// Second pass when a band is split over several threadgroups: y[m, i] = sum over splits, in order.
+// Second pass when a band is split over several threadgroups: y[m, i] = sum over splits, in order
+// (plus the residual of a fused product).
 template <typename T>
 [[kernel]] void zigzag_gemv_reduce(
     const device float* partials [[buffer(0)]],
@@ -156,6 +173,8 @@ template <typename T>
     const constant int& N [[buffer(2)]],
     const constant int& splits [[buffer(3)]],
     const constant int& size [[buffer(4)]],
+    const device T* residual [[buffer(5)]],
+    const constant int& has_residual [[buffer(6)]],
     uint index [[thread_position_in_grid]]) {
   const int i = int(index);
   if (i >= size) {
@@ -167,5 +186,5 @@ template <typename T>
   for (int s = 0; s < splits; ++s) {
     v += partials[(int64_t(m) * splits + s) * N + col];
   }
-  y[i] = T(v);
+  y[i] = T(v + (has_residual ? float(residual[i]) : 0.0f));
 }

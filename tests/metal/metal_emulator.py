@@ -111,8 +111,9 @@ class Emulator:
         self.lib = ctypes.CDLL(str(lib_path))
         p, i, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64
         s = ctypes.c_char_p
-        self.lib.spqt_emu_zigzag_gemv.argtypes = [s, i, i, i, p, p, p, p, p, i, p, i, i, i, i, u64, p, i]
-        self.lib.spqt_emu_collect_active.argtypes = [s, p, p, i, i, i, u64, p, p, i]
+        f = ctypes.c_float
+        self.lib.spqt_emu_zigzag_gemv.argtypes = [s, i, i, i, p, p, p, p, p, i, p, i, i, i, i, u64, i, p, f, p, p, i]
+        self.lib.spqt_emu_collect_active.argtypes = [s, p, p, i, i, i, u64, i, p, f, p, p, i]
         self.lib.spqt_emu_copy_to_contiguous.argtypes = [i, p, ctypes.c_int64, ctypes.c_int64, p, p, i, p, u64, p, i]
         self.lib.spqt_emu_selfcheck.argtypes = [s, i, u64, p, i, p, i]
         self.lib.spqt_emu_last_dispatches.argtypes = [p, i]
@@ -126,9 +127,12 @@ class Emulator:
     def _ptr(a):
         return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
 
-    def zigzag_gemv(self, type_name, x, w, scales, biases, active, kind, group_size, bits, *, splits=0, seed=0):
-        """x: (M, K) raw (float32, float16, or bfloat16 as uint16); returns y (M, N) in the same raw dtype."""
+    def zigzag_gemv(self, type_name, x, w, scales, biases, active, kind, group_size, bits, *, splits=0, seed=0,
+                    prologue=0, norm=None, eps=0.0, residual=None):
+        """x: (M, K) raw (float32, float16, or bfloat16 as uint16), (M, 2K) for the SwiGLU prologue (2);
+        norm: K raw weights of the RMSNorm prologue (1); residual: (M, N) raw. Returns y (M, N) in x's raw dtype."""
         M, K = x.shape
+        K = K // 2 if prologue == 2 else K
         bands = w.shape[0]
         N = bands * group_size
         y = np.empty((M, N), dtype=x.dtype)
@@ -139,18 +143,21 @@ class Emulator:
             type_name.encode(), bits, group_size, KINDS[kind],
             self._ptr(np.ascontiguousarray(x)), self._ptr(np.ascontiguousarray(w)),
             self._ptr(np.ascontiguousarray(scales)), self._ptr(np.ascontiguousarray(biases)),
-            self._ptr(active), 0 if active is None else active.size, self._ptr(y), M, N, K, splits, seed, err, len(err))
+            self._ptr(active), 0 if active is None else active.size, self._ptr(y), M, N, K, splits, seed,
+            prologue, self._ptr(None if norm is None else np.ascontiguousarray(norm)), eps,
+            self._ptr(None if residual is None else np.ascontiguousarray(residual)), err, len(err))
         self._check(rc, err)
         return y
 
-    def collect_active(self, type_name, x, threshold, *, threads=0, seed=0):
-        K = x.size
+    def collect_active(self, type_name, x, threshold, *, threads=0, seed=0, prologue=0, norm=None, eps=0.0):
+        K = x.size // 2 if prologue == 2 else x.size
         out = np.empty(K + 1, dtype=np.int32)
         t = np.ascontiguousarray(threshold, dtype=np.float32).reshape(-1)
         err = ctypes.create_string_buffer(1024)
         rc = self.lib.spqt_emu_collect_active(
             type_name.encode(), self._ptr(np.ascontiguousarray(x)), self._ptr(t), t.size, K, threads, seed,
-            self._ptr(out), err, len(err))
+            prologue, self._ptr(None if norm is None else np.ascontiguousarray(norm)), eps, self._ptr(out), err,
+            len(err))
         self._check(rc, err)
         return out
 

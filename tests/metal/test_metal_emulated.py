@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import spqt_mlx
-from spqt_mlx import ActiveColumns
+from spqt_mlx import ActiveColumns, _ext
+from spqt_mlx._ext import ActiveKind, Prologue
 
 import metal_emulator as emu
 
@@ -269,6 +270,69 @@ def test_kernel_source_is_metal(source):
 # ---- the host encoding (dispatch/metal_encoding.h) ------------------------------------------------
 
 
+PROLOGUES = {"rmsnorm": Prologue.RmsNorm, "swiglu": Prologue.SwiGLU}
+EPS = 1e-5
+
+
+def check_fused(emulator, layer, rng, prologue, kind, *, rows=1, residual=True, splits=0):
+    """A fused product (prologue on x, residual on y) emulated against the CPU op. Thresholds sit in
+    the widest gap of |x'| near its median, so that x' computed in another order cannot cross one."""
+    K = layer.w.shape[1]
+    N = layer.w.shape[0]
+    pro = PROLOGUES[prologue]
+    width = 2 * K if prologue == "swiglu" else K
+    x = mx.array(rng.normal(size=(rows, width)).astype(np.float32) * 2).astype(layer.dtype)
+    norm = None
+    if prologue == "rmsnorm":
+        norm = mx.array(rng.uniform(0.5, 1.5, size=K).astype(np.float32)).astype(layer.dtype)
+    res = mx.array(rng.normal(size=(rows, N)).astype(np.float32)).astype(layer.dtype) if residual else None
+    xp = np.abs(np.array(_ext.apply_prologue(x, pro, norm, EPS, stream=mx.cpu).astype(mx.float32)))
+    active, arg, cols = None, None, range(K)
+    if kind == "threshold":
+        a = np.sort(xp[0])
+        lo, hi = int(K * 0.4), int(K * 0.6)
+        i = lo + int(np.argmax(np.diff(a[lo:hi + 1])))
+        t = np.float32((a[i] + a[i + 1]) / 2)
+        arg, active, cols = np.atleast_1d(t), mx.array(t), np.nonzero(xp[0] > t)[0]
+    elif kind == "indices":
+        arg = rng.permutation(K)[: K // 3].astype(np.int32)
+        active, cols = mx.array(arg), arg
+    kinds = {"dense": ActiveKind.Dense, "threshold": ActiveKind.Threshold, "indices": ActiveKind.Indices}
+    ref = _ext.zigzag_gemv_fused(x, layer.q.weight, layer.q.scales, layer.q.biases, active, kinds[kind],
+                                          layer.group_size, layer.bits, pro, norm, EPS, res, stream=mx.cpu)
+    got = emulator.zigzag_gemv(layer.type_name, raw(x), *layer.raw, arg, kind, layer.group_size, layer.bits,
+                               splits=splits, prologue=int(pro.value), norm=None if norm is None else raw(norm),
+                               eps=EPS, residual=None if res is None else raw(res))
+    got = as_float64(got, layer.type_name)
+    ref = np.array(ref.astype(mx.float32), dtype=np.float64)
+    cols = np.asarray(cols, dtype=np.int64)
+    magnitude = xp[:, cols] @ np.abs(layer.w[:, cols]).T
+    base = np.abs(np.array(res.astype(mx.float32))) if res is not None else 0.0
+    # x' itself may round the other way in its last place (float32 reductions in another order).
+    tol = (2 * ULP[layer.type_name] + 1e-4) * (magnitude + base) + ULP[layer.type_name] * np.abs(ref) + 1e-5
+    bad = ~(np.abs(got - ref) <= tol)
+    if bad.any():
+        m, n = np.argwhere(bad)[0]
+        pytest.fail(f"{prologue} {kind}: {bad.sum()} of {bad.size} outputs differ from the CPU op; first at "
+                    f"(m={m}, n={n}): got {got[m, n]!r}, want {ref[m, n]!r} (tolerance {tol[m, n]:.3g})")
+
+
+@pytest.mark.parametrize("type_name", list(DTYPES))
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (8, 128)])
+@pytest.mark.parametrize("prologue", list(PROLOGUES))
+def test_fused_products(metal_emulator, prologue, bits, group_size, type_name):
+    """The prologue (RMSNorm or SwiGLU) and residual folded into the Metal kernels, against the CPU op
+    (which test_fusion.py checks against float64): every kind of active set, one and several
+    splits, several rows, no residual."""
+    rng = np.random.default_rng(bits * 100 + group_size + len(type_name) + len(prologue))
+    layer = Layer(rng, 2 * group_size, 150, group_size, bits, DTYPES[type_name])
+    for kind, launch in (("dense", {}), ("dense", {"splits": 3}), ("threshold", {}), ("threshold", {"splits": 2}),
+                         ("indices", {})):
+        check_fused(metal_emulator, layer, rng, prologue, kind, **launch)
+    check_fused(metal_emulator, layer, rng, prologue, "dense", rows=3)
+    check_fused(metal_emulator, layer, rng, prologue, "threshold", residual=False)
+
+
 def test_dispatch_sequences(metal_emulator):
     """The kernels each path encodes, in order: a long walk splits and reduces, a threshold is
     collected on the device first, views are copied to contiguous memory."""
@@ -312,6 +376,8 @@ def encoding_failures(emulator) -> list[str]:
     cols = np.nonzero(np.abs(np.array(x1.astype(mx.float32)))[0] > t)[0]
     attempt("threshold", lambda: layer.check(emulator, x1, "threshold", t, cols,
                                              cpu_gemv(x1, layer, spqt_mlx.collect_active(x1, mx.array(t), stream=mx.cpu))))
+    attempt("fused", lambda: check_fused(emulator, layer, rng, "rmsnorm", "threshold", splits=3))
+    attempt("fused swiglu", lambda: check_fused(emulator, layer, rng, "swiglu", "threshold", splits=1))
     view = rng.integers(0, 60000, size=(5, 9)).astype(np.uint16)[:, ::2].T
 
     def copy():
@@ -331,7 +397,10 @@ WRONG_ENCODINGS = {
     "grid without its splits": ("e.dispatch({g.N / g.group_size, splits, g.M}", "e.dispatch({g.N / g.group_size, 1, g.M}"),
     "partials too small": ("int64_t(g.M) * splits * g.N", "int64_t(g.M) * (splits - 1) * g.N"),
     "size as a 32-bit constant": ("e.set_int64(size, 5);", "e.set_int(int32_t(size), 5);"),
-    "threshold taken as a scalar": ("g.K, g.active_len != 1);", "g.K, false);"),
+    "threshold taken as a scalar": ("g.K, g.active_len != 1, 0, g.prologue);", "g.K, false, 0, g.prologue);"),
+    "collection without the prologue": ("g.K, g.active_len != 1, 0, g.prologue);", "g.K, g.active_len != 1, 0, {});"),
+    "residual left out of the reduction": ("e.set_int(g.residual ? 1 : 0, 6);", "e.set_int(0, 6);"),
+    "epsilon in the wrong slot": ("e.set_float(g.prologue.eps, 13);", "e.set_float(g.prologue.eps, 7);"),
 }
 
 

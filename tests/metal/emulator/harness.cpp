@@ -110,11 +110,13 @@ Buf buf(Guarded<T>& g) {
 // Kernel signatures (buffers, then constants, then built-ins), as the .metal sources declare them.
 template <typename T>
 using GemvKernel = void (*)(const T*, const uint32_t*, const T*, const T*, const int32_t*, T*, float*,
-                            const int&, const int&, const int&, uint3, uint3, uint, uint, uint);
+                            const int&, const int&, const int&, const T*, const T*, const int&, const float&,
+                            const int&, uint3, uint3, uint, uint, uint);
 template <typename T>
-using ReduceKernel = void (*)(const float*, T*, const int&, const int&, const int&, uint);
+using ReduceKernel = void (*)(const float*, T*, const int&, const int&, const int&, const T*, const int&, uint);
 template <typename T>
-using CollectKernel = void (*)(const T*, const float*, int32_t*, const int&, const int&, uint, uint, uint, uint, uint);
+using CollectKernel = void (*)(const T*, const float*, int32_t*, const int&, const int&, const T*, const int&,
+                               const float&, uint, uint, uint, uint, uint);
 template <typename T>
 using CopyKernel = void (*)(const T*, T*, const int*, const int64_t*, const int&, const int64_t&, uint);
 
@@ -186,6 +188,9 @@ class FakeEncoder {
   }
   void set_int64s(const std::vector<int64_t>& v, int slot) {
     bind(slot, Slot{Role::Bytes, {}, bytes(v.data(), v.size() * sizeof(int64_t))});
+  }
+  void set_float(float v, int slot) {
+    bind(slot, Slot{Role::Bytes, {}, bytes(&v, sizeof(v))});
   }
 
   void dispatch(Size3 groups, Size3 threads) {
@@ -292,7 +297,11 @@ class FakeEncoder {
         const int& N = constant<int>(2);
         const int& splits = constant<int>(3);
         const int& size = constant<int>(4);
-        simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) { fn(partials, y, N, splits, size, id.gid); });
+        const int& has_residual = constant<int>(6);
+        const T* residual = buffer<T>(5, Role::Input, !has_residual);
+        simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
+          fn(partials, y, N, splits, size, residual, has_residual, id.gid);
+        });
       });
     } else if (starts_with(k, "zigzag_gemv_")) {
       const bool sparse = starts_with(k, "zigzag_gemv_sparse_");
@@ -310,9 +319,14 @@ class FakeEncoder {
         const int32_t* active = buffer<int32_t>(4, Role::Input, !sparse || listed == 0);
         T* y = buffer<T>(5, Role::Output);
         float* partials = buffer<float>(6, Role::Output, grid.y == 1); // unused with one split
+        const int& prologue = constant<int>(12);
+        const float& eps = constant<float>(13);
+        const int& has_residual = constant<int>(14);
+        const T* norm = buffer<T>(10, Role::Input, prologue != 1);   // read by the RMSNorm prologue only
+        const T* residual = buffer<T>(11, Role::Input, !has_residual);
         simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
-          fn(x, w, scales, biases, sparse ? active : nullptr, y, partials, K, N, listed, id.tg, id.tgs, id.tid,
-             id.sg, id.lane);
+          fn(x, w, scales, biases, sparse ? active : nullptr, y, partials, K, N, listed, norm, residual, prologue, eps,
+             has_residual, id.tg, id.tgs, id.tid, id.sg, id.lane);
         });
       });
     } else if (starts_with(k, "collect_active_")) {
@@ -323,11 +337,14 @@ class FakeEncoder {
         int32_t* out = buffer<int32_t>(2, Role::Output);
         const int& K = constant<int>(3);
         const int& t_stride = constant<int>(4);
+        const int& prologue = constant<int>(6);
+        const float& eps = constant<float>(7);
+        const T* norm = buffer<T>(5, Role::Input, prologue != 1);
         if (grid.x != 1 || grid.y != 1 || grid.z != 1) {
           throw std::runtime_error(k + ": the collection runs as one threadgroup");
         }
         simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
-          fn(x, t, out, K, t_stride, id.tid, id.threads, id.sg, id.simdgroups, id.lane);
+          fn(x, t, out, K, t_stride, norm, prologue, eps, id.tid, id.threads, id.sg, id.simdgroups, id.lane);
         });
       });
     } else if (starts_with(k, "copy_to_contiguous_")) {
@@ -380,6 +397,9 @@ struct GemvArgs {
   void* y;
   int M, N, K, splits;
   uint64_t seed;
+  int prologue;             // kernels/contract.h's Prologue
+  const void *norm, *residual;  // null when not fused
+  float eps;
 };
 
 template <typename T>
@@ -387,7 +407,9 @@ void gemv(const std::string& type, const GemvArgs& a) {
   const int bands = a.N / a.gs;
   const int words = a.gs * a.bits / 32;
   const T nan = T(NAN);
-  Guarded<T> x(a.x, size_t(a.M) * a.K, nan);
+  Guarded<T> x(a.x, size_t(a.M) * a.K * (a.prologue == 2 ? 2 : 1), nan);
+  Guarded<T> norm(a.norm, a.norm ? size_t(a.K) : 0, nan);
+  Guarded<T> residual(a.residual, a.residual ? size_t(a.M) * a.N : 0, nan);
   Guarded<uint32_t> w(a.w, size_t(bands) * a.K * words, 0xffffffffu);
   Guarded<T> scales(a.scales, size_t(bands) * a.K, nan);
   Guarded<T> biases(a.biases, size_t(bands) * a.K, nan);
@@ -414,7 +436,14 @@ void gemv(const std::string& type, const GemvArgs& a) {
       .active = std::nullopt,
       .active_len = 0,
       .splits = a.splits,
+      .prologue = {spqt::Prologue(a.prologue), std::nullopt, a.eps},
   };
+  if (a.norm) {
+    g.prologue.norm = buf(norm);
+  }
+  if (a.residual) {
+    g.residual = buf(residual);
+  }
   if (a.kind == 1 || a.kind == 2) {
     g.active = buf(list);
     g.active_len = a.kind == 1 ? a.active_len : a.K + 1;
@@ -438,28 +467,37 @@ void gemv(const std::string& type, const GemvArgs& a) {
 extern "C" {
 
 // kind: 0 dense, 1 index list (active: int32[active_len]), 2 packed list (active: int32[K + 1]),
-// 3 threshold (active: float32[active_len], 1 or K). splits <= 0 uses the host's policy.
+// 3 threshold (active: float32[active_len], 1 or K). splits <= 0 uses the host's policy. A fused
+// product: prologue 1 (RMSNorm, norm: K weights) or 2 (SwiGLU, x: M rows of 2K), residual (M, N).
 int spqt_emu_zigzag_gemv(const char* type, int bits, int group_size, int kind, const void* x, const uint32_t* w,
                          const void* scales, const void* biases, const void* active, int active_len, void* y,
-                         int M, int N, int K, int splits, uint64_t seed, char* err, int err_len) {
+                         int M, int N, int K, int splits, uint64_t seed, int prologue, const void* norm, float eps,
+                         const void* residual, char* err, int err_len) {
   try {
-    GemvArgs a{bits, group_size, kind, x, scales, biases, active, w, active_len, y, M, N, K, splits, seed};
+    GemvArgs a{bits, group_size, kind, x, scales, biases, active, w, active_len, y, M, N, K, splits, seed,
+               prologue, norm, residual, eps};
     return with_type(type, [&]<typename T>() { gemv<T>(type, a); });
   } catch (const std::exception& e) {
     return report(e, err, err_len);
   }
 }
 
-// threads <= 0 uses the host's policy.
+// threads <= 0 uses the host's policy. prologue, norm and eps as for spqt_emu_zigzag_gemv.
 int spqt_emu_collect_active(const char* type, const void* x, const float* threshold, int t_len, int K,
-                            int threads, uint64_t seed, int32_t* out, char* err, int err_len) {
+                            int threads, uint64_t seed, int prologue, const void* norm, float eps, int32_t* out,
+                            char* err, int err_len) {
   try {
     return with_type(type, [&]<typename T>() {
-      Guarded<T> xg(x, K, T(NAN));
+      Guarded<T> xg(x, size_t(K) * (prologue == 2 ? 2 : 1), T(NAN));
+      Guarded<T> ng(norm, norm ? size_t(K) : 0, T(NAN));
       Guarded<float> t(threshold, t_len, NAN);
       Guarded<int32_t> o(nullptr, K + 1, poison<int32_t>());
       FakeEncoder enc(seed);
-      spqt::metal::encode_collect(enc, buf(xg), buf(t), buf(o), type, K, t_len != 1, threads);
+      spqt::metal::PrologueArgs<Buf> pro{spqt::Prologue(prologue), std::nullopt, eps};
+      if (norm) {
+        pro.norm = buf(ng);
+      }
+      spqt::metal::encode_collect(enc, buf(xg), buf(t), buf(o), type, K, t_len != 1, threads, pro);
       last_log = enc.log();
       o.check("the collected list");
       o.copy_to(out);

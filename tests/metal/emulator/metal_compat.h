@@ -84,6 +84,14 @@ inline float abs(float v) {
   return std::fabs(v);
 }
 
+inline float exp(float v) {
+  return std::exp(v);
+}
+
+inline float sqrt(float v) {
+  return std::sqrt(v);
+}
+
 inline float fabs(float v) {
   return std::fabs(v);
 }
@@ -97,6 +105,7 @@ inline float fabs(float v) {
 #define constant
 #define thread
 #define threadgroup static thread_local
+#define SPQT_THREADGROUP_PARAM  // a helper's pointer to threadgroup memory (kernels/metal/utils.h)
 
 // Registers the host name instead of emitting a Metal entry point (see kernels/metal/utils.h).
 #define SPQT_EMU_CAT_(a, b) a##b
