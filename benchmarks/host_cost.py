@@ -56,7 +56,7 @@ def encode_costs(chain=256, rounds=5):
         "mx.quantized_matmul": quantized,
         "zigzag dense": lambda y: _ext.zigzag_gemv(y, *args, None, dense, 64, 4),
         "zigzag sparse": lambda y: _ext.zigzag_gemv(y, *args, threshold, sparse, 64, 4),
-        "zigzag sparse + norm + residual": lambda y: _ext.zigzag_gemv_fused(
+        "zigzag sparse + norm + residual": lambda y: _ext.zigzag_gemv(
             y, *args, threshold, sparse, 64, 4, prologue=_ext.Prologue.RmsNorm, norm_weight=norm, eps=1e-5,
             residual=y),
     }

@@ -28,60 +28,26 @@ NB_MODULE(_ext, m) {
   m.attr("SUPPORTED_GROUP_SIZES") = nb::tuple(nb::cast(std::vector<int>(
       std::begin(spqt::kSupportedGroupSizes), std::end(spqt::kSupportedGroupSizes))));
 
-  auto gemv = [](const mx::array& x,
-                 const mx::array& w,
-                 const mx::array& scales,
-                 const mx::array& biases,
-                 const std::optional<mx::array>& active,
-                 spqt::ActiveKind kind,
-                 int group_size,
-                 int bits,
-                 const spqt::Fusion& fusion,
-                 mx::StreamOrDevice s) {
-    if (kind != spqt::ActiveKind::Dense && !active) {
-      throw std::invalid_argument("[zigzag_gemv] this kind of active set needs an array.");
-    }
-    return spqt::zigzag_gemv(x, w, scales, biases, active, kind, group_size, bits, fusion, s);
-  };
-  // Two entry points: each argument nanobind converts costs host time, and the plain product runs
-  // hundreds of times per decoded token.
   m.def(
       "zigzag_gemv",
-      [gemv](const mx::array& x,
-             const mx::array& w,
-             const mx::array& scales,
-             const mx::array& biases,
-             const std::optional<mx::array>& active,
-             spqt::ActiveKind kind,
-             int group_size,
-             int bits,
-             mx::StreamOrDevice s) { return gemv(x, w, scales, biases, active, kind, group_size, bits, {}, s); },
-      "x"_a,
-      "w"_a,
-      "scales"_a,
-      "biases"_a,
-      "active"_a.none(),
-      "kind"_a,
-      "group_size"_a,
-      "bits"_a,
-      nb::kw_only(),
-      "stream"_a = nb::none());
-  m.def(
-      "zigzag_gemv_fused",
-      [gemv](const mx::array& x,
-             const mx::array& w,
-             const mx::array& scales,
-             const mx::array& biases,
-             const std::optional<mx::array>& active,
-             spqt::ActiveKind kind,
-             int group_size,
-             int bits,
-             spqt::Prologue prologue,
-             const std::optional<mx::array>& norm_weight,
-             float eps,
-             const std::optional<mx::array>& residual,
-             mx::StreamOrDevice s) {
-        return gemv(x, w, scales, biases, active, kind, group_size, bits, {prologue, norm_weight, eps, residual}, s);
+      [](const mx::array& x,
+         const mx::array& w,
+         const mx::array& scales,
+         const mx::array& biases,
+         const std::optional<mx::array>& active,
+         spqt::ActiveKind kind,
+         int group_size,
+         int bits,
+         spqt::Prologue prologue,
+         const std::optional<mx::array>& norm_weight,
+         float eps,
+         const std::optional<mx::array>& residual,
+         mx::StreamOrDevice s) {
+        if (kind != spqt::ActiveKind::Dense && !active) {
+          throw std::invalid_argument("[zigzag_gemv] this kind of active set needs an array.");
+        }
+        return spqt::zigzag_gemv(
+            x, w, scales, biases, active, kind, group_size, bits, {prologue, norm_weight, eps, residual}, s);
       },
       "x"_a,
       "w"_a,
@@ -91,13 +57,13 @@ NB_MODULE(_ext, m) {
       "kind"_a,
       "group_size"_a,
       "bits"_a,
+      // A fused product: a prologue on x and a residual added to y (kernels/contract.h).
       "prologue"_a = spqt::Prologue::Identity,
       "norm_weight"_a = nb::none(),
       "eps"_a = 0.0f,
       "residual"_a = nb::none(),
       nb::kw_only(),
-      "stream"_a = nb::none(),
-      "zigzag_gemv with a prologue on x (Prologue) and a residual added to y folded into the product.");
+      "stream"_a = nb::none());
 
   m.def(
       "apply_prologue",

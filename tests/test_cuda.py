@@ -293,7 +293,7 @@ def test_fused_neighbours_match_cpu(prologue, shape, bits, gs, dtype):
     for active, akind in cases:
         for res in (None, residual, strided):
             def run(stream):
-                return _ext.zigzag_gemv_fused(x, qw.weight, qw.scales, qw.biases, active, akind, gs, bits, kind, norm, 1e-5,
+                return _ext.zigzag_gemv(x, qw.weight, qw.scales, qw.biases, active, akind, gs, bits, kind, norm, 1e-5,
                                         res, stream=stream)
             got = run(mx.gpu)
             if K > 16384 and bits != 4 and akind == ActiveKind.Threshold:

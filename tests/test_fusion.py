@@ -73,18 +73,18 @@ def test_fused_products_match_float64(prologue, bits, gs, dtype):
     meta = dict(prologue=prologue, norm_weight=norm, eps=EPS, stream=mx.cpu)
     args = (x, q.weight, q.scales, q.biases)
     # Dense, with and without the residual.
-    y = _ext.zigzag_gemv_fused(*args, None, ActiveKind.Dense, gs, bits, **meta)
+    y = _ext.zigzag_gemv(*args, None, ActiveKind.Dense, gs, bits, **meta)
     check_close(y, xp @ W.T, dtype)
-    y = _ext.zigzag_gemv_fused(*args, None, ActiveKind.Dense, gs, bits, residual=residual, **meta)
+    y = _ext.zigzag_gemv(*args, None, ActiveKind.Dense, gs, bits, residual=residual, **meta)
     check_close(y, to_np(residual) + xp @ W.T, dtype)
     # The active set is decided on x', not on x.
     t = gap_threshold(xp, 0.5)
     active = np.abs(xp[0]) > t
-    y = _ext.zigzag_gemv_fused(*args, mx.array(t), ActiveKind.Threshold, gs, bits, residual=residual, **meta)
+    y = _ext.zigzag_gemv(*args, mx.array(t), ActiveKind.Threshold, gs, bits, residual=residual, **meta)
     check_close(y, to_np(residual) + xp[:, active] @ W[:, active].T, dtype)
     # Given lists use x' too.
     idx = np.flatnonzero(active).astype(np.int32)
-    y = _ext.zigzag_gemv_fused(*args, mx.array(idx), ActiveKind.Indices, gs, bits, **meta)
+    y = _ext.zigzag_gemv(*args, mx.array(idx), ActiveKind.Indices, gs, bits, **meta)
     check_close(y, xp[:, idx] @ W[:, idx].T, dtype)
 
 
@@ -92,7 +92,7 @@ def test_fused_products_match_float64(prologue, bits, gs, dtype):
 def test_several_rows_each_get_their_own_prologue(prologue):
     q, x, norm, residual = fused_case(4, 64, mx.float32, prologue, rows=3, K=96, seed=5)
     xp = prologue64(to_np(x), prologue, None if norm is None else to_np(norm), mx.float32)
-    y = _ext.zigzag_gemv_fused(x.reshape(3, 1, -1), q.weight, q.scales, q.biases, None, ActiveKind.Dense, 64, 4,
+    y = _ext.zigzag_gemv(x.reshape(3, 1, -1), q.weight, q.scales, q.biases, None, ActiveKind.Dense, 64, 4,
                          prologue=prologue, norm_weight=norm, eps=EPS, residual=residual.reshape(3, 1, -1),
                          stream=mx.cpu)
     assert y.shape == (3, 1, 128)
@@ -114,11 +114,11 @@ def test_gradients_are_those_of_the_composition():
     args = (q.weight, q.scales, q.biases, None, ActiveKind.Dense, 32, 4)
 
     def fused(x, norm, residual):
-        return _ext.zigzag_gemv_fused(x, *args, prologue=Prologue.RmsNorm, norm_weight=norm, eps=EPS,
+        return _ext.zigzag_gemv(x, *args, prologue=Prologue.RmsNorm, norm_weight=norm, eps=EPS,
                                 residual=residual).sum()
 
     def composed(x, norm, residual):
-        return (residual + _ext.zigzag_gemv_fused(mx.fast.rms_norm(x, norm, EPS), *args)).sum()
+        return (residual + _ext.zigzag_gemv(mx.fast.rms_norm(x, norm, EPS), *args)).sum()
 
     got = mx.grad(fused, argnums=(0, 1, 2))(x, norm, residual)
     want = mx.grad(composed, argnums=(0, 1, 2))(x, norm, residual)
@@ -126,7 +126,7 @@ def test_gradients_are_those_of_the_composition():
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
     assert float(mx.abs(got[0]).sum()) > 0
     with pytest.raises(ValueError, match="no gradient"):
-        mx.grad(lambda s: _ext.zigzag_gemv_fused(x, q.weight, s, q.biases, None, ActiveKind.Dense, 32, 4,
+        mx.grad(lambda s: _ext.zigzag_gemv(x, q.weight, s, q.biases, None, ActiveKind.Dense, 32, 4,
                                            prologue=Prologue.RmsNorm, norm_weight=norm, eps=EPS).sum())(q.scales)
 
 
@@ -146,7 +146,7 @@ def test_gradients_are_those_of_the_composition():
 def test_bad_fusions_are_refused(kwargs, message):
     q = sq.zigzag_quantize(mx.random.normal((32, 64)), 32, 4)
     with pytest.raises(ValueError, match=message):
-        _ext.zigzag_gemv_fused(mx.ones((1, 64)), q.weight, q.scales, q.biases, None, ActiveKind.Dense, 32, 4, **kwargs)
+        _ext.zigzag_gemv(mx.ones((1, 64)), q.weight, q.scales, q.biases, None, ActiveKind.Dense, 32, 4, **kwargs)
 
 
 # ---- decoder blocks ------------------------------------------------------------------------------
@@ -209,8 +209,8 @@ def test_a_fused_step_runs_four_products_per_block(monkeypatch):
     model = tiny("llama")
     patch_model(model, group_size=32, bits=4, thresholds=0.3)
     calls = []
-    real = blocks_module._ext.zigzag_gemv_fused
-    monkeypatch.setattr(blocks_module._ext, "zigzag_gemv_fused", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
+    real = blocks_module._ext.zigzag_gemv
+    monkeypatch.setattr(blocks_module._ext, "zigzag_gemv", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
     assert calls == []  # prefill: the family's own forward

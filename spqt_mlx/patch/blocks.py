@@ -80,9 +80,9 @@ def _product(x, arrays, prologue, norm, residual):
     w, s, b, layer = arrays
     weight, eps = (norm["weight"], norm.eps) if norm is not None else (None, 0.0)
     if layer._threshold_value > 0:
-        return _ext.zigzag_gemv_fused(x, w, s, b, layer["_threshold"], ActiveKind.Threshold, layer.group_size,
+        return _ext.zigzag_gemv(x, w, s, b, layer["_threshold"], ActiveKind.Threshold, layer.group_size,
                                       layer.bits, prologue, weight, eps, residual)
-    return _ext.zigzag_gemv_fused(x, w, s, b, None, ActiveKind.Dense, layer.group_size, layer.bits,
+    return _ext.zigzag_gemv(x, w, s, b, None, ActiveKind.Dense, layer.group_size, layer.bits,
                                   prologue, weight, eps, residual)
 
 

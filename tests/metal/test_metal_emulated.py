@@ -298,7 +298,7 @@ def check_fused(emulator, layer, rng, prologue, kind, *, rows=1, residual=True, 
         arg = rng.permutation(K)[: K // 3].astype(np.int32)
         active, cols = mx.array(arg), arg
     kinds = {"dense": ActiveKind.Dense, "threshold": ActiveKind.Threshold, "indices": ActiveKind.Indices}
-    ref = _ext.zigzag_gemv_fused(x, layer.q.weight, layer.q.scales, layer.q.biases, active, kinds[kind],
+    ref = _ext.zigzag_gemv(x, layer.q.weight, layer.q.scales, layer.q.biases, active, kinds[kind],
                                           layer.group_size, layer.bits, pro, norm, EPS, res, stream=mx.cpu)
     got = emulator.zigzag_gemv(layer.type_name, raw(x), *layer.raw, arg, kind, layer.group_size, layer.bits,
                                splits=splits, prologue=int(pro.value), norm=None if norm is None else raw(norm),
