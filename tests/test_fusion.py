@@ -15,7 +15,7 @@ import spqt_mlx as sq
 import spqt_mlx.patch.blocks as blocks_module
 from spqt_mlx import _ext
 from spqt_mlx._ext import ActiveKind, Prologue
-from spqt_mlx.patch import FAMILIES, achieved_sparsity, fuse_blocks, patch_model, record_stats, set_thresholds, zigzag_layers
+from spqt_mlx.patch import FAMILIES, ZigzagLinear, achieved_sparsity, fuse_blocks, patch_model, record_stats, set_thresholds, zigzag_layers
 
 from zigzag_reference import BITS, DTYPES, GROUP_SIZES, REL_TOL, dense_weight64, to_np
 
@@ -256,11 +256,22 @@ def test_steps_that_cannot_fuse_run_the_familys_forward(monkeypatch):
     model.layers[1].mlp.down_proj = nn.Linear(256, 128, bias=False)
     fixed_decode(model)
     assert len(runs) == 8 + 4 + 4  # only layer 0 fused
+    # Heads divided in place (as mlx-lm's shard does) or a projection of another class.
+    model.layers[1].mlp.down_proj = copy.deepcopy(model.layers[0].mlp.down_proj)  # layer 1 fuses again
+    fuse_blocks(model)
+    block = model.layers[0]
+    assert block._spqt_plan.ready(block, mx.float32) is not None
+    block.self_attn.n_heads //= 2
+    assert block._spqt_plan.ready(block, mx.float32) is None
+    block.self_attn.n_heads *= 2
+    model.layers[1].mlp.down_proj.__class__ = type("Sharded", (ZigzagLinear,), {})
+    fixed_decode(model)
+    assert len(runs) == 8 + 4 + 4 + 4  # only layer 0 fused
     # A batch of two sequences.
     cache = make_prompt_cache(model)
     model(mx.array([[1, 2], [3, 4]]), cache=cache)
     model(mx.array([[5], [6]]), cache=cache)
-    assert len(runs) == 16
+    assert len(runs) == 20
 
 
 def test_fused_blocks_save_and_load_the_same_parameters(tmp_path):

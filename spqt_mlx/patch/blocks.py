@@ -119,8 +119,12 @@ class _Plan:
             if parent.get(key) is not module:
                 return None
         for m in self.layers:
-            if m._stats_on:
+            # A subclass (a sharded layer, say) communicates or computes more than the product.
+            if m._stats_on or type(m) is not ZigzagLinear:
                 return None
+        attn = self.attn
+        if (attn.n_heads, attn.n_kv_heads) != self.heads[:2]:
+            return None  # sharded in place: the heads were divided
         if self.layers[0]["scales"].dtype != dtype:
             return None  # a mixed-dtype call: the projections promote, per projection
         arrays = (self.qkv.arrays(), self.o.arrays(), self.gate_up.arrays(), self.down.arrays())
