@@ -26,7 +26,7 @@ import mlx.nn as nn
 
 from .. import _ext
 from .._ext import ActiveKind, Prologue
-from .fused import SharedInputGroup
+from .fused import identical, stack_siblings
 from .linear import ZigzagLinear
 
 # mlx-lm model modules whose TransformerBlock is the pre-norm SwiGLU block above, with the
@@ -53,22 +53,13 @@ class _Stack:
         if len(layers) == 1:
             m = layers[0]
             return m["weight"], m["scales"], m["biases"], m
-        group = layers[0]._shared
-        if group is None:
-            first = layers[0]
-            if any(m._shared is not None or m["scales"].dtype != first["scales"].dtype for m in layers):
-                return None
-            group = SharedInputGroup(layers)
-            for m in layers:
-                m._shared = group
-        elif not _same(group.layers, layers):
-            return None
-        return group.stacked()
+        group = stack_siblings(layers)
+        return None if group is None else group.stacked()
 
     def bias(self):
         """The layers' output biases, stacked once per set of bias arrays."""
         of = tuple(m["bias"] for m in self.layers)
-        if self._bias_of is None or not _same(of, self._bias_of):
+        if self._bias_of is None or not identical(of, self._bias_of):
             self._bias = mx.concatenate(of) if len(of) > 1 else of[0]
             self._bias_of = of
         return self._bias
@@ -172,11 +163,6 @@ class _Plan:
         if self.down.has_bias:
             y = y + self.down.bias()
         return y
-
-
-def _same(a, b) -> bool:
-    # Modules are dicts: == would compare their arrays.
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _attention(queries, keys, values, **kwargs):

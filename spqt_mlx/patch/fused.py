@@ -91,10 +91,9 @@ class SharedInputGroup:
         no longer fit one stack (their dtypes or formats differ): then they run alone."""
         if self.is_intact():
             return True
-        first = self.layers[0]
-        if any(m.group_size != self.group_size or m.bits != self.bits or m["scales"].dtype != first["scales"].dtype
-               or m.input_dims != first.input_dims or m["weight"].shape[0] * m.group_size != hi - lo
-               for m, (lo, hi) in zip(self.layers, self.bounds)):
+        if not fit_one_stack(self.layers) or any(
+                m.group_size != self.group_size or m.bits != self.bits or m.output_dims != hi - lo
+                for m, (lo, hi) in zip(self.layers, self.bounds)):
             self.enabled = False
             self.weight = self.scales = self.biases = None
             self._views = []
@@ -154,30 +153,48 @@ class SharedInputGroup:
         return y
 
 
+def identical(a, b) -> bool:
+    """Whether two sequences hold the same objects, by identity (modules are dicts and arrays
+    compare elementwise: == would compare their contents)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def fit_one_stack(layers: Sequence[ZigzagLinear]) -> bool:
+    """Whether ``layers`` can share one stacked weight: one format, one dtype, one input width."""
+    first = layers[0]
+    return all(m.group_size == first.group_size and m.bits == first.bits and m.input_dims == first.input_dims
+               and m["scales"].dtype == first["scales"].dtype for m in layers)
+
+
+def stack_siblings(layers: Sequence[ZigzagLinear], *, renew: bool = False) -> SharedInputGroup | None:
+    """The group that stacks exactly ``layers``: their own if they have one and it still stacks, else
+    (with ``renew``, or when none of them is in a group yet) a new one if they fit one stack; None
+    when they run alone."""
+    group = layers[0]._shared
+    if group is not None and group.enabled and identical(group.layers, layers):
+        return group
+    if not renew and any(m._shared is not None for m in layers):
+        return None
+    if not fit_one_stack(layers):
+        return None
+    group = SharedInputGroup(layers)
+    for m in layers:
+        m._shared = group
+    return group
+
+
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Stack the weights of sibling projections that read one input (q/k/v; gate/up), so each
     group runs one zigzag product per call. Returns the number of groups.
 
     Thresholds must be equal within a group for the stacked path to run (uniform calibration
     gives them one threshold; a group whose thresholds differ runs its layers one by one). Call it
-    after patching, and again after loading new weights into the layers.
+    after patching, and again after replacing layers. Groups already stacked (by an earlier call or
+    by the fused decoder blocks) are kept.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}.")
     layers = {p: m for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
               if isinstance(m, ZigzagLinear)}
-    count = 0
-    for paths in shared_input_groups(list(layers)):
-        members = [layers[p] for p in paths]
-        first = members[0]
-        if any(m.group_size != first.group_size or m.bits != first.bits or m["scales"].dtype != first["scales"].dtype
-               or m.input_dims != first.input_dims for m in members):
-            continue
-        current = first._shared
-        if not (current is not None and current.enabled and len(current.layers) == len(members)
-                and all(a is b for a, b in zip(current.layers, members))):
-            group = SharedInputGroup(members)  # stacked already (e.g. by fuse_blocks): kept as it is
-            for m in members:
-                m._shared = group
-        count += 1
-    return count
+    return sum(stack_siblings([layers[p] for p in paths], renew=True) is not None
+               for paths in shared_input_groups(list(layers)))
