@@ -209,8 +209,8 @@ def test_a_fused_step_runs_four_products_per_block(monkeypatch):
     model = tiny("llama")
     patch_model(model, group_size=32, bits=4, thresholds=0.3)
     calls = []
-    real = blocks_module._ext.zigzag_gemv
-    monkeypatch.setattr(blocks_module._ext, "zigzag_gemv", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
+    real = _ext.zigzag_gemv
+    monkeypatch.setattr(_ext, "zigzag_gemv", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
     assert calls == []  # prefill: the family's own forward

@@ -24,10 +24,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import _ext
-from .._ext import ActiveKind, Prologue
+from .._ext import Prologue
 from .fused import identical, stack_siblings
-from .linear import ZigzagLinear
+from .linear import ZigzagLinear, zigzag_product
 
 # mlx-lm model modules whose TransformerBlock is the pre-norm SwiGLU block above, with the
 # attention of llama (q/k/v or a single qkv_proj; qwen3's per-head q/k norms) and an MLP of
@@ -66,15 +65,11 @@ class _Stack:
 
 
 def _product(x, arrays, prologue, norm, residual):
-    """One zigzag product of a single token, with its neighbours folded in. Positional arguments:
-    this runs four times per block and token."""
+    """One zigzag product of a single token, with its neighbours folded in."""
     w, s, b, layer = arrays
     weight, eps = (norm["weight"], norm.eps) if norm is not None else (None, 0.0)
-    if layer._threshold_value > 0:
-        return _ext.zigzag_gemv(x, w, s, b, layer["_threshold"], ActiveKind.Threshold, layer.group_size,
-                                      layer.bits, prologue, weight, eps, residual)
-    return _ext.zigzag_gemv(x, w, s, b, None, ActiveKind.Dense, layer.group_size, layer.bits,
-                                  prologue, weight, eps, residual)
+    return zigzag_product(x, w, s, b, layer.group_size, layer.bits, layer._threshold_value, layer["_threshold"],
+                          prologue, weight, eps, residual)
 
 
 class _Plan:

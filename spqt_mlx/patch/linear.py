@@ -17,14 +17,16 @@ from ..ops import ActiveKind, collect_active, zigzag_matmul
 _STATS_FLUSH_EVERY = 32
 
 
-def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value, threshold):
+def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value, threshold, *fusion):
     """``x @ W.T`` as a layer runs it: the sparse GEMV for one token with a positive threshold
     (collection fused into the kernel), the dense GEMV for one token otherwise, and
-    ``zigzag_matmul`` for several tokens."""
-    if x.size == weight.shape[1]:
+    ``zigzag_matmul`` for several tokens. ``fusion`` (prologue, norm weight, eps, residual: see
+    ``_ext.zigzag_gemv``) folds a decoder block's neighbours into a single token's GEMV."""
+    if x.size == x.shape[-1]:
         if threshold_value > 0:
-            return _ext.zigzag_gemv(x, weight, scales, biases, threshold, ActiveKind.Threshold, group_size, bits)
-        return _ext.zigzag_gemv(x, weight, scales, biases, None, ActiveKind.Dense, group_size, bits)
+            return _ext.zigzag_gemv(x, weight, scales, biases, threshold, ActiveKind.Threshold, group_size, bits,
+                                    *fusion)
+        return _ext.zigzag_gemv(x, weight, scales, biases, None, ActiveKind.Dense, group_size, bits, *fusion)
     return zigzag_matmul(x, ZigzagWeight(weight, scales, biases, group_size, bits))
 
 
