@@ -1,9 +1,8 @@
 #include "ops.h"
 
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
-
-#include <cmath>
 
 #include "mlx/backend/cuda/cuda.h"
 #include "mlx/compile.h"
@@ -86,9 +85,8 @@ mx::array check_threshold(
 }
 
 // The CUDA kernels read one row of x (and of a residual) with any stride, everything else
-// row-contiguous. Evaluated
-// arrays show their layout now; the rest go through mx::contiguous, which copies only when needed
-// but is one more array to evaluate, so decode's single row skips it.
+// row-contiguous. Evaluated arrays show their layout now; the rest go through mx::contiguous, which
+// copies only when needed but is one more array to evaluate, so decode's single row skips it.
 void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s, int residual = -1) {
   const auto& x = inputs[0];
   const bool one_row = x.ndim() > 0 && x.size() == static_cast<size_t>(x.shape(-1));
@@ -179,12 +177,26 @@ mx::array apply_prologue(
     const std::optional<mx::array>& norm_weight,
     float eps,
     mx::StreamOrDevice s) {
+  const std::string where = "apply_prologue";
+  if (!is_float_dtype(x.dtype()) || x.ndim() < 1) {
+    fail(where, "x must be a float array of shape (..., K), got " + dtype_str(x.dtype()) + " " +
+                    shape_str(x.shape()) + ".");
+  }
   switch (prologue) {
     case Prologue::Identity:
       return x;
-    case Prologue::RmsNorm:
-      return mx::fast::rms_norm(x, mx::astype(norm_weight.value(), x.dtype(), s), eps, s);
+    case Prologue::RmsNorm: {
+      const int K = x.shape(-1);
+      if (!norm_weight || norm_weight->shape() != mx::Shape{K} || !is_float_dtype(norm_weight->dtype())) {
+        fail(where, "the RMSNorm prologue needs a float norm weight of shape (" + std::to_string(K) + ",).");
+      }
+      return mx::fast::rms_norm(x, mx::astype(*norm_weight, x.dtype(), s), eps, s);
+    }
     case Prologue::SwiGLU: {
+      if (x.shape(-1) % 2) {
+        fail(where, "the SwiGLU prologue reads gate and up: x needs an even last dimension, got " +
+                        shape_str(x.shape()) + ".");
+      }
       const int K = x.shape(-1) / 2;
       auto parts = mx::split(x, mx::Shape{K}, -1, s);
       mx::StreamContext on(mx::to_stream(s));  // the compiled function's ops take the default stream
@@ -192,6 +204,22 @@ mx::array apply_prologue(
     }
   }
   throw std::invalid_argument("[zigzag_gemv] unknown prologue.");
+}
+
+mx::array zigzag_gemv_unfolded(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const std::optional<mx::array>& active,
+    ActiveKind kind,
+    int group_size,
+    int bits,
+    const Fusion& fusion,
+    mx::StreamOrDevice s) {
+  auto xp = apply_prologue(x, fusion.prologue, fusion.norm_weight, fusion.eps, s);
+  auto y = zigzag_gemv(xp, w, scales, biases, active, kind, group_size, bits, {}, s);
+  return fusion.residual ? mx::add(*fusion.residual, y, s) : y;
 }
 
 mx::array zigzag_gemv(
@@ -253,13 +281,10 @@ mx::array zigzag_gemv(
   out_shape.back() = N;
   auto fused = check_fusion(where, fusion, x, K, out_shape, stream);
   const bool on_cuda = stream.device == mx::Device::gpu && mx::cu::is_available();
-  const bool folded = !on_cuda || cuda::folds(bits, group_size, N, K, kind, fusion.prologue);
-  if (fusion.any() && !folded) {
+  if (fusion.any() && on_cuda && !cuda::folds(bits, group_size, N, K, kind, fusion.prologue)) {
     // Where a CUDA product would collect its active set in a launch of its own (which reads x, not
     // x'), run the neighbours as MLX ops around the plain product.
-    auto xp = apply_prologue(x, fusion.prologue, fused.norm_weight, fused.eps, stream);
-    auto y = zigzag_gemv(xp, w, scales, biases, active, kind, group_size, bits, {}, stream);
-    return fused.residual ? mx::add(*fused.residual, y, stream) : y;
+    return zigzag_gemv_unfolded(x, w, scales, biases, active, kind, group_size, bits, fused, stream);
   }
   std::vector<mx::array> inputs{x, w, scales, biases};
   std::optional<float> threshold;

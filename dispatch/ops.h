@@ -41,8 +41,21 @@ mx::array zigzag_gemv(
     const Fusion& fusion = {},
     mx::StreamOrDevice s = {});
 
-// x' of a fused product, with MLX ops: what the kernels compute on the fly. Gradients, the CUDA
-// products that cannot fold their neighbours, and the tests use it.
+// The same product with its neighbours as MLX ops around the plain one: for gradients, and for the
+// CUDA products that cannot fold them. `fusion` must be checked (zigzag_gemv does that).
+mx::array zigzag_gemv_unfolded(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const std::optional<mx::array>& active,
+    ActiveKind kind,
+    int group_size,
+    int bits,
+    const Fusion& fusion,
+    mx::StreamOrDevice s = {});
+
+// x' of a fused product, with MLX ops: what the kernels compute on the fly.
 mx::array apply_prologue(
     const mx::array& x,
     Prologue prologue,

@@ -166,21 +166,23 @@ std::vector<mx::array> ZigzagGemv::fused_vjp(
       vars.push_back(i);
     }
   }
+  std::optional<mx::array> set;
+  if (kind_ == ActiveKind::Threshold) {
+    set = threshold_array(primals);
+  } else if (active >= 0) {
+    set = primals[active];
+  }
   auto fun = [&](const std::vector<mx::array>& in) {
     auto at = [&](int input) { return in[std::find(vars.begin(), vars.end(), input) - vars.begin()]; };
-    std::optional<mx::array> weight;
+    Fusion fusion{prologue_, std::nullopt, eps_, std::nullopt};
     if (norm >= 0) {
-      weight = at(norm);
+      fusion.norm_weight = at(norm);
     }
-    auto xp = apply_prologue(in[0], prologue_, weight, eps_, s);
-    std::optional<mx::array> set;
-    if (kind_ == ActiveKind::Threshold) {
-      set = threshold_array(primals);
-    } else if (active >= 0) {
-      set = primals[active];
+    if (residual >= 0) {
+      fusion.residual = at(residual);
     }
-    auto y = zigzag_gemv(xp, primals[1], primals[2], primals[3], set, kind_, group_size_, bits_, {}, s);
-    return std::vector<mx::array>{residual >= 0 ? mx::add(at(residual), y, s) : y};
+    return std::vector<mx::array>{
+        zigzag_gemv_unfolded(in[0], primals[1], primals[2], primals[3], set, kind_, group_size_, bits_, fusion, s)};
   };
   std::vector<mx::array> var_primals;
   for (int i : vars) {

@@ -149,6 +149,20 @@ def test_bad_fusions_are_refused(kwargs, message):
         _ext.zigzag_gemv(mx.ones((1, 64)), q.weight, q.scales, q.biases, None, ActiveKind.Dense, 32, 4, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((mx.ones((1, 64)), Prologue.RmsNorm), r"needs a float norm weight of shape \(64,\)"),
+        ((mx.ones((1, 64)), Prologue.RmsNorm, mx.ones((32,))), r"needs a float norm weight of shape \(64,\)"),
+        ((mx.ones((1, 63)), Prologue.SwiGLU), "needs an even last dimension"),
+        ((mx.ones((1, 64), dtype=mx.int32), Prologue.SwiGLU), "x must be a float array"),
+    ],
+)
+def test_apply_prologue_refuses_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        _ext.apply_prologue(*args)
+
+
 # ---- decoder blocks ------------------------------------------------------------------------------
 
 
