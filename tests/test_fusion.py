@@ -130,6 +130,22 @@ def test_gradients_are_those_of_the_composition():
                                            prologue=Prologue.RmsNorm, norm_weight=norm, eps=EPS).sum())(q.scales)
 
 
+def test_swiglu_gradient_with_a_threshold_is_that_of_the_composition():
+    q, g, _, _ = fused_case(4, 32, mx.float32, Prologue.SwiGLU, K=64, seed=4)
+    t = mx.array(0.3)
+    args = (q.weight, q.scales, q.biases, t, ActiveKind.Threshold, 32, 4)
+
+    def fused(g):
+        return _ext.zigzag_gemv(g, *args, prologue=Prologue.SwiGLU).sum()
+
+    def composed(g):
+        return _ext.zigzag_gemv(nn.silu(g[..., :64]) * g[..., 64:], *args).sum()
+
+    got, want = mx.grad(fused)(g), mx.grad(composed)(g)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+    assert float(mx.abs(got).sum()) > 0
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -332,3 +348,5 @@ def test_deepcopy_and_refusing_non_models():
     np.testing.assert_allclose(fixed_decode(clone), fixed_decode(model), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="mlx.nn.Module"):
         fuse_blocks([model])
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        fuse_blocks(model, enabled="no")

@@ -226,6 +226,8 @@ def fuse_blocks(model: nn.Module, enabled: bool = True) -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}.")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}.")
     count = 0
     for _, block in model.named_modules():
         if isinstance(block, FusedDecoderBlock):
