@@ -206,19 +206,12 @@ mx::array apply_prologue(
   throw std::invalid_argument("[zigzag_gemv] unknown prologue.");
 }
 
-mx::array zigzag_gemv_unfolded(
-    const mx::array& x,
-    const mx::array& w,
-    const mx::array& scales,
-    const mx::array& biases,
-    const std::optional<mx::array>& active,
-    ActiveKind kind,
-    int group_size,
-    int bits,
+mx::array unfolded(
     const Fusion& fusion,
+    const mx::array& x,
+    const std::function<mx::array(const mx::array&)>& product,
     mx::StreamOrDevice s) {
-  auto xp = apply_prologue(x, fusion.prologue, fusion.norm_weight, fusion.eps, s);
-  auto y = zigzag_gemv(xp, w, scales, biases, active, kind, group_size, bits, {}, s);
+  auto y = product(apply_prologue(x, fusion.prologue, fusion.norm_weight, fusion.eps, s));
   return fusion.residual ? mx::add(*fusion.residual, y, s) : y;
 }
 
@@ -284,7 +277,9 @@ mx::array zigzag_gemv(
   if (fusion.any() && on_cuda && !cuda::folds(bits, group_size, N, K, kind, fusion.prologue)) {
     // Where a CUDA product would collect its active set in a launch of its own (which reads x, not
     // x'), run the neighbours as MLX ops around the plain product.
-    return zigzag_gemv_unfolded(x, w, scales, biases, active, kind, group_size, bits, fused, stream);
+    return unfolded(fused, x, [&](const mx::array& xp) {
+      return zigzag_gemv(xp, w, scales, biases, active, kind, group_size, bits, {}, stream);
+    }, stream);
   }
   std::vector<mx::array> inputs{x, w, scales, biases};
   std::optional<float> threshold;

@@ -2,6 +2,7 @@
 // the backend. Nothing is computed here.
 #pragma once
 
+#include <functional>
 #include <optional>
 
 #include "mlx/array.h"
@@ -41,18 +42,13 @@ mx::array zigzag_gemv(
     const Fusion& fusion = {},
     mx::StreamOrDevice s = {});
 
-// The same product with its neighbours as MLX ops around the plain one: for gradients, and for the
-// CUDA products that cannot fold them. `fusion` must be checked (zigzag_gemv does that).
-mx::array zigzag_gemv_unfolded(
-    const mx::array& x,
-    const mx::array& w,
-    const mx::array& scales,
-    const mx::array& biases,
-    const std::optional<mx::array>& active,
-    ActiveKind kind,
-    int group_size,
-    int bits,
+// A fused product as MLX ops: `fusion`'s prologue applied to x, `product` (the plain product of x'),
+// then the residual added. For gradients, and for the CUDA products that cannot fold their
+// neighbours. `fusion` must be checked (zigzag_gemv does that).
+mx::array unfolded(
     const Fusion& fusion,
+    const mx::array& x,
+    const std::function<mx::array(const mx::array&)>& product,
     mx::StreamOrDevice s = {});
 
 // x' of a fused product, with MLX ops: what the kernels compute on the fly.

@@ -181,8 +181,9 @@ std::vector<mx::array> ZigzagGemv::fused_vjp(
     if (residual >= 0) {
       fusion.residual = at(residual);
     }
-    return std::vector<mx::array>{
-        zigzag_gemv_unfolded(in[0], primals[1], primals[2], primals[3], set, kind_, group_size_, bits_, fusion, s)};
+    return std::vector<mx::array>{unfolded(fusion, in[0], [&](const mx::array& xp) {
+      return zigzag_gemv(xp, primals[1], primals[2], primals[3], set, kind_, group_size_, bits_, {}, s);
+    }, s)};
   };
   std::vector<mx::array> var_primals;
   for (int i : vars) {
