@@ -30,7 +30,7 @@ def rounded(values: np.ndarray, dtype) -> np.ndarray:
 def prologue64(x: np.ndarray, prologue, norm: np.ndarray | None, dtype) -> np.ndarray:
     if prologue == Prologue.RmsNorm:
         inv = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS)
-        return rounded(x * inv * norm, dtype)
+        return rounded(rounded(x * inv, dtype) * norm, dtype)  # MLX's rms_norm rounds before the weight
     K = x.shape[-1] // 2
     gate, up = x[..., :K], x[..., K:]
     return rounded(gate / (1.0 + np.exp(-gate)) * up, dtype)
@@ -249,8 +249,11 @@ def test_a_fused_step_runs_four_products_per_block(monkeypatch):
 
 
 def test_float16_model_fused(monkeypatch):
+    # Dense: in float16 an x' one rounding step from a threshold can land on either side of it when
+    # the two paths reduce the norm in different orders, and the decode then diverges; the fused
+    # products' float16 thresholds are checked with thresholds in gaps (test_fused_products_match_float64).
     model = tiny("qwen3", dtype=mx.float16)
-    patch_model(model, group_size=64, bits=4, thresholds=0.3)
+    patch_model(model, group_size=64, bits=4, thresholds=0.0)
     fused = fixed_decode(model)
     fuse_blocks(model, enabled=False)
     unfused = fixed_decode(model)

@@ -38,7 +38,9 @@ inline void unpack_group(const uint32_t* words, float* q) {
 }
 
 // x' (M, K) of a fused product (kernels/contract.h's Prologue, as an int): computed in float32 and
-// rounded to T once. x holds M rows of K columns, or of 2K for SwiGLU (gate, then up).
+// rounded to T as the unfused op writes it (MLX's rms_norm rounds x * rsqrt(mean(x^2) + eps) to T
+// before it multiplies by the weight; SwiGLU rounds once). x holds M rows of K columns, or of 2K
+// for SwiGLU (gate, then up).
 template <typename T>
 void prologue(const T* x, int kind, const T* norm_weight, float eps, int M, int K, T* out) {
   const int width = kind == 2 ? 2 * K : K;
@@ -52,7 +54,7 @@ void prologue(const T* x, int kind, const T* norm_weight, float eps, int M, int 
       }
       const float inv_rms = 1.0f / std::sqrt(squares / float(K) + eps);
       for (int k = 0; k < K; ++k) {
-        om[k] = T(float(xm[k]) * inv_rms * float(norm_weight[k]));
+        om[k] = T(float(T(float(xm[k]) * inv_rms)) * float(norm_weight[k]));
       }
     } else if (kind == 2) {
       for (int k = 0; k < K; ++k) {

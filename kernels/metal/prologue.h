@@ -1,6 +1,6 @@
 // The prologue of a fused zigzag GEMV (kernels/contract.h's Prologue): what the kernels read as x.
-// x' is computed in float32 and rounded to T once, as the CPU and CUDA kernels do, so every backend
-// decides the active set on the same values.
+// x' is computed in float32 and rounded to T as the CPU and CUDA kernels do (RMSNorm: before and after
+// the weight, as MLX's rms_norm), so every backend decides the active set on the same values.
 #pragma once
 
 #include "params.h"
@@ -41,7 +41,7 @@ inline float inv_rms(const device T* xm, int K, float eps, SPQT_THREADGROUP_PARA
     total += scratch[s];
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  return 1.0f / metal::sqrt(total / float(K) + eps);
+  return metal::precise::rsqrt(total / float(K) + eps);  // as MLX's rms_norm
 }
 
 // Column k of x'.
@@ -51,7 +51,7 @@ inline float input(const device T* xm, const device T* norm, float inv_rms, int 
   if (prologue == kIdentity) {
     return v;
   }
-  const float r = prologue == kRmsNorm ? v * inv_rms * float(norm[k])
+  const float r = prologue == kRmsNorm ? float(T(v * inv_rms)) * float(norm[k])
                                        : v / (1.0f + metal::exp(-v)) * float(xm[K + k]);
   return float(T(r));
 }

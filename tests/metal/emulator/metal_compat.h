@@ -92,6 +92,13 @@ inline float sqrt(float v) {
   return std::sqrt(v);
 }
 
+namespace precise {
+// Metal's correctly rounded reciprocal square root.
+inline float rsqrt(float v) {
+  return float(1.0 / std::sqrt(double(v)));
+}
+} // namespace precise
+
 inline float fabs(float v) {
   return std::fabs(v);
 }
