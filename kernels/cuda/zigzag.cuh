@@ -34,7 +34,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
-// Column k of x', the product's input after the prologue: rounded to T as the unfused norm or
+// Columns of x', the product's input after the prologue: rounded to T as the unfused norm or
 // activation would have written it, so the active set is decided on the same values.
 template <typename T>
 struct Input {
@@ -45,18 +45,28 @@ struct Input {
   float inv_rms;  // this row's, RMSNorm only
   int K;
 
-  __device__ __forceinline__ float operator()(int k) const {
-    const float v = to_float(x[int64_t(k) * stride]);
+  // x' of the N columns ks (each in [0, K)), every load in flight together: the prologue's second
+  // operand (norm weight, or the up half for SwiGLU) is loaded for all columns before any is used,
+  // since a load behind each column's branch would cost one memory latency per column.
+  template <int N>
+  __device__ __forceinline__ void gather(const int (&ks)[N], float (&out)[N]) const {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(x[int64_t(ks[j]) * stride]);
     if (prologue == kIdentity) {
-      return v;
+      return;
     }
-    float r;
-    if (prologue == kRmsNorm) {
-      r = v * inv_rms * to_float(norm[k]);
-    } else {
-      r = v / (1.0f + expf(-v)) * to_float(x[int64_t(k + K) * stride]);
+    float second[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      second[j] = to_float(prologue == kRmsNorm ? norm[ks[j]] : x[int64_t(ks[j] + K) * stride]);
     }
-    return to_float(from_float<T>(r));
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float v = out[j];
+      const float r = prologue == kRmsNorm ? to_float(from_float<T>(v * inv_rms)) * second[j]
+                                           : v / (1.0f + expf(-v)) * second[j];
+      out[j] = to_float(from_float<T>(r));
+    }
   }
 };
 
@@ -82,7 +92,7 @@ __device__ __forceinline__ Input<T> input_row(
     float total = 0.0f;
 #pragma unroll
     for (int i = 0; i < WARPS; ++i) total += scratch[i];
-    in.inv_rms = 1.0f / sqrtf(total / float(K) + eps);
+    in.inv_rms = rsqrtf(total / float(K) + eps);  // as MLX's rms_norm
     __syncthreads();
   }
   return in;

@@ -87,16 +87,16 @@ __device__ __forceinline__ void zigzag_gemv(
       const float* t = static_cast<const float*>(active);
       const int per_thread = (K + kThreads - 1) / kThreads;
             for (int i0 = 0; i0 < per_thread; i0 += 8) {
+        int ks[8];
         float v[8], th[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int k = min((i0 + j) * kThreads + tid, K - 1);
-          v[j] = fabsf(xin(k));
-          th[j] = threshold_per_column ? t[k] : t_value;
-        }
+        for (int j = 0; j < 8; ++j) ks[j] = min((i0 + j) * kThreads + tid, K - 1);
+        xin.gather(ks, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) th[j] = threshold_per_column ? t[ks[j]] : t_value;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          if (i0 + j < per_thread && (i0 + j) * kThreads + tid < K && v[j] > th[j]) {
+          if (i0 + j < per_thread && (i0 + j) * kThreads + tid < K && fabsf(v[j]) > th[j]) {
             my_mask |= uint64_t(1) << (i0 + j);
           }
         }
@@ -133,19 +133,28 @@ __device__ __forceinline__ void zigzag_gemv(
       for (int q = slot; q < win_count; q += kColsPerStep * kUnroll) {
         uint32_t words[kUnroll][BITS];
         float xs[kUnroll], xb[kUnroll];
+        int ks[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int e = q + u * kColsPerStep;
-          int k = -1;
+          ks[u] = -1;
           if (e < win_count) {
             const int p = win_begin + e;
-            k = (kind == kDense) ? p : (kind == kThreshold) ? list[e] : cols[p];
+            ks[u] = (kind == kDense) ? p : (kind == kThreshold) ? list[e] : cols[p];
           }
+        }
+        int safe[kUnroll];
+        float xv[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) safe[u] = unsigned(ks[u]) < unsigned(K) ? ks[u] : 0;
+        xin.gather(safe, xv);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int k = ks[u];
           if (unsigned(k) < unsigned(K)) {
             load_chunk<BITS>(wb + k * kWordsPerGroup, words[u]);
-            const float xv = xin(k);
-            xs[u] = xv * to_float(sb[k]);
-            xb[u] = xv * to_float(bb[k]);
+            xs[u] = xv[u] * to_float(sb[k]);
+            xb[u] = xv[u] * to_float(bb[k]);
           } else {
 #pragma unroll
             for (int i = 0; i < BITS; ++i) words[u][i] = 0;

@@ -211,7 +211,10 @@ __device__ __forceinline__ void zigzag_gemv(
             const int e = j * kThreads + tid;
             on[j] = e < len;
             ks[j] = on[j] ? cursor + e : 0;
-            xv[j] = xin(ks[j]);
+          }
+          xin.gather(ks, xv);
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) {
             tv[j] = threshold_per_column ? th[ks[j]] : t_value;
             sv[j] = to_float(sb[ks[j]]);
             bv[j] = to_float(bb[ks[j]]);
@@ -262,9 +265,9 @@ __device__ __forceinline__ void zigzag_gemv(
 #pragma unroll
         for (int i = 0; i < kStages - 1; ++i) issue(i);
         float xv[kPerThread], sv[kPerThread], bv[kPerThread];
+        xin.gather(ks, xv);
 #pragma unroll
         for (int j = 0; j < kPerThread; ++j) {
-          xv[j] = xin(ks[j]);
           sv[j] = to_float(sb[ks[j]]);
           bv[j] = to_float(bb[ks[j]]);
         }
