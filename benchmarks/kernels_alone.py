@@ -9,6 +9,7 @@ duplicates and junk, fused collection; several split counts). Timing: a CUDA gra
 launches over rotating weight copies larger than the L2, replayed 5 times; the median per launch.
 
     python benchmarks/kernels_alone.py [--json out.json]      (needs nvcc, CuPy and PyTorch)
+    python benchmarks/kernels_alone.py --prologues [--json out.json]   fused prologues' cost
 """
 
 import argparse
@@ -31,12 +32,14 @@ THREADS = 256
 SMS = cp.cuda.Device(0).attributes["MultiProcessorCount"]
 
 
-def build(out_dir):
-    """{(kernel, dtype, group_size): CuPy function}, 4-bit."""
+def build(out_dir, only=None):
+    """{(kernel, dtype, group_size): CuPy function}, 4-bit: all, or the one ``only`` names."""
     fns = {}
     for kernel, source in SOURCES.items():
         for dtype, ctype in CTYPES.items():
             for gs in (64, 128):
+                if only is not None and (kernel, dtype, gs) != only:
+                    continue
                 name = f"k_{kernel.replace('-', '_')}_{dtype}_g{gs}"
                 cubin = Path(out_dir) / f"{name}.cubin"
                 subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90,code=sm_90",
@@ -92,13 +95,19 @@ class Problem:
         xm = self.f64(self.x) * count
         return (np.einsum("k,bk,bkr->br", xm, self.f64(self.s), q) + (self.f64(self.b) @ xm)[:, None]).reshape(-1)
 
-    def launch(self, fn, kernel, weights, kind, active, n, t_value, out, work, count):
+    def launch(self, fn, kernel, weights, kind, active, n, t_value, out, work, count, prologue=0, x=None,
+               norm=None, residual=None):
+        """One launch; ``prologue`` (kernels/contract.h) reads ``x`` (2K columns for SwiGLU) and ``norm``,
+        and ``residual`` is added to y."""
         w, s, b = weights
         bands = self.N // self.gs
         sp = splits(kernel, bands, self.K, self.gs)
-        fn((bands * sp, 1), (THREADS,), (self.x, w, s, b, active, out, work, count, np.int32(1), np.int32(self.N),
-                                          np.int32(self.K), np.int32(1), np.int32(kind), np.int32(n), np.int32(0),
-                                          np.float32(t_value), np.int32(sp)))
+        null = np.uint64(0)
+        fn((bands * sp, 1), (THREADS,), (self.x if x is None else x, w, s, b, active, out, work, count, np.int32(1),
+                                          np.int32(self.N), np.int32(self.K), np.int32(1), np.int32(kind), np.int32(n),
+                                          np.int32(0), np.float32(t_value), np.int32(sp), null if norm is None else norm,
+                                          null if residual is None else residual, np.int32(1), np.int32(prologue),
+                                          np.float32(1e-5)))
 
     def buffers(self):
         out = cp.empty((self.N,), {"float16": cp.float16, "bfloat16": cp.uint16, "float32": cp.float32}[self.dtype])
@@ -223,12 +232,67 @@ def timings(fns):
     return rows
 
 
+# A decoder block's products (q/k/v stacked, gate/up stacked, down) of the 8B and 70B shapes.
+BLOCK_SHAPES = [(6144, 4096), (28672, 4096), (4096, 14336), (10240, 8192), (57344, 8192), (8192, 28672)]
+PROLOGUES = {"identity": 0, "rmsnorm": 1, "swiglu": 2}
+
+
+def prologue_timings(fns):
+    """The tensor-core kernel with each fused prologue as a decoder block uses it (RMSNorm before q/k/v and
+    gate/up; SwiGLU before down, with the residual added), dense and fused collection at density 0.5:
+    what folding a block's neighbours costs the product."""
+    rows = []
+    for N, K in BLOCK_SHAPES:
+        p = Problem(N, K, 64, "float16", seed=3)
+        nbytes = p.w.nbytes + p.s.nbytes + p.b.nbytes
+        copies = [(p.w.copy(), p.s.copy(), p.b.copy()) for _ in range(max(2, (256 << 20) // nbytes))]
+        bufs = [p.buffers() for _ in copies]
+        rs = cp.random.RandomState(4)
+        x = rs.standard_normal((2 * K,), dtype=cp.float32).astype(cp.float16)
+        norm = rs.uniform(0.5, 1.5, (K,), dtype=cp.float32).astype(cp.float16)
+        residual = rs.standard_normal((N,), dtype=cp.float32).astype(cp.float16)
+        xs = cp.asnumpy(x).astype(np.float64)
+        for name, prologue in PROLOGUES.items():
+            xp = {0: xs[:K], 1: xs[:K] / np.sqrt(np.mean(xs[:K] ** 2)) * cp.asnumpy(norm),
+                  2: xs[:K] / (1 + np.exp(-xs[:K])) * xs[K:]}[prologue]
+            for kind, density in [(0, 1.0), (3, 0.5)]:
+                t = float(np.quantile(np.abs(xp), 1 - density))  # keeps about `density` of x'
+
+                def go(i):
+                    out, work, count = bufs[i % len(copies)]
+                    p.launch(fns["tensor-core", "float16", 64], "tensor-core", copies[i % len(copies)], kind, x, 0, t,
+                             out, work, count, prologue=prologue, x=x, norm=norm if prologue == 1 else None,
+                             residual=residual if prologue == 2 else None)
+
+                us = graph_time(go)
+                assert np.all(np.isfinite(p.f64(bufs[0][0]))), (N, K, name)
+                rows.append(dict(shape=f"{N}x{K}", prologue=name, density=density, us=us))
+        del copies
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--prologues", action="store_true",
+                        help="time the tensor-core kernel with each fused prologue on decoder-block shapes instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        fns = build(tmp)
+        fns = build(tmp, only=("tensor-core", "float16", 64) if args.prologues else None)
+        if args.prologues:
+            rows = prologue_timings(fns)
+            at = {(r["shape"], r["prologue"], r["density"]): r["us"] for r in rows}
+            print(f"device: {torch.cuda.get_device_name()}")
+            print("| N×K | " + " | ".join(f"{n} d={d:g}" for d in (1.0, 0.5) for n in PROLOGUES) + " |")
+            print("|---" * (1 + 2 * len(PROLOGUES)) + "|")
+            for N, K in BLOCK_SHAPES:
+                s = f"{N}x{K}"
+                print(f"| {s} | " + " | ".join(f"{at[s, n, d]:.1f}" for d in (1.0, 0.5) for n in PROLOGUES) + " |")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                                   rows=rows), f, indent=1)
+            return
         worst = correctness(fns)
         for (kernel, dtype), err in sorted(worst.items()):
             print(f"worst relative error vs float64: {kernel:<12} {dtype:<9} {err:.2e}")
