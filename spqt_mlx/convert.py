@@ -19,7 +19,7 @@ import numpy as np
 from . import _cli
 from .calibrate import DEFAULT_MAX_PPL_INCREASE, METHODS, choose_sparsity, describe_choice, sparsify
 from .files import atomic_write_text
-from .layout import DTYPES
+from .layout import DEFAULT_QUANTIZER, DTYPES, QUANTIZERS
 from .sources import load_source
 from .texts import calibration_tokens
 
@@ -30,6 +30,7 @@ def convert(
     *,
     bits: int = 4,
     group_size: int = 64,
+    quantizer: str = DEFAULT_QUANTIZER,
     sparsity: float | str = "auto",
     max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE,
     calibration_text=None,
@@ -45,6 +46,7 @@ def convert(
     ``model`` is anything :func:`spqt_mlx.sources.load_source` takes. ``sparsity`` is a fraction
     in [0, 1) or ``"auto"``: the largest sparsity whose perplexity on held-out calibration tokens
     rises by at most ``max_ppl_increase`` percent (:func:`spqt_mlx.calibrate.choose_sparsity`).
+    ``quantizer`` chooses each group's scale and bias (:data:`spqt_mlx.layout.QUANTIZERS`).
     ``progress`` shows progress bars for the long steps (writing calibration text, quantizing,
     calibrating).
     """
@@ -54,6 +56,8 @@ def convert(
 
     # Argument errors surface before any loading or calibration.
     check_bits_group_size(group_size, bits)
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
     if sparsity != "auto" and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
         raise ValueError(f"sparsity must be in [0, 1) or 'auto', got {sparsity!r}.")
     if not max_ppl_increase >= 0:
@@ -73,7 +77,7 @@ def convert(
             net, tokenizer, text_file=calibration_text, n_tokens=calibration_tokens_count, seed=seed,
             progress=progress,
         )
-    patched = patch_model(net, group_size=group_size, bits=bits, progress=progress)
+    patched = patch_model(net, group_size=group_size, bits=bits, quantizer=quantizer, progress=progress)
     if not patched:
         raise ValueError(f"{model}: no projection could be zigzag-quantized with group size {group_size}.")
     choice = None
@@ -87,6 +91,7 @@ def convert(
     meta = {
         "bits": bits,
         "group_size": group_size,
+        "quantizer": quantizer,
         "thresholds": thresholds,
         "sparsity": sparsity,
         "method": calibration_method,
@@ -102,6 +107,7 @@ def convert(
         "layers": len(patched),
         "bits": bits,
         "group_size": group_size,
+        "quantizer": quantizer,
         "sparsity": sparsity,
         "method": calibration_method,
         "calibration": described,
@@ -124,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight (2, 3, 4, 5, 6, 8; default 4)")
     p.add_argument("--group-size", type=int, default=64, help="rows per quantization group (32, 64, 128; default 64)")
+    p.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
+                   help=f"how each group's scale and bias are chosen: minmax (as mx.quantize) or search (lowest "
+                        f"squared error; default {DEFAULT_QUANTIZER})")
     p.add_argument("--sparsity", type=_cli.sparsity_value, default="auto",
                    help="target activation sparsity in [0, 1), or auto: the largest whose perplexity on held-out "
                         "calibration tokens rises by at most --max-ppl-increase (default auto)")
@@ -148,6 +157,7 @@ def run(argv=None) -> dict:
         args.out,
         bits=args.bits,
         group_size=args.group_size,
+        quantizer=args.quantizer,
         sparsity=args.sparsity,
         max_ppl_increase=args.max_ppl_increase,
         calibration_text=args.calibration_text,
@@ -159,7 +169,8 @@ def run(argv=None) -> dict:
     )
     print(f"Saved {summary['out']}")
     print(f"  source        {summary['source']}")
-    print(f"  zigzag layers {summary['layers']} ({summary['bits']}-bit, group size {summary['group_size']})")
+    print(f"  zigzag layers {summary['layers']} ({summary['bits']}-bit, group size {summary['group_size']}, "
+          f"{summary['quantizer']} quantizer)")
     print(f"  sparsity      {summary['sparsity']:.2f} ({summary['method']}), calibrated on {summary['calibration']}")
     if summary["sparsity_choice"]:
         print(f"  {summary['sparsity_choice']}")

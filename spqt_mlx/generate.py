@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import _cli
 from .calibrate import METHODS
+from .layout import DEFAULT_QUANTIZER, QUANTIZERS
 
 _MARK = "__spqt_hook__"
 # The largest sparsity within a perplexity budget (spqt_mlx.calibrate.choose_sparsity).
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--group-size", type=int, default=64, help="Zigzag group size: 32, 64 or 128 (default: 64).")
     group.add_argument("--bits", type=int, default=4, help="Zigzag bits: 2, 3, 4, 5, 6 or 8 (default: 4).")
+    group.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
+                       help="How each group's scale and bias are chosen: minmax (as mx.quantize) or search (lowest "
+                       f"squared error; default: {DEFAULT_QUANTIZER}).")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -135,10 +139,11 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     from .patch import patch_model
 
     t0 = time.perf_counter()
-    paths = patch_model(model, group_size=args.group_size, bits=args.bits, progress=True)
+    paths = patch_model(model, group_size=args.group_size, bits=args.bits, quantizer=args.quantizer, progress=True)
     if not paths:
         raise ValueError("--spqt: the model has no attention or MLP projections that can be patched.")
-    _log(f"{len(paths)} projections -> {args.bits}-bit zigzag (group size {args.group_size}) in {time.perf_counter() - t0:.1f} s")
+    _log(f"{len(paths)} projections -> {args.bits}-bit zigzag (group size {args.group_size}, {args.quantizer} "
+         f"quantizer) in {time.perf_counter() - t0:.1f} s")
     sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
     if sparsity != 0:
         recalibrate(model, tokenizer, args, sparsity)

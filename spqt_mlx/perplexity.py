@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import _cli
 from .calibrate import METHODS, sparsify
 from .files import atomic_write_text
-from .layout import DTYPES, dtype_from_name
+from .layout import DEFAULT_QUANTIZER, DTYPES, QUANTIZERS, dtype_from_name
 from .sources import load_source
 from .texts import calibration_tokens, read_text, text_tokens
 
@@ -249,6 +249,7 @@ def evaluate(
     protocol: str = "nonoverlap",
     max_tokens: int | None = None,
     bits: int = 4,
+    quantizer: str = DEFAULT_QUANTIZER,
     group_size: int = 64,
     dtype: str | None = None,
     baselines: bool = False,
@@ -280,6 +281,8 @@ def evaluate(
         stride = max(window // 2, 1)
     if not is_spqt:
         check_bits_group_size(group_size, bits)
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
     text = read_text(text_file)
     if is_spqt:
         if baselines:
@@ -287,6 +290,7 @@ def evaluate(
         net, tokenizer = checkpoint.load(model)
         section = checkpoint.read_spqt_config(model)["spqt"]
         bits, group_size = section["bits"], section["group_size"]
+        quantizer = section.get("quantizer", "minmax")  # checkpoints before the option were min/max
         if dtype is not None:
             net.set_dtype(dtype_from_name(dtype))
     else:
@@ -296,7 +300,7 @@ def evaluate(
         raise ValueError(f"{text_file} has fewer than 2 tokens.")
     run = dict(window=window, protocol=protocol, stride=stride, mode=mode)
     rows = []
-    label = f"spqt {bits}-bit g{group_size}"
+    label = f"spqt {bits}-bit g{group_size} {quantizer}"
 
     def add(name, method, target, result, seconds):
         rows.append({"model": name, "method": method, "target_sparsity": target, **result, "seconds": seconds})
@@ -325,7 +329,7 @@ def evaluate(
         t = time.perf_counter()
         add("float", "-", None, perplexity(net, tokens, **run), time.perf_counter() - t)
     if not is_spqt:
-        layers = patch_model(net, group_size=group_size, bits=bits)
+        layers = patch_model(net, group_size=group_size, bits=bits, quantizer=quantizer)
         if not layers:
             raise ValueError(f"no projection of {model} can be zigzag-quantized with group size {group_size}.")
         if baselines:
@@ -397,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
+                   help=f"how each group's scale and bias are chosen (default {DEFAULT_QUANTIZER})")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--mode", choices=MODES, default="masked",
                    help="masked: batched windows with thresholded inputs (default); decode: one token at a time")
@@ -414,6 +420,7 @@ def run(argv=None) -> dict:
         args.model, args.text, sparsities=args.sparsity, methods=args.method, calibration_text=args.calibration_text,
         calibration_tokens_count=args.calibration_tokens, window=args.window, stride=args.stride,
         protocol=args.protocol, max_tokens=args.max_tokens, bits=args.bits, group_size=args.group_size,
+        quantizer=args.quantizer,
         dtype=args.dtype, baselines=args.baselines, mode=args.mode, seed=args.seed,
     )
     if args.json:

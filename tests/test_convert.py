@@ -6,6 +6,7 @@ import mlx.core as mx
 import pytest
 
 from spqt_mlx import checkpoint, convert, sources, texts
+from spqt_mlx.layout import zigzag_dequantize, zigzag_quantize
 from spqt_mlx.patch import get_thresholds, zigzag_layers
 from spqt_mlx.perplexity import thresholded_inputs
 
@@ -35,12 +36,13 @@ def test_convert_with_calibration_text(tiny_model_dir, tmp_path, text_file, caps
                             "--calibration-text", str(text_file), "--calibration-tokens", "48",
                             "--json", str(tmp_path / "summary.json")])
     printed = capsys.readouterr().out
-    assert f"Saved {out}" in printed and "zigzag layers 14 (4-bit, group size 64)" in printed
+    assert f"Saved {out}" in printed and "zigzag layers 14 (4-bit, group size 64, search quantizer)" in printed
     assert summary["layers"] == 14 and summary["calibration"] == "48 tokens of calibration.txt"
     assert json.loads((tmp_path / "summary.json").read_text())["out"] == str(out)
     model, tokenizer = checkpoint.load(out)
     spqt = json.loads((out / "config.json").read_text())["spqt"]
     assert (spqt["sparsity"], spqt["method"], spqt["source"]) == (0.5, "uniform", str(tiny_model_dir))
+    assert spqt["quantizer"] == summary["quantizer"] == "search"
     assert spqt["thresholds"] == get_thresholds(model) and min(spqt["thresholds"].values()) > 0
     # the saved thresholds skip about half of every projection's inputs on the calibration text
     tokens = texts.text_tokens(tokenizer, CALIBRATION_TEXT, 48)
@@ -144,7 +146,27 @@ def test_bad_arguments(tiny_model_dir, tmp_path, text_file):
         convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--bits", "7", "--sparsity", "0"])
     with pytest.raises(SystemExit):
         convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calibration-method", "best"])
+    with pytest.raises(SystemExit):
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--quantizer", "gptq"])
+    with pytest.raises(ValueError, match="quantizer"):
+        convert.convert(str(tiny_model_dir), tmp_path / "o", quantizer="gptq")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_quantizer_option_chooses_the_saved_weights(tiny_model_dir, tmp_path):
+    # minmax writes mx.quantize's groups; search writes groups of lower error in the same format.
+    source, _, _ = sources.load_source(str(tiny_model_dir), progress=False)
+    weight = source.model.layers[0].mlp.down_proj.weight
+    errors = {}
+    for quantizer in ("minmax", "search"):
+        out = tmp_path / quantizer
+        convert.run(["--model", str(tiny_model_dir), "--out", str(out), "--sparsity", "0", "--quantizer", quantizer])
+        layer = checkpoint.load(out)[0].model.layers[0].mlp.down_proj
+        assert json.loads((out / "config.json").read_text())["spqt"]["quantizer"] == quantizer
+        expected = zigzag_quantize(weight, 64, 4, quantizer=quantizer)
+        assert mx.array_equal(layer.weight, expected.weight) and mx.array_equal(layer.scales, expected.scales)
+        errors[quantizer] = mx.sum(mx.square(zigzag_dequantize(expected) - weight)).item()
+    assert errors["search"] < errors["minmax"]
 
 
 def cli(module, *args):

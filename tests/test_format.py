@@ -167,3 +167,57 @@ def test_zigzag_matmul_matches_float64_reference(bits, group_size, lead, dtype, 
     yn = to_np(y)
     assert np.linalg.norm(yn - ref) / np.linalg.norm(ref) < REL_TOL[dtype]
     assert np.all(np.abs(yn - ref) <= 4 * REL_TOL[dtype] * np.abs(ref).max())
+
+
+# ---- the "search" quantizer: same format, lower error ----------------------------------------------
+
+
+def group_errors(q: ZigzagWeight, w: mx.array) -> np.ndarray:
+    """Squared error of each group (band, column), float64, from the packed arrays."""
+    err = (numpy_dequantize(q) - to_np(w)) ** 2  # (N, K)
+    return err.reshape(q.shape[0] // q.group_size, q.group_size, -1).sum(axis=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", BITS)
+def test_search_quantizer_is_never_worse_per_group(bits, group_size, dtype):
+    w = random_weight(2 * group_size, 48, dtype, seed=31 * bits + group_size)
+    # Heavy tails (an outlier in some groups) are where min/max wastes most of the grid.
+    w = (w * mx.where(mx.random.uniform(shape=w.shape, key=mx.random.key(bits)) < 0.02, 8.0, 1.0)).astype(dtype)
+    minmax = zigzag_quantize(w, group_size, bits)
+    search = zigzag_quantize(w, group_size, bits, quantizer="search")
+    assert search.weight.shape == minmax.weight.shape and search.weight.dtype == mx.uint32
+    assert search.scales.dtype == dtype and search.biases.dtype == dtype
+    codes = unpack_codes(np.array(search.weight), group_size, bits)
+    assert codes.min() >= 0 and codes.max() < 2**bits
+    # The packed arrays mean what the kernels read (numpy_dequantize is the format's definition).
+    assert np.array_equal(numpy_dequantize(search), to_np(zigzag_dequantize(search)))
+    e_search, e_minmax = group_errors(search, w), group_errors(minmax, w)
+    assert np.all(e_search <= e_minmax * (1 + 1e-6) + 1e-12)
+    assert e_search.sum() < 0.95 * e_minmax.sum()
+
+
+def test_search_quantizer_packs_as_mx_quantize():
+    # Codes of mx.quantize's own groups, packed by the search quantizer's packer, are mx.quantize's words.
+    from spqt_mlx.layout import _pack_codes
+
+    for bits in BITS:
+        for gs in GROUP_SIZES:
+            w = mx.random.normal((3, gs), key=mx.random.key(bits * gs))
+            wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
+            codes = np.rint((to_np(mx.dequantize(wq, s, b, group_size=gs, bits=bits)) - to_np(b)) / to_np(s))
+            assert np.array_equal(_pack_codes(codes.astype(np.uint32), bits), np.array(wq)), (bits, gs)
+
+
+def test_search_quantizer_constant_groups_and_bad_input():
+    w = mx.concatenate([mx.full((64, 3), 0.25), mx.random.normal((64, 3), key=mx.random.key(2))]).T.reshape(6, 64).T
+    q = zigzag_quantize(w.astype(mx.float16), 64, 4, quantizer="search")
+    deq = to_np(zigzag_dequantize(q))
+    assert np.all(np.isfinite(deq))
+    assert np.allclose(deq[:, to_np(w)[0] == 0.25][:, :1], 0.25, atol=1e-3)
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+        zigzag_quantize(w, 64, 4, quantizer="gptq")
+    bad = mx.array(np.where(np.arange(64 * 6).reshape(64, 6) == 5, np.nan, 1.0).astype(np.float32))
+    with pytest.raises(ValueError, match="non-finite"):
+        zigzag_quantize(bad, 64, 4, quantizer="search", lazy=True)  # search always looks at the values

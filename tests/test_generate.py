@@ -53,10 +53,10 @@ def test_zero_sparsity_generates_what_the_dense_patched_model_does(model_dir, ca
 
     main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0", "--bits", "8", "--group-size", "32"])
     out = capsys.readouterr()
-    assert "8-bit zigzag (group size 32)" in out.err and "calibrating" not in out.err
+    assert "8-bit zigzag (group size 32, search quantizer)" in out.err and "calibrating" not in out.err
     assert "all thresholds 0: no sparse steps" in out.out
     model, tokenizer = mlx_lm.load(str(model_dir))
-    patch_model(model, group_size=32, bits=8)
+    patch_model(model, group_size=32, bits=8, quantizer="search")
     expected = mlx_lm.generate(model, tokenizer, "the quick brown fox", max_tokens=12)
     assert generated_text(out.out) == expected.strip()
 

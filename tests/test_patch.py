@@ -198,6 +198,21 @@ def test_bad_arguments():
         ZigzagLinear.from_linear(nn.Linear(64, 96), 64, 4)
     with pytest.raises(TypeError):
         ZigzagLinear.from_linear(nn.Embedding(10, 64))
+    untouched = tiny_llama()
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+        patch_model(untouched, quantizer="gptq")
+    assert not zigzag_layers(untouched)
+
+
+def test_search_quantizer_patches_with_lower_error():
+    # The patched model with the "search" quantizer is its own dequantized reference, closer to the float model.
+    model, searched = tiny_llama(), tiny_llama()
+    patch_model(model)
+    patch_model(searched, quantizer="search")
+    tokens = random_tokens(12)
+    np.testing.assert_allclose(searched(tokens), dequantized_reference(searched)(tokens), rtol=1e-4, atol=1e-4)
+    exact = tiny_llama()(tokens)
+    assert mx.mean(mx.square(searched(tokens) - exact)).item() < mx.mean(mx.square(model(tokens) - exact)).item()
 
 
 def test_stats_count_active_columns():

@@ -105,8 +105,8 @@ def test_cli_with_baselines_and_methods(tiny_model_dir, tmp_path, text_file, cap
     printed = capsys.readouterr().out
     assert "Protocol: non-overlapping windows of 16 tokens" in printed
     rows = [(r["model"], r["method"], r["target_sparsity"]) for r in results["rows"]]
-    assert rows == [("float", "-", None), ("mlx 4-bit g64", "-", None), ("spqt 4-bit g64", "-", 0.0),
-                    ("spqt 4-bit g64", "uniform", 0.5), ("spqt 4-bit g64", "greedy", 0.5)]
+    assert rows == [("float", "-", None), ("mlx 4-bit g64", "-", None), ("spqt 4-bit g64 search", "-", 0.0),
+                    ("spqt 4-bit g64 search", "uniform", 0.5), ("spqt 4-bit g64 search", "greedy", 0.5)]
     ppl = {(r["method"], r["target_sparsity"]): r for r in results["rows"]}
     assert all(r["tokens"] == 30 and r["perplexity"] > 1 for r in results["rows"])
     for method in ("uniform", "greedy"):
@@ -126,7 +126,7 @@ def test_cli_on_a_saved_checkpoint(tiny_model_dir, tmp_path, text_file, capsys):
                                "--window", "16", "--stride", "8", "--max-tokens", "24"])
     assert "sliding windows of 16 tokens, stride 8" in capsys.readouterr().out
     [row] = results["rows"]
-    assert (row["model"], row["method"], row["target_sparsity"], row["tokens"]) == ("spqt 4-bit g64 (saved)", "uniform", 0.3, 23)
+    assert (row["model"], row["method"], row["target_sparsity"], row["tokens"]) == ("spqt 4-bit g64 search (saved)", "uniform", 0.3, 23)
     model, tokenizer = checkpoint.load(out)
     tokens = tokenizer.encode(TEXT, add_special_tokens=False)[:24]
     expected = perplexity.perplexity(model, tokens, window=16, protocol="sliding", stride=8)

@@ -91,16 +91,18 @@ class ZigzagLinear(nn.Module):
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 64, bits: int = 4) -> "ZigzagLinear":
-        """Quantize the float weight of an ``nn.Linear`` (a single rounding: the preferred source)."""
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, bits: int = 4, quantizer: str = "minmax") -> "ZigzagLinear":
+        """Quantize the float weight of an ``nn.Linear`` (a single rounding: the preferred source)
+        with ``quantizer`` (:data:`spqt_mlx.layout.QUANTIZERS`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}.")
         bias = linear.bias if "bias" in linear else None
-        return cls(zigzag_quantize(linear.weight, group_size, bits, lazy=True), bias)
+        return cls(zigzag_quantize(linear.weight, group_size, bits, quantizer=quantizer, lazy=True), bias)
 
     @classmethod
     def from_quantized(
-        cls, qlinear: nn.QuantizedLinear, group_size: int | None = None, bits: int | None = None
+        cls, qlinear: nn.QuantizedLinear, group_size: int | None = None, bits: int | None = None,
+        quantizer: str = "minmax",
     ) -> "ZigzagLinear":
         """Re-quantize an ``nn.QuantizedLinear`` into the zigzag layout.
 
@@ -124,7 +126,7 @@ class ZigzagLinear(nn.Module):
         group_size = qlinear.group_size if group_size is None else group_size
         bits = qlinear.bits if bits is None else bits
         bias = qlinear.bias if "bias" in qlinear else None
-        return cls(zigzag_quantize(w, group_size, bits, lazy=True), bias)
+        return cls(zigzag_quantize(w, group_size, bits, quantizer=quantizer, lazy=True), bias)
 
     @classmethod
     def empty(

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 from tqdm.auto import tqdm
 
-from ..layout import check_bits_group_size
+from ..layout import QUANTIZERS, check_bits_group_size
 from .linear import ZigzagLinear, check_threshold
 
 _LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
@@ -129,6 +129,7 @@ def patch_model(
     predicate: Callable[[str, nn.Module], bool] | None = None,
     allocate_only: bool = False,
     progress: bool = False,
+    quantizer: str = "minmax",
 ) -> list[str]:
     """Replace the attention and MLP projections of ``model`` with :class:`ZigzagLinear`, in place.
 
@@ -144,6 +145,9 @@ def patch_model(
             a warning). Embeddings and ``lm_head`` are never patched.
         allocate_only: build zero-filled layers of the right shapes instead of quantizing, for
             loading saved zigzag weights with ``model.load_weights``.
+        quantizer: how each group's scale and bias are chosen (:data:`spqt_mlx.layout.QUANTIZERS`):
+            "minmax" as ``mx.quantize``, or "search" for the lowest squared error per group (a
+            smaller weight error; it quantizes each layer when the layer is replaced, not lazily).
         progress: quantize (evaluate) each layer as it is replaced, with a progress bar: peak
             memory stays near one float layer above the model's own, and the call takes the time
             the quantization takes. By default the quantization is lazy, as ``nn.quantize``'s: it
@@ -158,6 +162,8 @@ def patch_model(
     """
     _check_model(model)
     check_bits_group_size(group_size, bits)
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
     if predicate is None:
         chosen = set(projections(model))
 
@@ -204,9 +210,9 @@ def patch_model(
             )
         try:
             if isinstance(module, nn.QuantizedLinear):
-                layer = ZigzagLinear.from_quantized(module, group_size, bits)
+                layer = ZigzagLinear.from_quantized(module, group_size, bits, quantizer)
             else:
-                layer = ZigzagLinear.from_linear(module, group_size, bits)
+                layer = ZigzagLinear.from_linear(module, group_size, bits, quantizer)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None  # nothing was replaced yet
         if progress:
