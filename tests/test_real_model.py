@@ -157,7 +157,7 @@ def test_clis_end_to_end(real_model_dir, tmp_path, capsys):
     out = tmp_path / "smollm2-spqt"
     convert.run(["--model", str(real_model_dir), "--out", str(out), "--sparsity", "0.5",
                   "--calibration-text", str(text), "--calibration-tokens", "64"])
-    assert "zigzag layers 210 (4-bit, group size 64)" in capsys.readouterr().out
+    assert "zigzag layers 210 (4-bit, group size 64, search quantizer)" in capsys.readouterr().out
     model, tokenizer = checkpoint.load(out)
     assert "Paris" in greedy(model, tokenizer, n=3)
 
