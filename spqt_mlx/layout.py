@@ -164,7 +164,8 @@ def _search_groups(z, wq, scales, biases, bits, stream, chunk=1 << 16):
         span = mx.maximum(mx.max(v, axis=-1, keepdims=True, stream=stream) - lo, 1e-30, stream=stream)
         mv = mx.mean(v, axis=-1, keepdims=True, stream=stream)
         for step in np.linspace(-1.0, 1.0, 11):  # 21 steps measured 0.2 % lower error, at twice the time
-            q = mx.clip(mx.round((v - lo) * ((n + step) / span), stream=stream), 0, n, stream=stream)
+            iscale = mx.divide(float(n + step), span, stream=stream)  # a Python float: numpy would pull span to the host
+            q = mx.clip(mx.round((v - lo) * iscale, stream=stream), 0, n, stream=stream)
             mq = mx.mean(q, axis=-1, keepdims=True, stream=stream)
             var = mx.mean(mx.square(q - mq), axis=-1, keepdims=True, stream=stream)
             cov = mx.mean((q - mq) * (v - mv), axis=-1, keepdims=True, stream=stream)
