@@ -51,13 +51,12 @@ def convert(
     calibrating).
     """
     from .checkpoint import save
-    from .layout import check_bits_group_size
+    from .layout import check_bits_group_size, check_quantizer
     from .patch import patch_model
 
     # Argument errors surface before any loading or calibration.
     check_bits_group_size(group_size, bits)
-    if quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
+    check_quantizer(quantizer)
     if sparsity != "auto" and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
         raise ValueError(f"sparsity must be in [0, 1) or 'auto', got {sparsity!r}.")
     if not max_ppl_increase >= 0:

@@ -60,6 +60,11 @@ class ZigzagWeight:
         )
 
 
+def check_quantizer(quantizer) -> None:
+    if not isinstance(quantizer, str) or quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
+
+
 def check_bits_group_size(group_size: int, bits: int) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}.")
@@ -92,8 +97,7 @@ def zigzag_quantize(
     evaluated yet stays unevaluated: a non-finite value then makes its group's scale NaN, so the
     outputs show it, instead of raising here. "search" always evaluates ``w``.
     """
-    if quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
+    check_quantizer(quantizer)
     if not isinstance(w, mx.array):
         raise TypeError(f"w must be an mx.array, got {type(w).__name__}.")
     check_bits_group_size(group_size, bits)

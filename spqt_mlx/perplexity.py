@@ -264,7 +264,7 @@ def evaluate(
     ``sparsities`` defaults to ``DEFAULT_SPARSITIES``. Returns a dict with the protocol and rows.
     """
     from . import checkpoint
-    from .layout import check_bits_group_size
+    from .layout import check_bits_group_size, check_quantizer
     from .patch import patch_model
 
     for m in methods:
@@ -281,8 +281,7 @@ def evaluate(
         stride = max(window // 2, 1)
     if not is_spqt:
         check_bits_group_size(group_size, bits)
-        if quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
+        check_quantizer(quantizer)
     text = read_text(text_file)
     if is_spqt:
         if baselines:

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 from tqdm.auto import tqdm
 
-from ..layout import QUANTIZERS, check_bits_group_size
+from ..layout import check_bits_group_size, check_quantizer
 from .linear import ZigzagLinear, check_threshold
 
 _LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
@@ -162,8 +162,7 @@ def patch_model(
     """
     _check_model(model)
     check_bits_group_size(group_size, bits)
-    if quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
+    check_quantizer(quantizer)
     if predicate is None:
         chosen = set(projections(model))
 
