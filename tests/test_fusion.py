@@ -260,13 +260,26 @@ def test_float16_model_fused(monkeypatch):
     np.testing.assert_allclose(fused, unfused, rtol=2e-2, atol=2e-2)
 
 
-def test_unknown_families_keep_the_per_projection_path():
+def test_a_projection_of_another_dtype_runs_the_familys_forward(monkeypatch):
+    # One product's weights in float32 inside a float16 model: the projections promote one by one.
+    model = tiny("llama", dtype=mx.float16)
+    patch_model(model, group_size=64, bits=4, thresholds=0.0)
+    model.layers[0].mlp.down_proj.set_dtype(mx.float32)
+    runs = count_fused_steps(monkeypatch)
+    fused = fixed_decode(model)
+    assert runs == []  # its block runs unfused, and its float32 output makes the next block's input float32
+    fuse_blocks(model, enabled=False)
+    np.testing.assert_allclose(fused, fixed_decode(model), rtol=1e-3, atol=1e-3)
+
+
+def test_unknown_families_keep_the_per_projection_path(monkeypatch):
     model = tiny("gemma2", head_dim=32, query_pre_attn_scalar=32, attn_logit_softcapping=50.0,
                  final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")
     patch_model(model, group_size=32, bits=4, thresholds=0.3)
     assert not any(is_fused(b) for b in model.layers)
     assert fuse_blocks(model) == 0
-    fixed_decode(model)
+    runs = count_fused_steps(monkeypatch)
+    assert np.all(np.isfinite(fixed_decode(model))) and runs == []
 
 
 def test_steps_that_cannot_fuse_run_the_familys_forward(monkeypatch):

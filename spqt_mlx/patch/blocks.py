@@ -111,10 +111,10 @@ class _Plan:
         attn = self.attn
         if (attn.n_heads, attn.n_kv_heads) != self.heads[:2]:
             return None  # sharded in place: the heads were divided
-        if self.layers[0]["scales"].dtype != dtype:
-            return None  # a mixed-dtype call: the projections promote, per projection
         arrays = (self.qkv.arrays(), self.o.arrays(), self.gate_up.arrays(), self.down.arrays())
-        return None if None in arrays else arrays
+        if None in arrays or any(a[1].dtype != dtype for a in arrays):
+            return None  # unstackable, or a mixed-dtype call: the projections promote, per projection
+        return arrays
 
     def run(self, block, x, mask, cache, arrays):
         """The block's output for one token (B = L = 1)."""
