@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
 
 from .._ext import Prologue
 from .fused import identical, stack_siblings
@@ -33,6 +34,13 @@ from .linear import ZigzagLinear, zigzag_product
 # gate/up (or a single gate_up_proj) and down. Others (gemma2/3's post-norms and GeGLU, granite's
 # residual multipliers, ...) keep the per-projection path.
 FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
+
+
+def _projection_names(attn: nn.Module, mlp: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of the q/k/v and gate/up projections (stacked at load, or one per projection)."""
+    qkv = ("qkv_proj",) if "qkv_proj" in attn else ("q_proj", "k_proj", "v_proj")
+    gate_up = ("gate_up_proj",) if "gate_up_proj" in mlp else ("gate_proj", "up_proj")
+    return qkv, gate_up
 
 
 class _Stack:
@@ -83,8 +91,7 @@ class _Plan:
         attn, mlp = block["self_attn"], block["mlp"]
         self.attn = attn
         self.norms = (block["input_layernorm"], block["post_attention_layernorm"])
-        qkv_names = ("qkv_proj",) if "qkv_proj" in attn else ("q_proj", "k_proj", "v_proj")
-        gate_up_names = ("gate_up_proj",) if "gate_up_proj" in mlp else ("gate_proj", "up_proj")
+        qkv_names, gate_up_names = _projection_names(attn, mlp)
         self.checks = [
             (block, "self_attn", attn), (block, "mlp", mlp),
             (block, "input_layernorm", self.norms[0]), (block, "post_attention_layernorm", self.norms[1]),
@@ -143,7 +150,7 @@ class _Plan:
             keys, values = cache.update_and_fetch(keys, values)
         else:
             queries, keys = rope(queries), rope(keys)
-        out = _attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
+        out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
         # (1, heads, 1, head_dim) to (1, 1, heads * head_dim): with one position the transpose
         # mlx-lm does first changes no element's place.
         out = out.reshape(1, 1, -1)
@@ -158,12 +165,6 @@ class _Plan:
         if self.down.has_bias:
             y = y + self.down.bias()
         return y
-
-
-def _attention(queries, keys, values, **kwargs):
-    from mlx_lm.models.base import scaled_dot_product_attention
-
-    return scaled_dot_product_attention(queries, keys, values, **kwargs)
 
 
 class FusedDecoderBlock:
@@ -201,8 +202,8 @@ def _why_not(block: nn.Module) -> str | None:
             return f"{name} is not an RMSNorm"
     if not isinstance(attn, nn.Module) or not isinstance(mlp, nn.Module):
         return "no self_attn or mlp"
-    qkv = [attn.get(n) for n in (("qkv_proj",) if "qkv_proj" in attn else ("q_proj", "k_proj", "v_proj"))]
-    gate_up = [mlp.get(n) for n in (("gate_up_proj",) if "gate_up_proj" in mlp else ("gate_proj", "up_proj"))]
+    qkv_names, gate_up_names = _projection_names(attn, mlp)
+    qkv, gate_up = [attn.get(n) for n in qkv_names], [mlp.get(n) for n in gate_up_names]
     projections = [*qkv, attn.get("o_proj"), *gate_up, mlp.get("down_proj")]
     if not all(type(m) is ZigzagLinear for m in projections):
         return "not every projection is a ZigzagLinear"
@@ -230,16 +231,14 @@ def fuse_blocks(model: nn.Module, enabled: bool = True) -> int:
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}.")
     count = 0
     for _, block in model.named_modules():
-        if isinstance(block, FusedDecoderBlock):
-            if not enabled or _why_not(block) is not None:
-                block.__class__ = block._spqt_base
-                del block._spqt_plan
-                continue
-        elif not enabled or _why_not(block) is not None:
-            continue
-        if not isinstance(block, FusedDecoderBlock):
-            block.__class__ = _fused_class(type(block))
-        block._spqt_plan = _Plan(block)
-        count += 1
+        fused = isinstance(block, FusedDecoderBlock)
+        if enabled and _why_not(block) is None:
+            if not fused:
+                block.__class__ = _fused_class(type(block))
+            block._spqt_plan = _Plan(block)
+            count += 1
+        elif fused:
+            block.__class__ = block._spqt_base
+            del block._spqt_plan
     return count
 
