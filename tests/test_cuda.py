@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(
 
 from spqt_mlx.layout import SUPPORTED_BITS as BITS
 from spqt_mlx.layout import SUPPORTED_GROUP_SIZES as GROUP_SIZES
+from zigzag_reference import gap_threshold
+
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.5e-2}
 
@@ -251,14 +253,6 @@ def test_stacked_projections_match_layers_alone(threshold):
 
     a, b = run(alone), run(stacked)
     assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max()
-
-
-def gap_threshold(values, quantile):
-    """A threshold near ``quantile`` of |values| in the widest gap around it (test_fusion.py)."""
-    a = np.sort(np.abs(values.ravel()))
-    lo, hi = int(len(a) * (quantile - 0.1)), int(len(a) * (quantile + 0.1))
-    i = lo + int(np.argmax(np.diff(a[lo:hi + 1])))
-    return float((a[i] + a[i + 1]) / 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

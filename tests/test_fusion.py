@@ -17,7 +17,7 @@ from spqt_mlx import _ext
 from spqt_mlx._ext import ActiveKind, Prologue
 from spqt_mlx.patch import FAMILIES, ZigzagLinear, achieved_sparsity, fuse_blocks, patch_model, record_stats, set_thresholds, zigzag_layers
 
-from zigzag_reference import BITS, DTYPES, GROUP_SIZES, REL_TOL, dense_weight64, to_np
+from zigzag_reference import BITS, DTYPES, GROUP_SIZES, REL_TOL, dense_weight64, gap_threshold, to_np
 
 EPS = 1e-5
 
@@ -34,15 +34,6 @@ def prologue64(x: np.ndarray, prologue, norm: np.ndarray | None, dtype) -> np.nd
     K = x.shape[-1] // 2
     gate, up = x[..., :K], x[..., K:]
     return rounded(gate / (1.0 + np.exp(-gate)) * up, dtype)
-
-
-def gap_threshold(values: np.ndarray, quantile: float) -> float:
-    """A threshold near ``quantile`` of |values| in the widest gap around it, so that a rounding
-    difference in the last bit cannot move a column across it."""
-    a = np.sort(np.abs(values.ravel()))
-    lo, hi = int(len(a) * (quantile - 0.1)), int(len(a) * (quantile + 0.1))
-    i = lo + int(np.argmax(np.diff(a[lo:hi + 1])))
-    return float((a[i] + a[i + 1]) / 2)
 
 
 def fused_case(bits, gs, dtype, prologue, *, rows=1, K=200, seed=0):

@@ -28,3 +28,12 @@ def dense_weight64(q) -> np.ndarray:
     codes = unpack_codes(np.array(q.weight), q.group_size, q.bits).astype(np.float64)
     deq = to_np(q.scales)[..., None] * codes + to_np(q.biases)[..., None]
     return deq.transpose(0, 2, 1).reshape(q.shape)
+
+
+def gap_threshold(values: np.ndarray, quantile: float) -> float:
+    """A threshold near ``quantile`` of |values| in the widest gap around it, so that a rounding
+    difference in the last bit cannot move a column across it."""
+    a = np.sort(np.abs(values.ravel()))
+    lo, hi = int(len(a) * (quantile - 0.1)), int(len(a) * (quantile + 0.1))
+    i = lo + int(np.argmax(np.diff(a[lo:hi + 1])))
+    return float((a[i] + a[i + 1]) / 2)
