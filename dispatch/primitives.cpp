@@ -257,7 +257,7 @@ void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
       std::vector<T> transformed;
       if (prologue != Prologue::Identity) {
         transformed.resize(size_t(M) * K);
-        cpu::prologue<T>(xp, int(prologue), norm >= 0 ? dst[norm].data<T>() : nullptr, eps, M, K, transformed.data());
+        cpu::prologue<T>(xp, prologue, norm >= 0 ? dst[norm].data<T>() : nullptr, eps, M, K, transformed.data());
         xp = transformed.data();
       }
       if (kind == ActiveKind::Threshold) {

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../contract.h"
+
 namespace spqt::cpu {
 
 // Unpacks the gs codes of one group (an LSB-first bitstream of gs*bits bits) into floats.
@@ -37,17 +39,17 @@ inline void unpack_group(const uint32_t* words, float* q) {
   }
 }
 
-// x' (M, K) of a fused product (kernels/contract.h's Prologue, as an int): computed in float32 and
-// rounded to T as the unfused op writes it (MLX's rms_norm rounds x * rsqrt(mean(x^2) + eps) to T
-// before it multiplies by the weight; SwiGLU rounds once). x holds M rows of K columns, or of 2K
-// for SwiGLU (gate, then up).
+// x' (M, K) of a fused product: computed in float32 and rounded to T. RMSNorm rounds as MLX's
+// rms_norm does (x * rsqrt(mean(x^2) + eps) to T, then times the weight, to T); SwiGLU rounds once,
+// where mlx-lm's swiglu rounds each of its three ops, so the two can differ in the last bit. x holds M
+// rows of K columns, or of 2K for SwiGLU (gate, then up).
 template <typename T>
-void prologue(const T* x, int kind, const T* norm_weight, float eps, int M, int K, T* out) {
-  const int width = kind == 2 ? 2 * K : K;
+void prologue(const T* x, Prologue kind, const T* norm_weight, float eps, int M, int K, T* out) {
+  const int width = kind == Prologue::SwiGLU ? 2 * K : K;
   for (int m = 0; m < M; ++m) {
     const T* xm = x + int64_t(m) * width;
     T* om = out + int64_t(m) * K;
-    if (kind == 1) {
+    if (kind == Prologue::RmsNorm) {
       float squares = 0.0f;
       for (int k = 0; k < K; ++k) {
         squares += float(xm[k]) * float(xm[k]);
@@ -56,7 +58,7 @@ void prologue(const T* x, int kind, const T* norm_weight, float eps, int M, int 
       for (int k = 0; k < K; ++k) {
         om[k] = T(float(T(float(xm[k]) * inv_rms)) * float(norm_weight[k]));
       }
-    } else if (kind == 2) {
+    } else if (kind == Prologue::SwiGLU) {
       for (int k = 0; k < K; ++k) {
         const float g = float(xm[k]);
         om[k] = T(g / (1.0f + std::exp(-g)) * float(xm[K + k]));

@@ -1,6 +1,7 @@
 // The prologue of a fused zigzag GEMV (kernels/contract.h's Prologue): what the kernels read as x.
 // x' is computed in float32 and rounded to T as the CPU and CUDA kernels do (RMSNorm: before and after
-// the weight, as MLX's rms_norm), so every backend decides the active set on the same values.
+// the weight, as MLX's rms_norm), so every backend decides the active set on the values the unfused
+// ops give, up to the last bit (each backend reduces the norm in its own order, with its own rsqrt).
 #pragma once
 
 #include "params.h"
