@@ -57,9 +57,10 @@ void check_bits_group_size(const std::string& where, int group_size, int bits) {
   check_one_of(where, "group_size", group_size, kSupportedGroupSizes);
 }
 
-// Checks one single-token activation and its threshold over K columns.
-void validate_threshold(const std::string& where, const mx::array& x, const mx::array& threshold, int K) {
-  if (x.size() != static_cast<size_t>(x.shape(-1))) {
+// Checks an activation and its threshold over K columns; collect_active takes a single row.
+void validate_threshold(
+    const std::string& where, const mx::array& x, const mx::array& threshold, int K, bool one_row) {
+  if (one_row && x.size() != static_cast<size_t>(x.shape(-1))) {
     fail(where, "active columns are collected for a single token: x must hold one row, got shape " +
                     shape_str(x.shape()) + ".");
   }
@@ -73,14 +74,14 @@ void validate_threshold(const std::string& where, const mx::array& x, const mx::
   }
 }
 
-// The threshold of a checked single-token activation, as float32.
+// The threshold of a checked activation (any number of rows), as float32.
 mx::array check_threshold(
     const std::string& where,
     const mx::array& x,
     const mx::array& threshold,
     int K,
     mx::StreamOrDevice s) {
-  validate_threshold(where, x, threshold, K);
+  validate_threshold(where, x, threshold, K, /* one_row = */ false);
   return mx::astype(threshold, mx::float32, s);
 }
 
@@ -274,11 +275,18 @@ mx::array zigzag_gemv(
   out_shape.back() = N;
   auto fused = check_fusion(where, fusion, x, K, out_shape, stream);
   const bool on_cuda = stream.device == mx::Device::gpu && mx::cu::is_available();
-  if (fusion.any() && on_cuda && !cuda::folds(bits, group_size, N, K, kind, fusion.prologue)) {
+  const int rows = int(x.size() / x.shape(-1));
+  if (on_cuda && !cuda::folds(bits, group_size, N, K, kind, fusion.prologue, rows)) {
     // Where a CUDA product would collect its active set in a launch of its own (which reads x, not
-    // x'), run the neighbours as MLX ops around the plain product.
+    // x', and makes one list), run the neighbours as MLX ops around the plain product; several
+    // rows keep their own active entries (the others zeroed) and walk every column.
     return unfolded(fused, x, [&](const mx::array& xp) {
-      return zigzag_gemv(xp, w, scales, biases, active, kind, group_size, bits, {}, stream);
+      if (rows == 1) {
+        return zigzag_gemv(xp, w, scales, biases, active, kind, group_size, bits, {}, stream);
+      }
+      auto t = check_threshold(where, xp, active.value(), K, stream);
+      auto kept = mx::where(mx::greater(mx::abs(xp, stream), t, stream), xp, mx::zeros_like(xp, stream), stream);
+      return zigzag_gemv(kept, w, scales, biases, std::nullopt, ActiveKind::Dense, group_size, bits, {}, stream);
     }, stream);
   }
   std::vector<mx::array> inputs{x, w, scales, biases};
@@ -358,7 +366,7 @@ void check_collect_active(const mx::array& x, const mx::array& threshold) {
   if (x.ndim() < 1 || x.size() == 0) {
     fail(where, "x must be a non-empty activation of shape (..., K).");
   }
-  validate_threshold(where, x, threshold, x.shape(-1));
+  validate_threshold(where, x, threshold, x.shape(-1), /* one_row = */ true);
 }
 
 mx::array collect_active(const mx::array& x, const mx::array& threshold, mx::StreamOrDevice s) {

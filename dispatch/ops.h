@@ -30,6 +30,8 @@ struct Fusion {
 // y = residual + x' @ W.T for the zigzag-quantized W = (w, scales, biases), restricted to the
 // active columns, where x' is x after the fusion's prologue (x itself without one) and the active
 // set is decided on x'. x' is rounded to x's dtype, as an unfused norm or activation would write it.
+// With the Threshold kind x may hold several rows (batched decode): each row takes its own columns
+// with |x'| > threshold, and the kernels read the union of the rows' columns once for them all.
 mx::array zigzag_gemv(
     const mx::array& x,
     const mx::array& w,

@@ -255,15 +255,21 @@ void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     dispatch_float(x.dtype(), [&]<typename T>() {
       const T* xp = x.data<T>();
       std::vector<T> transformed;
-      if (prologue != Prologue::Identity) {
+      const bool rows_thresholded = kind == ActiveKind::Threshold && M > 1;  // zeroes x' in place
+      if (prologue != Prologue::Identity || rows_thresholded) {
         transformed.resize(size_t(M) * K);
         cpu::prologue<T>(xp, prologue, norm >= 0 ? dst[norm].data<T>() : nullptr, eps, M, K, transformed.data());
         xp = transformed.data();
       }
       if (kind == ActiveKind::Threshold) {
         const float* t = threshold ? &*threshold : dst[active].data<float>();
+        const int t_stride = !threshold && dst[active].ndim() ? 1 : 0;
         collected.resize(K + 1);
-        cpu::collect_active<T>(xp, t, !threshold && dst[active].ndim() ? 1 : 0, K, collected.data());
+        if (rows_thresholded) {
+          cpu::threshold_rows<T>(transformed.data(), t, t_stride, M, K, collected.data());
+        } else {
+          cpu::collect_active<T>(xp, t, t_stride, K, collected.data());
+        }
         cols = collected.data() + 1;
         n = collected[0];
       }

@@ -4,6 +4,13 @@
 // the formats from this file for the build.
 #pragma once
 
+// The functions below are called by the CUDA kernels too.
+#ifdef __CUDACC__
+#define SPQT_HOST_DEVICE __host__ __device__
+#else
+#define SPQT_HOST_DEVICE
+#endif
+
 namespace spqt {
 
 // How the active input columns of a zigzag GEMV are given. Kernels receive it as an int.
@@ -29,5 +36,15 @@ constexpr int kSupportedGroupSizes[] = {32, 64, 128};
 // The formats the CUDA tensor-core GEMV (kernels/cuda/zigzag_gemv_mma.cu) reads.
 constexpr int kTensorCoreBits[] = {4};
 constexpr int kTensorCoreGroupSizes[] = {64, 128};
+
+// Rows of x that one pass of the tensor-core GEMV multiplies: the MMA's 8 columns hold every row's
+// x * scale as bf16 terms whose sum keeps the product's precision, two for 16-bit x and three for
+// float32 (kernels/cuda/zigzag_gemv_mma.cu).
+SPQT_HOST_DEVICE constexpr int tensor_core_terms(int itemsize) {
+  return itemsize == 4 ? 3 : 2;
+}
+SPQT_HOST_DEVICE constexpr int tensor_core_rows(int itemsize) {
+  return 8 / tensor_core_terms(itemsize);
+}
 
 } // namespace spqt

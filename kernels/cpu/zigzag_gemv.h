@@ -139,4 +139,31 @@ void collect_active(const T* x, const float* t, int t_stride, int K, int32_t* ou
   }
 }
 
+// The Threshold kind over M rows of x (M, K): every row keeps its entries with |x| > t[k] and the
+// others become 0, in place; out (K + 1,) gets the union of the rows' active columns, as
+// collect_active writes one row's. A product over that list then gives each row its own active
+// set's result.
+template <typename T>
+void threshold_rows(T* x, const float* t, int t_stride, int M, int K, int32_t* out) {
+  std::vector<char> any(K, 0);
+  for (int m = 0; m < M; ++m) {
+    T* xm = x + int64_t(m) * K;
+    for (int k = 0; k < K; ++k) {
+      if (std::abs(float(xm[k])) > t[int64_t(k) * t_stride]) {
+        any[k] = 1;
+      } else {
+        xm[k] = T(0.0f);
+      }
+    }
+  }
+  int32_t n = 0;
+  for (int k = 0; k < K; ++k) {
+    if (any[k]) {
+      out[1 + n++] = k;
+    }
+  }
+  out[0] = n;
+  std::fill(out + 1 + n, out + 1 + K, -1);
+}
+
 } // namespace spqt::cpu
