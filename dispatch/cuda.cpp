@@ -41,15 +41,16 @@ std::string dtype_name(mx::Dtype t) {
 }
 
 // Names of the embedded kernels, from the table the build generates (kernels/cuda/instances.py).
-const char* gemv_kernel_name(const std::string& dtype, int bits, int group_size, bool tensor_cores) {
+const char* gemv_kernel_name(const std::string& dtype, int bits, int group_size, bool tensor_cores, bool many_rows) {
   for (const auto& k : cuda_kernels::kGemv) {
-    if (dtype == k.dtype && bits == k.bits && group_size == k.group_size && tensor_cores == k.tensor_cores) {
+    if (dtype == k.dtype && bits == k.bits && group_size == k.group_size && tensor_cores == k.tensor_cores &&
+        many_rows == k.many_rows) {
       return k.name;
     }
   }
   throw std::invalid_argument(
       "[zigzag_gemv] no CUDA kernel was built for " + dtype + ", " + std::to_string(bits) + " bits, group size " +
-      std::to_string(group_size) + (tensor_cores ? " (tensor cores)." : "."));
+      std::to_string(group_size) + (tensor_cores ? " (tensor cores" : " (") + (many_rows ? ", several rows)." : ")."));
 }
 
 const char* collect_kernel_name(const std::string& dtype) {
@@ -159,9 +160,9 @@ void collect_into(
 
 } // namespace
 
-bool folds(int bits, int group_size, int N, int K, ActiveKind kind, Prologue prologue) {
-  // A separate collection launch would read x, not x'.
-  return kind != ActiveKind::Threshold || prologue == Prologue::Identity ||
+bool folds(int bits, int group_size, int N, int K, ActiveKind kind, Prologue prologue, int rows) {
+  // A separate collection launch would read x, not x', and makes one list, not one per row.
+  return kind != ActiveKind::Threshold || (prologue == Prologue::Identity && rows == 1) ||
       collects_inside(use_mma(bits, group_size, N, K), K);
 }
 
@@ -210,7 +211,8 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
       }
       if (!collects_inside(mma, K)) {
         // Too many columns for the general kernel's fused collection: collect once, then walk
-        // the list. (The tensor-core kernel's blocks each scan their own columns: no limit.)
+        // the list (one row only: see folds). The tensor-core kernel's blocks each scan their
+        // own columns: no limit.
         mx::array list({K + 1}, mx::int32, nullptr, {});
         allocate(list, list.nbytes(), enc);
         collect_into(enc, x, a, t_value, list);
@@ -236,7 +238,11 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     counters = mx::gpu_ptr<void>(count);
   }
 
-  CUfunction f = kernel(gemv_kernel_name(dtype_name(x.dtype()), p.bits(), gs, mma), enc);
+  // Several rows go to the tensor-core kernel that multiplies tensor_core_rows of them per pass,
+  // reading each active group once for them all; the general kernel takes one row per pass.
+  const bool many_rows = mma && M > 1;
+  const int passes = many_rows ? (M + tensor_core_rows(x.itemsize()) - 1) / tensor_core_rows(x.itemsize()) : M;
+  CUfunction f = kernel(gemv_kernel_name(dtype_name(x.dtype()), p.bits(), gs, mma, many_rows), enc);
   enc.set_input_array(x);
   enc.set_input_array(w);
   enc.set_input_array(scales);
@@ -267,7 +273,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     residual_ptr = mx::gpu_ptr<void>(r);
   }
   enc.add_kernel_node_ex(
-      f, dim3(bands * splits, std::min(M, kMaxGridY)), dim3(kThreads), {}, 0,
+      f, dim3(bands * splits, std::min(passes, kMaxGridY)), dim3(kThreads), {}, 0,
       x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
       rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits,
       norm_ptr, residual_ptr, residual_stride, prologue, eps);

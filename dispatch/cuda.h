@@ -10,7 +10,7 @@ namespace spqt::cuda {
 void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array& out);
 // Whether the kernels fold a prologue or residual into this product (the op function otherwise
 // runs them as MLX ops around a plain one).
-bool folds(int bits, int group_size, int N, int K, ActiveKind kind, Prologue prologue);
+bool folds(int bits, int group_size, int N, int K, ActiveKind kind, Prologue prologue, int rows);
 void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out);
 
 } // namespace spqt::cuda

@@ -28,11 +28,12 @@ def instances():
 
 
 def compile_one(instance, out_dir):
-    name, source, ctype, bits, gs = instance
+    name, source, ctype, bits, gs, many_rows = instance
     if source == "collect_active.cu":
         defines = [f"-DSPQT_COLLECT_NAME={name}", f"-DSPQT_T={ctype}"]
     else:
-        defines = [f"-DSPQT_NAME={name}", f"-DSPQT_T={ctype}", f"-DSPQT_BITS={bits}", f"-DSPQT_GS={gs}"]
+        defines = [f"-DSPQT_NAME={name}", f"-DSPQT_T={ctype}", f"-DSPQT_BITS={bits}", f"-DSPQT_GS={gs}",
+                   f"-DSPQT_MANY_ROWS={many_rows}"]
     cmd = [NVCC, "-std=c++17", "-O3", "-cubin", "-arch=sm_90", "-Werror=all-warnings", "-Xptxas", "-v",
            *defines, str(KERNELS / source), "-o", str(out_dir / f"{name}.cubin")]
     return name, subprocess.run(cmd, capture_output=True, text=True)

@@ -36,34 +36,27 @@
 //
 // Fused neighbours as in zigzag_gemv.cu: x' (the prologue's output) is what is staged and decided on.
 //
-// Instantiated by the build with SPQT_NAME, SPQT_T, SPQT_BITS (4) and SPQT_GS.
+// Instantiated by the build with SPQT_NAME, SPQT_T, SPQT_BITS (4), SPQT_GS and SPQT_MANY_ROWS.
 #include "zigzag.cuh"
 
 namespace spqt {
 
 namespace mma4 {
 
-// Entries staged per step, four per thread (more would spill the staging registers), and per
-// window: the fused collection gathers up to two steps' active columns, where shared memory allows.
-constexpr int kChunk = 1024;
-template <int GS>
-constexpr int kCap = GS == 64 ? 2 * kChunk : kChunk;
+// Entries staged per step (four per thread, two with several rows: more would spill the staging
+// registers) and per window: the fused collection of one row gathers up to two steps' active
+// columns, where shared memory allows. Several rows keep a term array per row and term in shared
+// memory, so their windows are shorter.
+template <int ROWS>
+constexpr int kChunk = ROWS == 1 ? 1024 : 512;
+template <int GS, int ROWS>
+constexpr int kCap = ROWS == 1 && GS == 64 ? 2 * kChunk<ROWS> : kChunk<ROWS>;
 
 // Position p of a window's entry -> its B slot: within a tile, lane t's values (columns t, t+4,
 // t+8, t+12) sit side by side.
 __device__ __forceinline__ int term_slot(int p) {
   return (p & ~15) | ((p & 3) << 2) | ((p >> 2) & 3);
 }
-
-// bf16 terms of x * scale: their sum carries the product to 16 bits, or 24 for float32 inputs.
-template <typename T>
-struct Terms {
-  static constexpr int n = 2;
-};
-template <>
-struct Terms<float> {
-  static constexpr int n = 3;
-};
 
 // The low nibbles of bytes 0 and 2 of p as bf16x2 {128 + q0, 128 + q2}: one LOP3, (p & m) | c
 // (the compiler splits the expression in two when both constants are immediates).
@@ -94,7 +87,12 @@ __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_gr
 template <int N>
 __device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
-template <typename T, int GS>
+// ROWS: rows of x per pass, 1 or tensor_core_rows (kernels/contract.h). A pass reads each active
+// group once for all its rows; its active set is the union of the rows' (the fused kind: columns
+// where some row has |x'| > t), and every row's own inactive entries get zero terms, so each row's
+// result is what a pass of its own would give. A pass of fewer rows stages only theirs: B's columns
+// of the missing rows hold stale terms, and their D columns are never read back.
+template <typename T, int GS, int ROWS>
 __device__ __forceinline__ void zigzag_gemv(
     const T* __restrict__ x,
     const uint32_t* __restrict__ w,
@@ -113,14 +111,19 @@ __device__ __forceinline__ void zigzag_gemv(
   constexpr int kPartsPerGroup = kGroupBytes / 16;
   constexpr int kWordsPerLane = GS / 64;                // rows [g*GS/8, (g+1)*GS/8) of a column
   constexpr int kMmas = GS / 16;
-  constexpr int kTerms = Terms<T>::n;
+  constexpr int kTerms = tensor_core_terms(sizeof(T));
+  constexpr int kColumns = ROWS * kTerms;               // of B that are read back
   constexpr int kStages = 4;  // tile buffers per warp (more measured no faster)
-  constexpr int kPerThread = kChunk / kThreads;
-  static_assert(kChunk % kThreads == 0, "a staging step gives every thread the same number of entries");
+  constexpr int kStep = kChunk<ROWS>;
+  constexpr int kWindow = kCap<GS, ROWS>;
+  constexpr int kPerThread = kStep / kThreads;
+  static_assert(kStep % kThreads == 0, "a staging step gives every thread the same number of entries");
+  static_assert(ROWS == 1 || ROWS == tensor_core_rows(sizeof(T)), "one row, or as many as the MMA holds");
+  static_assert(kColumns <= 8, "the MMA's B has 8 columns");
 
   __shared__ __align__(16) uint8_t stage[kWarps][kStages][kTileBytes];
-  __shared__ __align__(16) uint32_t offsets[kCap<GS>];  // the entries' groups, in bytes from the band's start
-  __shared__ __align__(16) uint16_t bterm[kTerms][kCap<GS>];
+  __shared__ __align__(16) uint32_t offsets[kWindow];  // the entries' groups, in bytes from the band's start
+  __shared__ __align__(16) uint16_t bterm[kColumns][kWindow];
   __shared__ float partial[kWarps][GS];
   __shared__ float bias_part[kWarps];
   __shared__ int scratch[kWarps];
@@ -132,7 +135,7 @@ __device__ __forceinline__ void zigzag_gemv(
   const int warp = tid >> 5;
   const int g = lane >> 2;
   const int t = lane & 3;
-  const int term = g < kTerms ? g : 0;  // columns n >= kTerms of B are never read back
+  const int column = g < kColumns ? g : 0;  // columns n >= kColumns of B are never read back
   const int band = blockIdx.x / splits;
   const int rank = blockIdx.x % splits;
   const char* wband = reinterpret_cast<const char*>(w + int64_t(band) * K * (kGroupBytes / 4));
@@ -143,8 +146,25 @@ __device__ __forceinline__ void zigzag_gemv(
   const float* th = static_cast<const float*>(active);
   const bool by_column = kind == kDense || kind == kThreshold;  // split the columns, else the list
 
-  for (int m = blockIdx.y; m < M; m += gridDim.y) {
-    const Input<T> xin = input_row<T, kWarps>(x, m, K, x_stride, prologue, norm, eps, norm_scratch);
+  for (int m0 = blockIdx.y * ROWS; m0 < M; m0 += gridDim.y * ROWS) {
+    const int rows = ROWS == 1 ? 1 : min(ROWS, M - m0);  // uniform over the block
+    Input<T> xin[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r < rows) xin[r] = input_row<T, kWarps>(x, m0 + r, K, x_stride, prologue, norm, eps, norm_scratch);
+    }
+    // x' of the rows at the columns ks; rows past the pass's last read as zero.
+    auto gather = [&](const int (&ks)[kPerThread], float (&xv)[ROWS][kPerThread]) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        if (r < rows) {
+          xin[r].gather(ks, xv[r]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) xv[r][j] = 0.0f;
+        }
+      }
+    };
     const int* list;
     const int n = walked(kind, active, n_host, K, list);
     int begin, count;
@@ -153,7 +173,9 @@ __device__ __forceinline__ void zigzag_gemv(
     float acc[kMmas][4];
 #pragma unroll
     for (int j = 0; j < kMmas; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    float bias_acc = 0.0f;
+    float bias_acc[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) bias_acc[r] = 0.0f;
 
     const int end = begin + count;
     int cursor = begin;
@@ -175,15 +197,17 @@ __device__ __forceinline__ void zigzag_gemv(
         }
         copy_commit();
       };
-      auto stage_terms = [&](int p, float xs) {
-        float rest = xs;
+      // Entry p of row r: its x' (zero where the row leaves the column out) times scale and bias.
+      auto stage_row = [&](int p, int r, float xv, float s, float b) {
+        bias_acc[r] = fmaf(xv, b, bias_acc[r]);
+        float rest = xv * s;
 #pragma unroll
         for (int i = 0; i < kTerms; ++i) {
           const uint16_t h = bf16_bits(rest);
-          bterm[i][term_slot(p)] = h;
+          bterm[r * kTerms + i][term_slot(p)] = h;
           const float hv = __bfloat162float(__ushort_as_bfloat16(h));
           rest -= hv;
-          bias_acc = fmaf(-128.0f, hv, bias_acc);  // the codes' offset
+          bias_acc[r] = fmaf(-128.0f, hv, bias_acc[r]);  // the codes' offset
         }
       };
       auto pad = [&] {
@@ -192,7 +216,7 @@ __device__ __forceinline__ void zigzag_gemv(
         if (tid < padded - total) {  // the last tile's padding: column 0, zero terms
           offsets[total + tid] = 0;
 #pragma unroll
-          for (int i = 0; i < kTerms; ++i) bterm[i][term_slot(total + tid)] = 0;
+          for (int i = 0; i < kColumns; ++i) bterm[i][term_slot(total + tid)] = 0;
         }
       };
       __syncthreads();  // the previous window's readers are done with the staging arrays
@@ -201,9 +225,9 @@ __device__ __forceinline__ void zigzag_gemv(
         // a chunk all in flight together), keeping the active ones in order, until another chunk
         // might not fit; at low density one window then holds many chunks' active columns.
         do {
-          const int len = min(kChunk, end - cursor);
+          const int len = min(kStep, end - cursor);
           int ks[kPerThread];
-          float xv[kPerThread], tv[kPerThread], sv[kPerThread], bv[kPerThread];
+          float xv[ROWS][kPerThread], tv[kPerThread], sv[kPerThread], bv[kPerThread];
           bool on[kPerThread];
           int mine = 0;
 #pragma unroll
@@ -212,7 +236,7 @@ __device__ __forceinline__ void zigzag_gemv(
             on[j] = e < len;
             ks[j] = on[j] ? cursor + e : 0;
           }
-          xin.gather(ks, xv);
+          gather(ks, xv);
 #pragma unroll
           for (int j = 0; j < kPerThread; ++j) {
             tv[j] = threshold_per_column ? th[ks[j]] : t_value;
@@ -221,7 +245,14 @@ __device__ __forceinline__ void zigzag_gemv(
           }
 #pragma unroll
           for (int j = 0; j < kPerThread; ++j) {
-            on[j] = on[j] && fabsf(xv[j]) > tv[j];
+            bool any = false;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+              const bool kept = r < rows && fabsf(xv[r][j]) > tv[j];
+              xv[r][j] = kept ? xv[r][j] : 0.0f;
+              any = any || kept;
+            }
+            on[j] = on[j] && any;
             mine += on[j];
           }
           int chunk_total;
@@ -230,12 +261,15 @@ __device__ __forceinline__ void zigzag_gemv(
           for (int j = 0; j < kPerThread; ++j) {
             if (!on[j]) continue;
             offsets[pos] = uint32_t(ks[j]) * kGroupBytes;
-            bias_acc = fmaf(xv[j], bv[j], bias_acc);
-            stage_terms(pos++, xv[j] * sv[j]);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+              if (r < rows) stage_row(pos, r, xv[r][j], sv[j], bv[j]);
+            }
+            ++pos;
           }
           total += chunk_total;
           cursor += len;
-        } while (cursor < end && total <= kCap<GS> - kChunk);
+        } while (cursor < end && total <= kWindow - kStep);
         pad();
         __syncthreads();
 #pragma unroll
@@ -245,7 +279,7 @@ __device__ __forceinline__ void zigzag_gemv(
         // warps start copying codes before x * scale and the bias terms are ready: first the
         // columns, then (while those copies fly) the terms. Every entry keeps its place; an
         // out-of-range one reads column 0 with zero terms.
-        const int len = min(kChunk, end - cursor);
+        const int len = min(kStep, end - cursor);
         int ks[kPerThread];
         bool on[kPerThread];
 #pragma unroll
@@ -264,8 +298,8 @@ __device__ __forceinline__ void zigzag_gemv(
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < kStages - 1; ++i) issue(i);
-        float xv[kPerThread], sv[kPerThread], bv[kPerThread];
-        xin.gather(ks, xv);
+        float xv[ROWS][kPerThread], sv[kPerThread], bv[kPerThread];
+        gather(ks, xv);
 #pragma unroll
         for (int j = 0; j < kPerThread; ++j) {
           sv[j] = to_float(sb[ks[j]]);
@@ -275,8 +309,10 @@ __device__ __forceinline__ void zigzag_gemv(
         for (int j = 0; j < kPerThread; ++j) {
           const int e = j * kThreads + tid;
           if (e >= len) continue;
-          if (on[j]) bias_acc = fmaf(xv[j], bv[j], bias_acc);
-          stage_terms(e, on[j] ? xv[j] * sv[j] : 0.0f);
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+            if (r < rows) stage_row(e, r, on[j] ? xv[r][j] : 0.0f, sv[j], bv[j]);
+          }
         }
         cursor += len;
       }
@@ -287,7 +323,7 @@ __device__ __forceinline__ void zigzag_gemv(
         __syncwarp();
         const int tile = warp + i * kWarps;
         const uint8_t* buf = stage[warp][i % kStages];
-        const uint2 b = *reinterpret_cast<const uint2*>(&bterm[term][tile * 16 + 4 * t]);
+        const uint2 b = *reinterpret_cast<const uint2*>(&bterm[column][tile * 16 + 4 * t]);
         uint32_t words[4][kWordsPerLane];
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
@@ -310,28 +346,37 @@ __device__ __forceinline__ void zigzag_gemv(
       copy_wait<0>();
     }
 
-    // Lane (g, 0) holds D[g][0..1] and D[g+8][0..1], lane (g, 1) D[g][2..3] and D[g+8][2..3].
+    // Row r's result is the sum of D's columns [r * kTerms, (r + 1) * kTerms), in that order.
+    // Lane (g, t) holds D[g][2t..2t+1] and D[g+8][2t..2t+1]: column c is element c % 2 of lane
+    // (g, c / 2).
     constexpr int kRowsPerLane = GS / 8;
 #pragma unroll
-    for (int j = 0; j < kMmas; ++j) {
-      float even = acc[j][0] + acc[j][1];
-      float odd = acc[j][2] + acc[j][3];
-      const float even3 = __shfl_down_sync(0xffffffffu, acc[j][0], 1);
-      const float odd3 = __shfl_down_sync(0xffffffffu, acc[j][2], 1);
-      if (kTerms == 3) {
-        even += even3;
-        odd += odd3;
-      }
-      if (t == 0) {
-        partial[warp][g * kRowsPerLane + 2 * j] = even;
-        partial[warp][g * kRowsPerLane + 2 * j + 1] = odd;
-      }
-    }
+    for (int r = 0; r < ROWS; ++r) {
+      if (r >= rows) break;
 #pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) bias_acc += __shfl_xor_sync(0xffffffffu, bias_acc, o);
-    if (lane == 0) bias_part[warp] = bias_acc;
-    write_band<T, GS, kWarps>(partial, bias_part, residual, r_stride, y, partials, counters, m, N, band, rank, splits,
-                              arrived_last);
+      for (int j = 0; j < kMmas; ++j) {
+        float even = 0.0f, odd = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kTerms; ++i) {
+          const int c = r * kTerms + i;
+          const int from = (lane & ~3) | (c >> 1);
+          const float e = __shfl_sync(0xffffffffu, acc[j][c & 1], from);
+          const float o = __shfl_sync(0xffffffffu, acc[j][2 + (c & 1)], from);
+          even = i == 0 ? e : even + e;
+          odd = i == 0 ? o : odd + o;
+        }
+        if (t == 0) {
+          partial[warp][g * kRowsPerLane + 2 * j] = even;
+          partial[warp][g * kRowsPerLane + 2 * j + 1] = odd;
+        }
+      }
+      float bias_sum = bias_acc[r];
+#pragma unroll
+      for (int o = 16; o >= 1; o >>= 1) bias_sum += __shfl_xor_sync(0xffffffffu, bias_sum, o);
+      if (lane == 0) bias_part[warp] = bias_sum;
+      write_band<T, GS, kWarps>(partial, bias_part, residual, r_stride, y, partials, counters, m0 + r, N, band, rank,
+                                splits, arrived_last);
+    }
   }
 }
 
@@ -341,13 +386,17 @@ __device__ __forceinline__ void zigzag_gemv(
 
 #ifdef SPQT_NAME
 // Four resident blocks per multiprocessor (64 registers); group size 128 keeps twice the partials.
-extern "C" __global__ void __launch_bounds__(spqt::kThreads, SPQT_GS == 128 ? 3 : 4) SPQT_NAME(
+// SPQT_MANY_ROWS: one row per pass (0), or as many as the MMA holds (1, tensor_core_rows), whose
+// staging holds every row's x' and runs without spills in up to 128 registers (two blocks, as the
+// dispatch launches).
+extern "C" __global__ void __launch_bounds__(spqt::kThreads, SPQT_MANY_ROWS ? 2 : SPQT_GS == 128 ? 3 : 4) SPQT_NAME(
     const SPQT_T* x, const uint32_t* w, const SPQT_T* scales, const SPQT_T* biases,
     const void* active, SPQT_T* y, float* partials, int* counters,
     int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
     float t_value, int splits, const SPQT_T* norm, const SPQT_T* residual, int r_stride, int prologue, float eps) {
   static_assert(SPQT_BITS == 4, "the tensor-core kernel reads 4-bit codes");
-  spqt::mma4::zigzag_gemv<SPQT_T, SPQT_GS>(
+  constexpr int kRows = SPQT_MANY_ROWS ? spqt::tensor_core_rows(sizeof(SPQT_T)) : 1;
+  spqt::mma4::zigzag_gemv<SPQT_T, SPQT_GS, kRows>(
       x, w, scales, biases, active, y, partials, counters,
       M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits, norm, residual, r_stride, prologue, eps);
 }
