@@ -79,12 +79,16 @@ struct PrologueArgs {
 // out (K + 1,) int32 = [n, ascending active k..., unspecified...] for x of K elements of `type`
 // ("float32", "float16", "bfloat16"), or of x' after a prologue (x then holds 2K for SwiGLU);
 // `threshold` holds one float32, or K when `per_column`. `threads` > 0 overrides the threadgroup
-// size (tests exercise other sizes with it).
+// size (tests exercise other sizes with it). x of several rows (at most kCollectMaxRows) lists the
+// union of their active columns.
 template <class E>
 void encode_collect(E& e, const typename E::Buffer& x, const typename E::Buffer& threshold,
                     const typename E::Buffer& out, const std::string& type, int K, bool per_column,
-                    int threads = 0, const PrologueArgs<typename E::Buffer>& prologue = {}) {
+                    int threads = 0, const PrologueArgs<typename E::Buffer>& prologue = {}, int rows = 1) {
   using namespace metal_params;
+  if (rows < 1 || rows > kCollectMaxRows) {
+    throw std::invalid_argument("[spqt] collect_active takes 1 to " + std::to_string(kCollectMaxRows) + " rows.");
+  }
   e.set_kernel(metal_kernels::collect_active(type));
   if (threads <= 0) {
     // One threadgroup scans x in chunks of its size: as large as the pipeline allows, in whole
@@ -100,6 +104,7 @@ void encode_collect(E& e, const typename E::Buffer& x, const typename E::Buffer&
   e.set_input(prologue.norm ? *prologue.norm : x, 5);  // read only by the RMSNorm prologue
   e.set_int(int(prologue.kind), 6);
   e.set_float(prologue.eps, 7);
+  e.set_int(rows, 8);
   e.dispatch({1, 1, 1}, {threads, 1, 1});
 }
 
@@ -127,9 +132,12 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
   using namespace metal_params;
   using Buffer = typename E::Buffer;
   // The active list the kernel walks. listed >= 0: a plain list of that length; < 0: count-prefixed.
-  // A threshold is collected on the device into a workspace list first: no host round-trip.
+  // A threshold is collected on the device into a workspace list first: no host round-trip. Several
+  // rows walk the union of their columns (every column past kCollectMaxRows rows), each row keeping
+  // its own entries.
   std::optional<Buffer> list;
   int listed = 0;
+  const bool rows_thresholded = g.kind == ActiveKind::Threshold && g.M > 1;
   switch (g.kind) {
     case ActiveKind::Dense:
       break;
@@ -142,15 +150,20 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
       listed = -1;
       break;
     case ActiveKind::Threshold:
-      list = e.temporary(int64_t(g.K) + 1, Element::Int32);
-      encode_collect(e, g.x, *g.active, *list, g.type, g.K, g.active_len != 1, 0, g.prologue);
-      listed = -1;
+      if (!g.active) {
+        break;  // refused below
+      }
+      if (g.M <= kCollectMaxRows) {
+        list = e.temporary(int64_t(g.K) + 1, Element::Int32);
+        encode_collect(e, g.x, *g.active, *list, g.type, g.K, g.active_len != 1, 0, g.prologue, g.M);
+        listed = -1;
+      }
       break;
   }
-  const bool sparse = g.kind != ActiveKind::Dense;
-  if (sparse && !list) {
+  if (g.kind != ActiveKind::Dense && !list && !(rows_thresholded && g.active)) {
     throw std::invalid_argument("[spqt] a sparse zigzag GEMV needs its active columns.");
   }
+  const bool sparse = list.has_value();
 
   // Split the walk over several threadgroups per band when it is long, then add the partials.
   const int splits = g.splits > 0 ? g.splits : gemv_splits(g.kind == ActiveKind::Indices ? listed : g.K);
@@ -178,6 +191,8 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
   e.set_int(int(g.prologue.kind), 12);
   e.set_float(g.prologue.eps, 13);
   e.set_int(g.residual && splits == 1 ? 1 : 0, 14);
+  e.set_input(rows_thresholded ? *g.active : g.x, 15);  // read only when the rows keep their own entries
+  e.set_int(rows_thresholded ? (g.active_len != 1 ? 1 : 0) : -1, 16);
   e.dispatch({g.N / g.group_size, splits, g.M}, {kGemvThreads, 1, 1});
 
   if (splits > 1) {

@@ -4,7 +4,9 @@
 // each lane its slot inside its simdgroup, and the simdgroup counts (threadgroup memory) give each
 // simdgroup its offset, so the list is written in ascending order with no atomics. The unused tail is
 // filled with -1, as the CPU reference does. A fused product's collection decides on x' (prologue.h):
-// with RMSNorm the threadgroup reduces the row's norm first.
+// with RMSNorm the threadgroup reduces the row's norm first. Over several rows (x holds `rows` rows,
+// at most kCollectMaxRows), a column is listed when any row's |x'| passes: the union that a batched
+// product walks (each row then keeps only its own entries: zigzag_gemv.h's threshold_stride).
 #pragma once
 
 #include "params.h"
@@ -23,6 +25,7 @@ template <typename T>
     const device T* norm [[buffer(5)]],
     const constant int& prologue [[buffer(6)]],
     const constant float& eps [[buffer(7)]],
+    const constant int& rows [[buffer(8)]],
     uint tid [[thread_index_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
@@ -32,15 +35,27 @@ template <typename T>
   namespace pro = spqt::metal_prologue;
   threadgroup int sg_counts[kCollectMaxThreads / kSimdSize];
   threadgroup float norm_scratch[kCollectMaxThreads / kSimdSize];
-  const float inv_rms = prologue == pro::kRmsNorm
-      ? pro::inv_rms(x, K, eps, norm_scratch, tid, threads, sg, simdgroups, lane)
-      : 1.0f;
+  threadgroup float row_inv_rms[kCollectMaxRows];
+  for (int r = 0; r < rows; ++r) {
+    const float v = prologue == pro::kRmsNorm
+        ? pro::inv_rms(pro::row(x, r, K, prologue), K, eps, norm_scratch, tid, threads, sg, simdgroups, lane)
+        : 1.0f;
+    if (tid == 0) {
+      row_inv_rms[r] = v;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 
   int base = 0; // entries written by the previous chunks
   for (int k0 = 0; k0 < K; k0 += int(threads)) {
     const int k = k0 + int(tid);
-    const bool on =
-        k < K && metal::abs(pro::input(x, norm, inv_rms, prologue, K, k)) > threshold[int64_t(k) * threshold_stride];
+    bool on = false;
+    if (k < K) {
+      const float t = threshold[int64_t(k) * threshold_stride];
+      for (int r = 0; r < rows && !on; ++r) {
+        on = metal::abs(pro::input(pro::row(x, r, K, prologue), norm, row_inv_rms[r], prologue, K, k)) > t;
+      }
+    }
     const int slot = simd_prefix_exclusive_sum(int(on));
     const int count = simd_sum(int(on));
     if (lane == 0) {

@@ -30,6 +30,9 @@ constexpr int gemv_splits(int max_entries) {
 constexpr int kElementwiseThreads = 256;
 
 // collect_active: a single threadgroup scans x in chunks of its size, so the list comes out ascending.
+// With several rows (batched decode) it lists the union of their active columns, for up to
+// kCollectMaxRows rows (their RMSNorm factors are kept in threadgroup memory).
 constexpr int kCollectMaxThreads = 1024;
+constexpr int kCollectMaxRows = 16;
 
 } // namespace spqt::metal_params

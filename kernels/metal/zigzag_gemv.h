@@ -15,6 +15,10 @@
 // Fused neighbours (kernels/contract.h): x is read through a prologue (RMSNorm, whose row norm each
 // threadgroup reduces first, or SwiGLU over 2K columns; prologue.h), and with has_residual the
 // residual is added where y is written (here, or in zigzag_gemv_reduce with several splits).
+//
+// Several rows under a threshold (batched decode) walk the union of their active columns (or every
+// column) with threshold_stride >= 0: each row keeps its own entries with |x'| > threshold[k *
+// threshold_stride] and reads the others as zero, so its result is what its own list would give.
 #pragma once
 
 #include "params.h"
@@ -54,6 +58,8 @@ template <typename T, int BITS, int GS, bool SPARSE>
     const constant int& prologue [[buffer(12)]],
     const constant float& eps [[buffer(13)]],
     const constant int& has_residual [[buffer(14)]],
+    const device float* threshold [[buffer(15)]],
+    const constant int& threshold_stride [[buffer(16)]],
     uint3 tg [[threadgroup_position_in_grid]],
     uint3 tgs [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -115,7 +121,10 @@ template <typename T, int BITS, int GS, bool SPARSE>
     if (k < 0 || k >= K) {
       continue;
     }
-    const float xk = pro::input(xm, norm, inv_rms, prologue, K, k);
+    float xk = pro::input(xm, norm, inv_rms, prologue, K, k);
+    if (threshold_stride >= 0 && !(metal::abs(xk) > threshold[int64_t(k) * threshold_stride])) {
+      xk = 0.0f;  // not one of this row's active columns
+    }
     const float xs = xk * float(sb[k]);
     const device uint32_t* words = wb + int64_t(k) * WORDS;
     for (int j = 0; j < ROWS / 4; ++j) {

@@ -24,6 +24,7 @@ from spqt_mlx import ActiveColumns, _ext
 from spqt_mlx._ext import ActiveKind, Prologue
 
 import metal_emulator as emu
+from zigzag_reference import gap_threshold
 
 from spqt_mlx.layout import SUPPORTED_BITS as BITS
 from spqt_mlx.layout import SUPPORTED_GROUP_SIZES as GROUP_SIZES
@@ -152,6 +153,30 @@ def test_zigzag_gemv(metal_emulator, bits, group_size, type_name):
         ref = cpu_gemv(x1, layer, active)
         cols = np.nonzero(xs > t)[0]
         layer.check(emulator, x1, "threshold", np.atleast_1d(t), cols, ref, seed=int(rng.integers(0, 100)))
+
+    # Several rows under one threshold (batched decode): the union of their columns is collected,
+    # each row keeps its own entries.
+    x3 = layer.activations(rng, 3)
+    xs3 = np.abs(np.array(x3.astype(mx.float32)))
+    t = np.float32(np.median(xs3))
+    ref = spqt_mlx.zigzag_gemv(x3, layer.q, threshold=float(t), stream=mx.cpu)
+    cols = np.nonzero((xs3 > t).any(axis=0))[0]
+    layer.check(emulator, x3, "threshold", np.atleast_1d(t), cols, ref, seed=int(rng.integers(0, 100)))
+
+
+@pytest.mark.parametrize("type_name", ["float16", "float32"])
+def test_rows_past_the_collection_walk_every_column(metal_emulator, type_name):
+    """More rows than one collection takes (kCollectMaxRows): a dense walk, every row masking the
+    entries it leaves out; with a per-column threshold and several splits."""
+    rng = np.random.default_rng(23)
+    layer = Layer(rng, 64, 90, 32, 4, DTYPES[type_name])
+    x = layer.activations(rng, 17)
+    xs = np.abs(np.array(x.astype(mx.float32)))
+    t = (np.median(xs, axis=0) * rng.uniform(0.8, 1.2, size=90)).astype(np.float32)
+    ref = spqt_mlx.zigzag_gemv(x, layer.q, threshold=mx.array(t), stream=mx.cpu)
+    for launch in ({"seed": 1}, {"splits": 2, "seed": 2}):
+        layer.check(metal_emulator, x, "threshold", t, range(90), ref, **launch)
+    assert not any(name.startswith("collect_active") for name, _, _ in metal_emulator.last_dispatches())
 
 
 @pytest.mark.parametrize("type_name", list(DTYPES))
@@ -289,11 +314,8 @@ def check_fused(emulator, layer, rng, prologue, kind, *, rows=1, residual=True, 
     xp = np.abs(np.array(_ext.apply_prologue(x, pro, norm, EPS, stream=mx.cpu).astype(mx.float32)))
     active, arg, cols = None, None, range(K)
     if kind == "threshold":
-        a = np.sort(xp[0])
-        lo, hi = int(K * 0.4), int(K * 0.6)
-        i = lo + int(np.argmax(np.diff(a[lo:hi + 1])))
-        t = np.float32((a[i] + a[i + 1]) / 2)
-        arg, active, cols = np.atleast_1d(t), mx.array(t), np.nonzero(xp[0] > t)[0]
+        t = np.float32(gap_threshold(xp, 0.5))
+        arg, active, cols = np.atleast_1d(t), mx.array(t), np.nonzero((xp > t).any(axis=0))[0]
     elif kind == "indices":
         arg = rng.permutation(K)[: K // 3].astype(np.int32)
         active, cols = mx.array(arg), arg
@@ -330,6 +352,7 @@ def test_fused_products(metal_emulator, prologue, bits, group_size, type_name):
                          ("indices", {})):
         check_fused(metal_emulator, layer, rng, prologue, kind, **launch)
     check_fused(metal_emulator, layer, rng, prologue, "dense", rows=3)
+    check_fused(metal_emulator, layer, rng, prologue, "threshold", rows=3)
     check_fused(metal_emulator, layer, rng, prologue, "threshold", residual=False)
 
 
@@ -378,6 +401,7 @@ def encoding_failures(emulator) -> list[str]:
                                              cpu_gemv(x1, layer, spqt_mlx.collect_active(x1, mx.array(t), stream=mx.cpu))))
     attempt("fused", lambda: check_fused(emulator, layer, rng, "rmsnorm", "threshold", splits=3))
     attempt("fused swiglu", lambda: check_fused(emulator, layer, rng, "swiglu", "threshold", splits=1))
+    attempt("rows", lambda: check_fused(emulator, layer, rng, "rmsnorm", "threshold", rows=3, splits=2))
     view = rng.integers(0, 60000, size=(5, 9)).astype(np.uint16)[:, ::2].T
 
     def copy():
@@ -397,8 +421,13 @@ WRONG_ENCODINGS = {
     "grid without its splits": ("e.dispatch({g.N / g.group_size, splits, g.M}", "e.dispatch({g.N / g.group_size, 1, g.M}"),
     "partials too small": ("int64_t(g.M) * splits * g.N", "int64_t(g.M) * (splits - 1) * g.N"),
     "size as a 32-bit constant": ("e.set_int64(size, 5);", "e.set_int(int32_t(size), 5);"),
-    "threshold taken as a scalar": ("g.K, g.active_len != 1, 0, g.prologue);", "g.K, false, 0, g.prologue);"),
-    "collection without the prologue": ("g.K, g.active_len != 1, 0, g.prologue);", "g.K, g.active_len != 1, 0, {});"),
+    "threshold taken as a scalar": ("g.K, g.active_len != 1, 0, g.prologue, g.M);", "g.K, false, 0, g.prologue, g.M);"),
+    "collection without the prologue": ("g.K, g.active_len != 1, 0, g.prologue, g.M);",
+                                        "g.K, g.active_len != 1, 0, {}, g.M);"),
+    "collection of the first row only": ("g.K, g.active_len != 1, 0, g.prologue, g.M);",
+                                         "g.K, g.active_len != 1, 0, g.prologue, 1);"),
+    "rows that do not mask their own entries": ("e.set_int(rows_thresholded ? (g.active_len != 1 ? 1 : 0) : -1, 16);",
+                                                "e.set_int(-1, 16);"),
     "residual left out of the reduction": ("e.set_int(g.residual ? 1 : 0, 6);", "e.set_int(0, 6);"),
     "epsilon in the wrong slot": ("e.set_float(g.prologue.eps, 13);", "e.set_float(g.prologue.eps, 7);"),
 }

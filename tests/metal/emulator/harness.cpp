@@ -111,12 +111,12 @@ Buf buf(Guarded<T>& g) {
 template <typename T>
 using GemvKernel = void (*)(const T*, const uint32_t*, const T*, const T*, const int32_t*, T*, float*,
                             const int&, const int&, const int&, const T*, const T*, const int&, const float&,
-                            const int&, uint3, uint3, uint, uint, uint);
+                            const int&, const float*, const int&, uint3, uint3, uint, uint, uint);
 template <typename T>
 using ReduceKernel = void (*)(const float*, T*, const int&, const int&, const int&, const T*, const int&, uint);
 template <typename T>
 using CollectKernel = void (*)(const T*, const float*, int32_t*, const int&, const int&, const T*, const int&,
-                               const float&, uint, uint, uint, uint, uint);
+                               const float&, const int&, uint, uint, uint, uint, uint);
 template <typename T>
 using CopyKernel = void (*)(const T*, T*, const int*, const int64_t*, const int&, const int64_t&, uint);
 
@@ -324,9 +324,12 @@ class FakeEncoder {
         const int& has_residual = constant<int>(14);
         const T* norm = buffer<T>(10, Role::Input, prologue != 1);   // read by the RMSNorm prologue only
         const T* residual = buffer<T>(11, Role::Input, !has_residual);
+        const int& threshold_stride = constant<int>(16);
+        const float* threshold = buffer<float>(15, Role::Input, threshold_stride < 0);  // rows that keep their own
         simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
           fn(x, w, scales, biases, sparse ? active : nullptr, y, partials, K, N, listed, norm, residual, prologue, eps,
-             has_residual, id.tg, id.tgs, id.tid, id.sg, id.lane);
+             has_residual, threshold_stride < 0 ? nullptr : threshold, threshold_stride, id.tg, id.tgs, id.tid, id.sg,
+             id.lane);
         });
       });
     } else if (starts_with(k, "collect_active_")) {
@@ -340,11 +343,12 @@ class FakeEncoder {
         const int& prologue = constant<int>(6);
         const float& eps = constant<float>(7);
         const T* norm = buffer<T>(5, Role::Input, prologue != 1);
+        const int& rows = constant<int>(8);
         if (grid.x != 1 || grid.y != 1 || grid.z != 1) {
           throw std::runtime_error(k + ": the collection runs as one threadgroup");
         }
         simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
-          fn(x, t, out, K, t_stride, norm, prologue, eps, id.tid, id.threads, id.sg, id.simdgroups, id.lane);
+          fn(x, t, out, K, t_stride, norm, prologue, eps, rows, id.tid, id.threads, id.sg, id.simdgroups, id.lane);
         });
       });
     } else if (starts_with(k, "copy_to_contiguous_")) {
