@@ -56,14 +56,20 @@ def collect_active(x: mx.array, threshold, *, stream=None) -> ActiveColumns:
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
-    if not isinstance(threshold, mx.array):
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"threshold must be a number or an mx.array, got {type(threshold).__name__}.")
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold}.")
-        threshold = mx.array(threshold, dtype=mx.float32)
+    threshold = _threshold_array(threshold)
     _ext.check_collect_active(x, threshold)
     return ActiveColumns(None, x, threshold, stream=stream)
+
+
+def _threshold_array(threshold) -> mx.array:
+    """A threshold argument as an array: an array as given (not inspected), a finite number as float32."""
+    if isinstance(threshold, mx.array):
+        return threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number or an mx.array, got {type(threshold).__name__}.")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}.")
+    return mx.array(threshold, dtype=mx.float32)
 
 
 def zigzag_gemv(
@@ -71,6 +77,7 @@ def zigzag_gemv(
     qweight: ZigzagWeight,
     *,
     indices: mx.array | ActiveColumns | None = None,
+    threshold: float | mx.array | None = None,
     validate: bool = False,
     stream=None,
 ) -> mx.array:
@@ -83,6 +90,11 @@ def zigzag_gemv(
             order; an index listed twice counts twice); or the ``ActiveColumns`` of
             ``collect_active``. The result equals ``x[..., idx] @ W[:, idx].T``. Kernels skip
             entries outside [0, K) instead of reading out of bounds.
+        threshold: instead of ``indices``, a number or an array of one threshold per column:
+            every row of ``x`` (one token, or the current tokens of a batch of sequences) takes
+            its own columns with ``|x| > threshold``, collected inside the kernel. The kernels
+            read the union of the rows' columns once for all rows. Array entries are not
+            inspected (a NaN makes its column inactive, see ``collect_active``).
         validate: evaluate a plain ``indices`` array now and raise ``IndexError`` for entries
             outside [0, K) instead of skipping them (this syncs with the device).
     """
@@ -91,6 +103,10 @@ def zigzag_gemv(
     check_weight(qweight)
     args = (x, qweight.weight, qweight.scales, qweight.biases)
     meta = dict(group_size=qweight.group_size, bits=qweight.bits, stream=stream)
+    if threshold is not None:
+        if indices is not None:
+            raise ValueError("pass indices or threshold, not both.")
+        return _ext.zigzag_gemv(*args, _threshold_array(threshold), ActiveKind.Threshold, **meta)
     if indices is None:
         return _ext.zigzag_gemv(*args, None, ActiveKind.Dense, **meta)
     if isinstance(indices, ActiveColumns):
@@ -110,7 +126,7 @@ def zigzag_gemv(
 
 
 def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.array:
-    """Dense ``x @ W.T`` for any number of rows: the path for prefill and batches.
+    """Dense ``x @ W.T`` for any number of rows: the path for prefill.
 
     Band b of the zigzag layout is an MLX-quantized (K, group_size) matrix with one group per row.
     Metal and CPU run all bands as one batched ``mx.quantized_matmul(transpose=False)``. MLX's CUDA

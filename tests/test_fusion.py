@@ -231,10 +231,11 @@ def test_a_fused_step_runs_four_products_per_block(monkeypatch):
     patch_model(model, group_size=32, bits=4, thresholds=0.3)
     calls = []
     real = _ext.zigzag_gemv
-    monkeypatch.setattr(_ext, "zigzag_gemv", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
+    monkeypatch.setattr(_ext, "zigzag_gemv", lambda *a, **kw: calls.append(a[8] if len(a) > 8 else None) or real(*a, **kw))
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
-    assert calls == []  # prefill: the family's own forward
+    assert calls == [None] * 7 * len(model.layers)  # prefill: the family's own forward, per projection
+    calls.clear()
     mx.eval(model(mx.array([[4]]), cache=cache))
     assert calls == [Prologue.RmsNorm, Prologue.Identity, Prologue.RmsNorm, Prologue.SwiGLU] * len(model.layers)
 
@@ -304,11 +305,45 @@ def test_steps_that_cannot_fuse_run_the_familys_forward(monkeypatch):
     model.layers[1].mlp.down_proj.__class__ = type("Sharded", (ZigzagLinear,), {})
     fixed_decode(model)
     assert len(runs) == 8 + 4 + 4 + 4  # only layer 0 fused
-    # A batch of two sequences.
+    # A batch of two sequences: its prefill runs the family's forward, its decode step fuses.
     cache = make_prompt_cache(model)
     model(mx.array([[1, 2], [3, 4]]), cache=cache)
-    model(mx.array([[5], [6]]), cache=cache)
     assert len(runs) == 20
+    model(mx.array([[5], [6]]), cache=cache)
+    assert len(runs) == 21
+
+
+def fixed_batch_decode(model, batch, steps=3):
+    """Logits of a batch's prefill and decode steps over fixed tokens, through mlx-lm's BatchKVCache
+    (left-padded prompts of different lengths, as BatchGenerator makes them)."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    lengths = [5 - (b % 3) for b in range(batch)]
+    pad = [5 - n for n in lengths]
+    prompts = mx.array([[0] * p + [(3 * b + i) % 90 + 1 for i in range(n)] for b, (n, p) in enumerate(zip(lengths, pad))])
+    cache = [BatchKVCache(pad) for _ in model.layers]
+    out = [model(prompts, cache=cache)[:, -1]]
+    for step in range(steps):
+        out.append(model(mx.array([[(7 * b + step) % 90 + 1] for b in range(batch)]), cache=cache)[:, -1])
+    return to_np(mx.stack(out))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("threshold", [0.0, 0.4], ids=["dense", "sparse"])
+def test_a_batch_decodes_fused_as_unfused(family, threshold, monkeypatch):
+    """A decode step of several sequences (mlx-lm's batch cache, left padding, a mask) runs the
+    fused blocks, every row with its own active set, and gives the family's own logits; a batch
+    larger than GEMV_MAX_ROWS runs the family's forward."""
+    model = tiny(family)
+    patch_model(model, group_size=32, bits=4, thresholds=threshold)
+    runs = count_fused_steps(monkeypatch)
+    fused = fixed_batch_decode(model, 5)
+    assert len(runs) == 3 * len(model.layers)
+    fuse_blocks(model, enabled=False)
+    np.testing.assert_allclose(fused, fixed_batch_decode(model, 5), rtol=1e-4, atol=1e-4)
+    fuse_blocks(model)
+    fixed_batch_decode(model, blocks_module.GEMV_MAX_ROWS + 1, steps=1)
+    assert len(runs) == 3 * len(model.layers)
 
 
 def test_fused_blocks_save_and_load_the_same_parameters(tmp_path):

@@ -1,4 +1,4 @@
-"""Decoder blocks whose single-token step runs four zigzag products and little else.
+"""Decoder blocks whose decode step runs four zigzag products and little else.
 
 A pre-norm decoder block (``h = x + attn(norm1(x))``, ``out = h + mlp(norm2(h))``, RMSNorm and a
 SwiGLU MLP) calls, per decoded token, two norms, a stacked q/k/v product, the attention, o_proj, a
@@ -14,9 +14,11 @@ product's neighbours into the product's kernel (``zigzag_gemv``'s prologue and r
 The active columns of each product are still decided on its real input (the normalized vector,
 the SwiGLU output), as calibrated. The block is installed by class (the instance keeps its
 parameters and mlx-lm class, so saving, loading, sharding and LoRA see the same model) for the
-families listed in ``FAMILIES``. Any call that is not a plain single-token step (prefill,
-batches, recording statistics, calibration probes, LoRA adapters, thresholds that differ within a
-stack) runs the family's own forward, and with it the per-projection path.
+families listed in ``FAMILIES``. A decode step is one token, or one token for each sequence of a
+batch of up to ``GEMV_MAX_ROWS`` (mlx-lm's BatchGenerator, as mlx_lm.server runs it), whose rows
+each keep their own active columns. Any other call (prefill, larger batches, recording statistics,
+calibration probes, LoRA adapters, thresholds that differ within a stack) runs the family's own
+forward, and with it the per-projection path.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from .._ext import Prologue
 from .fused import identical, stack_siblings
-from .linear import ZigzagLinear, zigzag_product
+from .linear import GEMV_MAX_ROWS, ZigzagLinear, zigzag_product
 
 # mlx-lm model modules whose TransformerBlock is the pre-norm SwiGLU block above, with the
 # attention of llama (q/k/v or a single qkv_proj; qwen3's per-head q/k norms) and an MLP of
@@ -73,7 +75,7 @@ class _Stack:
 
 
 def _product(x, arrays, prologue, norm, residual):
-    """One zigzag product of a single token, with its neighbours folded in."""
+    """One zigzag product of a decode step, with its neighbours folded in."""
     w, s, b, layer = arrays
     weight, eps = (norm["weight"], norm.eps) if norm is not None else (None, 0.0)
     return zigzag_product(x, w, s, b, layer.group_size, layer.bits, layer._threshold_value, layer["_threshold"],
@@ -124,15 +126,16 @@ class _Plan:
         return arrays
 
     def run(self, block, x, mask, cache, arrays):
-        """The block's output for one token (B = L = 1)."""
+        """The block's output for one token of each of B sequences (x of shape (B, 1, D))."""
         qkv_a, o_a, gu_a, down_a = arrays
         attn = self.attn
         n_heads, n_kv_heads, head_dim = self.heads
+        B = x.shape[0]
         qkv = _product(x, qkv_a, Prologue.RmsNorm, self.norms[0], None)
         if self.qkv.has_bias:
             qkv = qkv + self.qkv.bias()
         # One reshape and transpose for all heads, then views of q, k and v (mlx-lm splits first).
-        heads = qkv.reshape(1, 1, -1, head_dim)
+        heads = qkv.reshape(B, 1, -1, head_dim)
         if self.qk_norms is None:
             heads = heads.transpose(0, 2, 1, 3)
             queries = heads[:, :n_heads]
@@ -151,9 +154,9 @@ class _Plan:
         else:
             queries, keys = rope(queries), rope(keys)
         out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
-        # (1, heads, 1, head_dim) to (1, 1, heads * head_dim): with one position the transpose
+        # (B, heads, 1, head_dim) to (B, 1, heads * head_dim): with one position the transpose
         # mlx-lm does first changes no element's place.
-        out = out.reshape(1, 1, -1)
+        out = out.reshape(B, 1, -1)
 
         h = _product(out, o_a, Prologue.Identity, None, x)
         if self.o.has_bias:
@@ -172,7 +175,7 @@ class FusedDecoderBlock:
 
     def __call__(self, x, mask=None, cache=None):
         plan = self._spqt_plan
-        if x.ndim == 3 and x.shape[0] * x.shape[1] == 1:
+        if x.ndim == 3 and x.shape[1] == 1 and x.shape[0] <= GEMV_MAX_ROWS:
             arrays = plan.ready(self, x.dtype)
             if arrays is not None:
                 return plan.run(self, x, mask, cache, arrays)
@@ -218,7 +221,7 @@ def _why_not(block: nn.Module) -> str | None:
 
 
 def fuse_blocks(model: nn.Module, enabled: bool = True) -> int:
-    """Install (or with ``enabled=False`` remove) the fused single-token step in every decoder
+    """Install (or with ``enabled=False`` remove) the fused decode step in every decoder
     block of ``model`` whose structure is known and whose projections are all ZigzagLinear layers.
     Returns the number of fused blocks.
 

@@ -17,13 +17,21 @@ from ..ops import ActiveKind, collect_active, zigzag_matmul
 _STATS_FLUSH_EVERY = 32
 
 
+# Products of up to this many rows run the GEMV kernels, which read the weight once per pass of a
+# few rows; more rows (prefill) go through zigzag_matmul.
+GEMV_MAX_ROWS = 16
+
+
 def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value, threshold, *fusion):
-    """``x @ W.T`` as a layer runs it: the sparse GEMV for one token with a positive threshold
-    (collection fused into the kernel), the dense GEMV for one token otherwise, and
-    ``zigzag_matmul`` for several tokens. ``fusion`` (prologue, norm weight, eps, residual: see
-    ``_ext.zigzag_gemv``) folds a decoder block's neighbours into a single token's GEMV."""
-    if x.size == x.shape[-1]:
-        if threshold_value > 0:
+    """``x @ W.T`` as a layer runs it. Decode (one token, or one token for each sequence of a
+    batch: x of shape (..., B, 1, K) with B <= GEMV_MAX_ROWS) with a positive threshold runs the
+    sparse GEMV, every row taking its own active columns (collected inside the kernel); other
+    products of a few rows run the dense GEMV, and longer ones (prefill) ``zigzag_matmul``.
+    ``fusion`` (prologue, norm weight, eps, residual: see ``_ext.zigzag_gemv``) folds a decoder
+    block's neighbours into the GEMV."""
+    rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= GEMV_MAX_ROWS:
+        if threshold_value > 0 and (rows == 1 or x.shape[-2] == 1):
             return _ext.zigzag_gemv(x, weight, scales, biases, threshold, ActiveKind.Threshold, group_size, bits,
                                     *fusion)
         return _ext.zigzag_gemv(x, weight, scales, biases, None, ActiveKind.Dense, group_size, bits, *fusion)
@@ -63,9 +71,10 @@ class ZigzagLinear(nn.Module):
     ``save_model`` handle them like any other layer. The threshold is not a parameter: it is
     calibration state, read and written with :attr:`threshold`.
 
-    Calls with a single token (``x.size == K``) and a positive threshold run the sparse GEMV: the
-    input columns with ``|x| > threshold`` are collected inside the kernel, with no host round
-    trip. Every other call (prefill, batches, threshold 0) is dense.
+    Decode calls with a positive threshold run the sparse GEMV: a single token (``x.size == K``),
+    or the current tokens of a batch of up to ``GEMV_MAX_ROWS`` sequences (x of shape (B, 1, K)),
+    each row taking its input columns with ``|x| > threshold``, collected inside the kernel with
+    no host round trip. Every other call (prefill, threshold 0) is dense.
     """
 
     def __init__(self, qweight: ZigzagWeight, bias: mx.array | None = None, threshold: float = 0.0):
