@@ -241,8 +241,15 @@ def test_mlx_lm_chat_and_benchmark_spqt(chat_model_dir):
 
 
 @pytest.mark.skipif(not hook_installed, reason="spqt-mlx is not pip-installed (no mlx-lm hook)")
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process, in KiB (ps works on Linux and macOS alike)."""
+    return int(subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, check=True).stdout)
+
+
 def test_mlx_lm_server_spqt_answers_an_openai_client(chat_model_dir, tmp_path):
-    """mlx_lm.server --spqt on localhost, driven by the OpenAI Python client, several requests at once."""
+    """mlx_lm.server --spqt on localhost, driven by the OpenAI Python client: a bounded load of
+    rounds of concurrent requests (decoded as batches through the sparse batched products), every
+    answer complete, and the server's memory flat from one round to the next."""
     import socket
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -273,12 +280,19 @@ def test_mlx_lm_server_spqt_answers_an_openai_client(chat_model_dir, tmp_path):
 
         def chat(i):
             return client.chat.completions.create(
-                model="default_model", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=6, temperature=0
+                model="default_model", messages=[{"role": "user", "content": f"hello {i}, tell me about {i % 4}"}],
+                max_tokens=6 + i % 3, temperature=0
             )
 
-        with ThreadPoolExecutor(3) as pool:
-            answers = list(pool.map(chat, range(3)))
-        assert all(a.usage.completion_tokens == 6 and a.choices[0].message.content is not None for a in answers)
+        memory = []
+        for round_ in range(4):
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(chat, range(6 * round_, 6 * round_ + 6)))
+            assert [a.usage.completion_tokens for a in answers] == [6 + i % 3 for i in range(6 * round_, 6 * round_ + 6)]
+            assert all(a.choices[0].message.content is not None for a in answers)
+            memory.append(rss_kb(server.pid))
+        # The first round allocates caches and compiled kernels; later rounds reuse them.
+        assert memory[-1] - memory[1] < 64 * 1024, memory
         text = client.completions.create(model="default_model", prompt="the quick brown fox", max_tokens=5, temperature=0)
         assert text.usage.completion_tokens == 5
     finally:
