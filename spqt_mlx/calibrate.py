@@ -337,7 +337,9 @@ def calibrate(
         sparsity: target fraction of skipped input columns, in [0, 1).
         method: ``"uniform"`` (every projection at ``sparsity``) or ``"greedy"`` (TEAL's block-wise
             allocation, which reaches the same parameter-weighted sparsity per block with a lower
-            block-output error).
+            block-output error). Greedy keeps a block's allocation only where it beats uniform on
+            calibration tokens its search did not see (the next ``greedy_tokens``, where the
+            sequences are long enough), so a block that it overfits stays uniform.
         step: greedy step in sparsity for a projection of average size (larger ones move in
             proportionally smaller steps).
         max_sparsity: greedy never raises a projection above this.
@@ -371,8 +373,8 @@ def calibrate(
     ):
         members = _members(rec.probes, block_path)
         if members:
-            calls = _truncated(calls, greedy_tokens)
-            sparsities.update(_greedy_block(block, block_path, calls, members, sparsity, step, max_sparsity))
+            search, held_out = _truncated(calls, greedy_tokens), _held_out(calls, greedy_tokens)
+            sparsities.update(_greedy_block(block, block_path, search, held_out, members, sparsity, step, max_sparsity))
         for probe in members.values():
             probe.release()
     return {p: rec.probes[p].threshold(s) for p, s in sparsities.items()}
@@ -392,28 +394,44 @@ def _uniform_thresholds(rec: _Recording, sparsity: float) -> dict[str, float]:
     return thresholds
 
 
+def _prefix_length(h: mx.array, tokens: int) -> int:
+    """Positions per sequence of a call's prefix of about ``tokens`` tokens in all."""
+    return min(h.shape[1], max(2, -(-tokens // h.shape[0])))
+
+
+def _cut(args, kwargs, n: int):
+    """A recorded block call cut to its first ``n`` positions (its square masks too)."""
+    h = args[0]
+    length = h.shape[1]
+    if n == length:
+        return args, kwargs
+
+    def cut(a):
+        if isinstance(a, mx.array) and a.ndim >= 2 and a.shape[-2:] == (length, length):
+            return a[..., :n, :n]
+        return a
+
+    return (h[:, :n], *[cut(a) for a in args[1:]]), {k: cut(v) for k, v in kwargs.items()}
+
+
 def _truncated(calls, tokens: int):
     """The recorded block calls cut to their first positions, about ``tokens`` tokens in all.
 
     With causal attention a prefix of a sequence gives exactly the outputs it gave in the full
     sequence, so the block-output error on a prefix is exact for those tokens.
     """
+    return [_cut(args, kwargs, _prefix_length(args[0], tokens)) for args, kwargs in calls]
+
+
+def _held_out(calls, tokens: int):
+    """``(call, start)`` pairs whose positions from ``start`` on are the tokens after the prefix
+    that ``_truncated(calls, tokens)`` keeps, up to as many again: scored there, an allocation is
+    judged on tokens its search did not see. Empty where the sequences are no longer than that prefix."""
     out = []
     for args, kwargs in calls:
-        h = args[0]
-        batch, length = h.shape[0], h.shape[1]
-        n = min(length, max(2, -(-tokens // batch)))
-        if n == length:
-            out.append((args, kwargs))
-            continue
-
-        def cut(a):
-            if isinstance(a, mx.array) and a.ndim >= 2 and a.shape[-2:] == (length, length):
-                return a[..., :n, :n]
-            return a
-
-        args = (h[:, :n], *[cut(a) for a in args[1:]])
-        out.append((args, {k: cut(v) for k, v in kwargs.items()}))
+        n = _prefix_length(args[0], tokens)
+        if n < args[0].shape[1]:
+            out.append((_cut(args, kwargs, min(args[0].shape[1], 2 * n)), n))
     return out
 
 
@@ -429,8 +447,10 @@ def _probed_block(block: nn.Module, block_path: str, probes: Mapping[str, _Probe
         yield [np.array(block(*args, **kwargs).astype(mx.float32)) for args, kwargs in calls]
 
 
-def _block_errors(block, calls, probes: Mapping[str, _Probe], thresholds: np.ndarray, reference) -> np.ndarray:
-    """L2 error of the block output for each row of ``thresholds`` (one column per probe).
+def _block_errors(block, calls, probes: Mapping[str, _Probe], thresholds: np.ndarray, reference,
+                  starts=None) -> np.ndarray:
+    """L2 error of the block output for each row of ``thresholds`` (one column per probe), over
+    every position, or over the positions from ``starts[i]`` on in call i.
 
     All rows run as one batch: the block input is repeated once per row.
     """
@@ -439,18 +459,21 @@ def _block_errors(block, calls, probes: Mapping[str, _Probe], thresholds: np.nda
         probe._thresholds = np.ascontiguousarray(thresholds[:, j], dtype=np.float32)
     try:
         sq = np.zeros(c)
-        for (args, kwargs), ref in zip(calls, reference):
+        for i, ((args, kwargs), ref) in enumerate(zip(calls, reference)):
             h = args[0]
+            start = 0 if starts is None else starts[i]
             out = block(mx.concatenate([h] * c, axis=0) if c > 1 else h, *args[1:], **kwargs)
-            out = np.array(out.astype(mx.float32)).reshape(c, -1)
-            sq += ((out - ref.reshape(1, -1)) ** 2).sum(axis=1)
+            out = np.array(out.astype(mx.float32)).reshape(c, h.shape[0], h.shape[1], -1)[:, :, start:]
+            ref = ref.reshape(h.shape[0], h.shape[1], -1)[:, start:]
+            sq += ((out - ref[None]) ** 2).reshape(c, -1).sum(axis=1)
         return np.sqrt(sq)
     finally:
         for probe in probes.values():
             probe._thresholds = None
 
 
-def _greedy_block(block, block_path, calls, probes: Mapping[str, _Probe], target, step, max_sparsity) -> dict[str, float]:
+def _greedy_block(block, block_path, calls, held_out, probes: Mapping[str, _Probe], target, step,
+                  max_sparsity) -> dict[str, float]:
     for args, _ in calls:
         if not args or not isinstance(args[0], mx.array) or args[0].ndim != 3:
             raise ValueError("greedy calibration needs blocks called as block(hidden_states, ...).")
@@ -480,10 +503,17 @@ def _greedy_block(block, block_path, calls, probes: Mapping[str, _Probe], target
             errors = _block_errors(block, calls, probes, thresholds(rows), reference)
             best = int(np.argmin(errors))
             s, error = rows[best], errors[best]
-        uniform = np.full((1, len(names)), target)
-        if _block_errors(block, calls, probes, thresholds(uniform), reference)[0] < error:
-            s = uniform[0]
-    return dict(zip(names, s.tolist()))
+        uniform = np.full(len(names), target)
+        if not held_out:
+            if _block_errors(block, calls, probes, thresholds(uniform[None]), reference)[0] < error:
+                s = uniform
+            return dict(zip(names, s.tolist()))
+    # Greedy against uniform on the held-out tokens: the allocation is kept only where it generalizes.
+    judge = [call for call, _ in held_out]
+    with _probed_block(block, block_path, probes, judge) as reference:
+        greedy_error, uniform_error = _block_errors(block, judge, probes, thresholds(np.stack([s, uniform])), reference,
+                                                    [start for _, start in held_out])
+    return dict(zip(names, (s if greedy_error < uniform_error else uniform).tolist()))
 
 
 def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform", *, progress: bool = True) -> dict[str, float]:

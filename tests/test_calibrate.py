@@ -91,6 +91,34 @@ def test_greedy_beats_uniform_at_the_same_weighted_sparsity(patched, calibration
     assert block_output_errors(patched, calibration_tokens, {p: 0.0 for p in uniform}) == [0.0, 0.0]
 
 
+def test_greedy_is_judged_on_tokens_its_search_did_not_see(patched, calibration_tokens, monkeypatch):
+    """With calibration sequences longer than the search's prefix, each block keeps greedy's
+    allocation only if it beats uniform on the positions after that prefix; else uniform's."""
+    import spqt_mlx.calibrate as calibrate_module
+
+    judged = []
+    real = calibrate_module._block_errors
+
+    def spy(block, calls, probes, thresholds, reference, starts=None):
+        errors = real(block, calls, probes, thresholds, reference, starts)
+        if starts is not None:
+            judged.append((list(probes), starts, [c[0][0].shape[1] for c in calls], errors))
+        return errors
+
+    monkeypatch.setattr(calibrate_module, "_block_errors", spy)
+    uniform = calibrate(patched, calibration_tokens, 0.5, method="uniform", progress=False)
+    greedy = calibrate(patched, calibration_tokens, 0.5, method="greedy", greedy_tokens=64, step=0.1, progress=False)
+    assert len(judged) == 2  # one verdict per block
+    for paths, starts, lengths, (greedy_error, uniform_error) in judged:
+        assert starts == [64] and lengths == [128]  # scored on positions 64..127, searched on 0..63
+        kept_uniform = all(greedy[p] == uniform[p] for p in paths)
+        assert kept_uniform == (uniform_error <= greedy_error), (paths, greedy_error, uniform_error)
+    # Sequences no longer than the prefix have nothing held out: greedy is judged in-sample.
+    judged.clear()
+    calibrate(patched, calibration_tokens[:, :64], 0.5, method="greedy", greedy_tokens=64, step=0.25, progress=False)
+    assert judged == []
+
+
 def test_calibrating_the_float_model_names_the_same_layers(calibration_tokens):
     model = tiny_llama()
     thresholds = calibrate(model, calibration_tokens, 0.4, progress=False)
