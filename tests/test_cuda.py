@@ -403,11 +403,24 @@ def test_rows_take_their_own_columns(shape, bits, gs, dtype):
 @pytest.mark.parametrize("prologue", ["rmsnorm", "swiglu"])
 def test_rows_through_fused_neighbours(prologue, dtype):
     """Several rows of a fused product on the tensor-core kernel: each row's own x' decides its columns."""
+    N, K, rows = 8192, 4096, 5
+    qw = make(N, K, 4, 64, dtype, seed=77)
+    _rows_through(qw, N, K, rows, 4, 64, prologue, dtype)
+
+
+@pytest.mark.parametrize("prologue", ["rmsnorm", "swiglu"])
+def test_rows_through_fused_neighbours_above_the_collection_limit(prologue):
+    """The general kernel with K above its fused collection's limit: several rows of a fused
+    product run as MLX ops, each row masked, then a dense walk."""
+    N, K, rows = 256, 20000, 3
+    qw = make(N, K, 3, 64, mx.float16, seed=78)
+    _rows_through(qw, N, K, rows, 3, 64, prologue, mx.float16)
+
+
+def _rows_through(qw, N, K, rows, bits, gs, prologue, dtype):
     from spqt_mlx import _ext
     from spqt_mlx._ext import ActiveKind, Prologue
 
-    N, K, rows = 8192, 4096, 5
-    qw = make(N, K, 4, 64, dtype, seed=77)
     kind = Prologue.RmsNorm if prologue == "rmsnorm" else Prologue.SwiGLU
     x = (mx.random.normal((rows, 2 * K if kind == Prologue.SwiGLU else K)) * 2).astype(dtype)
     norm = mx.random.uniform(0.5, 1.5, (K,)).astype(dtype) if kind == Prologue.RmsNorm else None
@@ -415,7 +428,7 @@ def test_rows_through_fused_neighbours(prologue, dtype):
     t = gap_threshold(np.array(_ext.apply_prologue(x, kind, norm, 1e-5, stream=mx.cpu).astype(mx.float32)), 0.5)
 
     def run(stream):
-        return _ext.zigzag_gemv(x, qw.weight, qw.scales, qw.biases, mx.array(t), ActiveKind.Threshold, 64, 4, kind,
+        return _ext.zigzag_gemv(x, qw.weight, qw.scales, qw.biases, mx.array(t), ActiveKind.Threshold, gs, bits, kind,
                                 norm, 1e-5, residual, stream=stream)
 
     tol = mx.float16 if dtype == mx.float32 else dtype

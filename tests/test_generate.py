@@ -240,12 +240,12 @@ def test_mlx_lm_chat_and_benchmark_spqt(chat_model_dir):
     assert plain.returncode == 0 and "[spqt]" not in plain.stderr
 
 
-@pytest.mark.skipif(not hook_installed, reason="spqt-mlx is not pip-installed (no mlx-lm hook)")
 def rss_kb(pid: int) -> int:
     """Resident memory of a process, in KiB (ps works on Linux and macOS alike)."""
     return int(subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, check=True).stdout)
 
 
+@pytest.mark.skipif(not hook_installed, reason="spqt-mlx is not pip-installed (no mlx-lm hook)")
 def test_mlx_lm_server_spqt_answers_an_openai_client(chat_model_dir, tmp_path):
     """mlx_lm.server --spqt on localhost, driven by the OpenAI Python client: a bounded load of
     rounds of concurrent requests (decoded as batches through the sparse batched products), every

@@ -17,24 +17,29 @@ from ..ops import ActiveKind, collect_active, zigzag_matmul
 _STATS_FLUSH_EVERY = 32
 
 
-# Products of up to this many rows run the GEMV kernels, which read the weight once per pass of a
-# few rows; more rows (prefill) go through zigzag_matmul.
+# Products of up to this many rows run the GEMV kernels (CUDA's tensor-core kernel reads the weight
+# once per pass of 4 rows, the other kernels once per row); more rows go through zigzag_matmul.
 GEMV_MAX_ROWS = 16
 
 
 def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value, threshold, *fusion):
-    """``x @ W.T`` as a layer runs it. Decode (one token, or one token for each sequence of a
-    batch: x of shape (..., B, 1, K) with B <= GEMV_MAX_ROWS) with a positive threshold runs the
-    sparse GEMV, every row taking its own active columns (collected inside the kernel); other
-    products of a few rows run the dense GEMV, and longer ones (prefill) ``zigzag_matmul``.
-    ``fusion`` (prologue, norm weight, eps, residual: see ``_ext.zigzag_gemv``) folds a decoder
-    block's neighbours into the GEMV."""
+    """``x @ W.T`` as a layer runs it. A decode step (one token, or one token for each sequence of
+    a batch: x of shape (..., B, 1, K)) with a positive threshold is sparse, every row taking its
+    own active columns: up to GEMV_MAX_ROWS rows in the sparse GEMV (collected inside the kernel),
+    more through ``zigzag_matmul`` with each row's other entries zeroed, so that a sequence's
+    result does not depend on the size of its batch. Other products of a few rows run the dense
+    GEMV, longer ones (prefill) ``zigzag_matmul``. ``fusion`` (prologue, norm weight, eps,
+    residual: see ``_ext.zigzag_gemv``) folds a decoder block's neighbours into the GEMV; the
+    fused blocks send only steps of up to GEMV_MAX_ROWS rows."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    decode = threshold_value > 0 and (rows == 1 or x.shape[-2] == 1)
     if 0 < rows <= GEMV_MAX_ROWS:
-        if threshold_value > 0 and (rows == 1 or x.shape[-2] == 1):
+        if decode:
             return _ext.zigzag_gemv(x, weight, scales, biases, threshold, ActiveKind.Threshold, group_size, bits,
                                     *fusion)
         return _ext.zigzag_gemv(x, weight, scales, biases, None, ActiveKind.Dense, group_size, bits, *fusion)
+    if decode:
+        x = mx.where(mx.abs(x) > threshold, x, mx.zeros_like(x))
     return zigzag_matmul(x, ZigzagWeight(weight, scales, biases, group_size, bits))
 
 

@@ -164,19 +164,22 @@ def test_zigzag_gemv(metal_emulator, bits, group_size, type_name):
     layer.check(emulator, x3, "threshold", np.atleast_1d(t), cols, ref, seed=int(rng.integers(0, 100)))
 
 
+@pytest.mark.parametrize("rows", [16, 17])
 @pytest.mark.parametrize("type_name", ["float16", "float32"])
-def test_rows_past_the_collection_walk_every_column(metal_emulator, type_name):
-    """More rows than one collection takes (kCollectMaxRows): a dense walk, every row masking the
-    entries it leaves out; with a per-column threshold and several splits."""
-    rng = np.random.default_rng(23)
+def test_rows_at_and_past_the_collection_limit(metal_emulator, type_name, rows):
+    """As many rows as one collection takes (kCollectMaxRows, 16) walk their union list; more walk
+    every column; either way every row masks the entries it leaves out. A per-column threshold,
+    one and several splits."""
+    rng = np.random.default_rng(23 + rows)
     layer = Layer(rng, 64, 90, 32, 4, DTYPES[type_name])
-    x = layer.activations(rng, 17)
+    x = layer.activations(rng, rows)
     xs = np.abs(np.array(x.astype(mx.float32)))
-    t = (np.median(xs, axis=0) * rng.uniform(0.8, 1.2, size=90)).astype(np.float32)
+    t = (np.max(xs, axis=0) * rng.uniform(0.7, 1.1, size=90)).astype(np.float32)  # some columns in no row
     ref = spqt_mlx.zigzag_gemv(x, layer.q, threshold=mx.array(t), stream=mx.cpu)
     for launch in ({"seed": 1}, {"splits": 2, "seed": 2}):
         layer.check(metal_emulator, x, "threshold", t, range(90), ref, **launch)
-    assert not any(name.startswith("collect_active") for name, _, _ in metal_emulator.last_dispatches())
+        collected = any(name.startswith("collect_active") for name, _, _ in metal_emulator.last_dispatches())
+        assert collected == (rows <= 16)
 
 
 @pytest.mark.parametrize("type_name", list(DTYPES))
