@@ -14,8 +14,6 @@ those. Writes rows `size, model, batch, sparsity, decode_tps` (plus the interlea
 """
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -23,12 +21,10 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_cuda import LABELS, SIZES, baseline_quantize, load_model, zigzag_quantize  # noqa: E402
+from decode_cuda import BASELINE, LABELS, SIZES, baseline_quantize, load_model, write_results, zigzag_quantize  # noqa: E402
 
 import spqt_mlx.calibrate as calibrate  # noqa: E402
 from spqt_mlx.patch import fuse_blocks, set_thresholds  # noqa: E402
-
-BASELINE = "mlx-lm 4-bit (nn.QuantizedLinear)"
 
 
 def batch_speed(model, prompts, tokens):
@@ -114,9 +110,7 @@ def main(argv=None):
     for r in sorted(rows, key=lambda r: (r["size"], r["batch"], r["model"] != BASELINE, r["sparsity"])):
         print(f"{r['size']:>4} {r['model']:<34} {r['batch']:>5} {r['sparsity']:>8.2f} {r['decode_tps']:>12.1f} {vs(r):>9.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=mx.device_info().get("device_name", ""), date=datetime.date.today().isoformat(),
-                           rows=rows), f, indent=1)
+        write_results(args.json, rows)
 
 
 if __name__ == "__main__":

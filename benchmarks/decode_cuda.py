@@ -50,6 +50,16 @@ STACKED = [0.0, 0.5]  # also measured per projection with q/k/v and gate/up stac
 LABELS = {"70b": "Llama-3-70B arch (random)", "8b": "Llama-3-8B arch (random)", "1b": "Llama-3.2-1B-sized (random)", "smollm2": "SmolLM2-135M (real)"}
 
 
+BASELINE = "mlx-lm 4-bit (nn.QuantizedLinear)"
+
+
+def write_results(path, rows):
+    """The benchmarks' results file: the device, today's date and the rows."""
+    with open(path, "w") as f:
+        json.dump(dict(device=mx.device_info().get("device_name", ""), date=datetime.date.today().isoformat(),
+                       rows=rows), f, indent=1)
+
+
 def baseline_quantize(module):
     nn.quantize(module, group_size=64, bits=4)
 
@@ -211,7 +221,7 @@ def main(argv=None):
             baseline = model
         else:
             pre, dec = decode_speed(model, prompt, args.tokens)
-            rows.append(dict(size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)", sparsity=0.0,
+            rows.append(dict(size=size, label=LABELS[size], model=BASELINE, sparsity=0.0,
                              prefill_tps=pre, decode_tps=dec, achieved=0.0))
             print(rows[-1], flush=True)
             del model
@@ -247,7 +257,7 @@ def main(argv=None):
             pre = sorted(p for p, _ in base_runs)[len(base_runs) // 2]
             dec = sorted(d for _, d in base_runs)[len(base_runs) // 2]
             rows.insert(len(rows) - len(base_runs), dict(
-                size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)", sparsity=0.0,
+                size=size, label=LABELS[size], model=BASELINE, sparsity=0.0,
                 prefill_tps=pre, decode_tps=dec, achieved=0.0))
             del baseline
         del model
@@ -257,9 +267,7 @@ def main(argv=None):
         print(f"{r['size']:>4} {r['model']:<36} {r['sparsity']:>6.2f} {r['achieved']:>8.2f} {r['prefill_tps']:>13.0f} "
               f"{r['decode_tps']:>12.1f} {ratio(r, rows):>9.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=mx.device_info().get("device_name", ""), date=datetime.date.today().isoformat(),
-                           rows=rows), f, indent=1)
+        write_results(args.json, rows)
 
 
 if __name__ == "__main__":

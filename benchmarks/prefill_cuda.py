@@ -46,7 +46,7 @@ def prompt_speed(model, prompt):
 
 
 def models(args):
-    from decode_cuda import LABELS, baseline_quantize, load_model, zigzag_quantize
+    from decode_cuda import BASELINE, LABELS, baseline_quantize, load_model, write_results, zigzag_quantize
     from spqt_mlx.patch import fuse_blocks
 
     rows = []
@@ -57,7 +57,7 @@ def models(args):
             for n in args.prompts:
                 prompt_speed(baseline, prompts[n][:64])
                 tps = sorted(prompt_speed(baseline, prompts[n]) for _ in range(3))[1]
-                rows.append(dict(size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)",
+                rows.append(dict(size=size, label=LABELS[size], model=BASELINE,
                                  prompt_tokens=n, prefill_tps=tps))
                 print(rows[-1], flush=True)
             del baseline
@@ -73,7 +73,7 @@ def models(args):
             rows.append(dict(size=size, label=LABELS[size], model="zigzag 4-bit", prompt_tokens=n,
                              prefill_tps=runs[0]))
             if baseline is not None:
-                rows.append(dict(size=size, label=LABELS[size], model="mlx-lm 4-bit (nn.QuantizedLinear)",
+                rows.append(dict(size=size, label=LABELS[size], model=BASELINE,
                                  prompt_tokens=n, prefill_tps=runs[1]))
             print(rows[-2:], flush=True)
         del model, baseline
@@ -85,11 +85,7 @@ def models(args):
                                r["model"].startswith(k)) for k in ("mlx", "zigzag"))
             print(f"{size:>4} {n:>6} {base:>12.0f} {ours:>12.0f} {ours / base:>6.2f}")
     if args.json:
-        import datetime
-
-        Path(args.json).write_text(json.dumps(dict(
-            device=mx.device_info().get("device_name", ""), date=datetime.date.today().isoformat(), rows=rows),
-            indent=1))
+        write_results(args.json, rows)
 
 
 def main(argv=None):
