@@ -102,7 +102,8 @@ def launcher():
     return exe
 
 
-@pytest.mark.parametrize("threshold,family", [(0.0, "llama"), (0.05, "llama"), (0.05, "qwen2")])
+@pytest.mark.parametrize("threshold,family", [(0.0, "llama"), (0.05, "llama"), (0.05, "qwen2"), (0.05, "qwen3"),
+                                              (0.05, "qwen3_moe")])
 def test_two_processes_decode_as_one(threshold, family):
     """Two ranks over the ring backend: prompt logits and greedy (sparse) decode of the sharded model
     equal the unsharded model's."""
