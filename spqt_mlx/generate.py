@@ -183,7 +183,7 @@ def recalibrate(model, tokenizer, args, sparsity) -> None:
 def report(model, elapsed: float | None = None, file=None) -> str:
     """Print and return one line on the sparsity achieved per token since ``record_stats``.
 
-    With ``elapsed`` (seconds), the line also gives the overall rate of single-token steps.
+    With ``elapsed`` (seconds), the line also gives the overall rate of decoded tokens.
     """
     from .patch import achieved_sparsity, zigzag_layers
 
@@ -195,7 +195,7 @@ def report(model, elapsed: float | None = None, file=None) -> str:
         sparsity, calls = result
         line = (
             f"SpQt: {layers} sparse projections, achieved sparsity {sparsity:.1%} per token "
-            f"(mean over {calls} single-token steps)"
+            f"(mean over {calls} decoded tokens)"
         )
         if elapsed:
             line += f", {calls / elapsed:.1f} tokens-per-sec overall"

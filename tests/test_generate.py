@@ -15,7 +15,7 @@ from spqt_mlx.generate import main
 from lm_fixtures import TEXT, write_model_dir
 
 COMMON = ["--prompt", "the quick brown fox", "--max-tokens", "12", "--ignore-chat-template", "--temp", "0"]
-SPARSITY_LINE = re.compile(r"achieved sparsity ([0-9.]+)% per token \(mean over (\d+) single-token steps\)")
+SPARSITY_LINE = re.compile(r"achieved sparsity ([0-9.]+)% per token \(mean over (\d+) decoded tokens\)")
 
 
 @pytest.fixture(scope="module")

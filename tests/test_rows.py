@@ -163,3 +163,15 @@ def test_a_large_batch_decode_step_is_sparse_too():
         assert np.allclose(to_np(got[b]), to_np(layer(x[b : b + 1])), rtol=1e-5, atol=1e-5), b
     want = rowwise_reference(x.reshape(B, 96), layer.qweight, 0.8) + to_np(layer.bias)
     assert np.allclose(to_np(got).reshape(B, -1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_decode_step_counts_every_row_in_the_statistics():
+    layer = _layer(0.8, mx.float32)
+    x = mx.random.normal((5, 1, 96), key=mx.random.key(8)).astype(mx.float32)
+    layer.record_stats()
+    layer(x)
+    layer(x[:1])
+    layer(mx.random.normal((1, 7, 96)))  # prefill: dense, not counted
+    active = int((np.abs(to_np(x)) > np.float32(0.8)).sum())
+    assert layer.stats() == (6, active + int((np.abs(to_np(x[0])) > np.float32(0.8)).sum()))
+    layer.record_stats(False)

@@ -243,8 +243,13 @@ class ZigzagLinear(nn.Module):
             if x.dtype == self["scales"].dtype or x.dtype not in FLOAT_DTYPES:
                 raise
             return self(_cast(x, self["scales"].dtype)).astype(mx.result_type(x.dtype, self["scales"].dtype))
-        if self._stats_on and self._threshold_value > 0 and x.size == self["weight"].shape[1]:
-            self._record(collect_active(x, self._threshold_value).count)
+        if self._stats_on and self._threshold_value > 0:
+            rows = x.size // self["weight"].shape[1]
+            if rows == 1:
+                self._record(collect_active(x, self._threshold_value).count)
+            elif rows and x.shape[-2] == 1:
+                # A batch's decode step: every row is a token with its own active columns.
+                self._record(mx.sum((mx.abs(x) > self._threshold_value).astype(mx.int32)), rows)
         if "bias" in self:
             y = y + self["bias"]
         return y
@@ -252,7 +257,8 @@ class ZigzagLinear(nn.Module):
     # ---- statistics ---------------------------------------------------------------------------
 
     def record_stats(self, enabled: bool = True) -> None:
-        """Start (and reset) or stop counting active columns of sparse single-token calls.
+        """Start (and reset) or stop counting active columns of sparse decode tokens (single
+        tokens, and every row of a batch's decode step).
 
         Counts accumulate lazily on the device; only :meth:`stats` reads them back. Counting adds a
         small collection pass per call (the fused kernel never writes its active list), so leave
@@ -262,16 +268,18 @@ class ZigzagLinear(nn.Module):
         if enabled:
             self._active_total = mx.array(0, dtype=mx.int32)
             self._stats_calls = 0
+            self._stats_records = 0
 
-    def _record(self, count: mx.array) -> None:
-        if self._stats_calls and self._stats_calls % _STATS_FLUSH_EVERY == 0:
+    def _record(self, count: mx.array, tokens: int = 1) -> None:
+        if self._stats_records and self._stats_records % _STATS_FLUSH_EVERY == 0:
             # Earlier steps are already scheduled, so this does not wait for the current one.
             mx.async_eval(self._active_total)
         self._active_total = self._active_total + count
-        self._stats_calls += 1
+        self._stats_calls += tokens
+        self._stats_records += 1
 
     def stats(self) -> tuple[int, int]:
-        """(sparse single-token calls, total active columns over them) since ``record_stats``.
+        """(sparse decode tokens, total active columns over them) since ``record_stats``.
 
         Reads the device counters, so it synchronizes; call it after generation.
         """

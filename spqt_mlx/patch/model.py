@@ -296,11 +296,13 @@ def record_stats(model: nn.Module, enabled: bool = True) -> None:
 
 
 def achieved_sparsity(model: nn.Module) -> tuple[float, int] | None:
-    """Mean sparsity of the single-token products since :func:`record_stats`, and the call count.
+    """Mean sparsity of the decode tokens' products since :func:`record_stats` (single tokens, and
+    every row of a batch's decode step), and the token count.
 
     Each layer's skipped fraction of input columns is averaged over its sparse calls, then the
     layers are averaged weighted by their parameter counts, so the result is the fraction of
-    weight bytes not read per token. Returns ``None`` when nothing was recorded. Synchronizes.
+    weight bytes not read per token (a batch reads the union of its rows' columns, so fewer are
+    skipped per step). Returns ``None`` when nothing was recorded. Synchronizes.
     """
     skipped = weight = 0.0
     calls = 0
