@@ -5,7 +5,8 @@ dense, index lists, packed lists and fused thresholds; several rows), and the la
 difference is reported per dtype. Then it measures, against MLX's own kernels in the same run:
 
 * the GEMV: µs per chained call of ``mx.quantized_matmul`` and of the zigzag GEMV (dense, and at
-  50 % and 25 % of the columns, given and collected in the kernel) on Llama-sized 4-bit layers;
+  50 % and 25 % of the columns, given and collected in the kernel) on Llama-sized 4-bit layers, for
+  one token and for 4 sequences' tokens (a batch's decode step, every row over its own columns);
 * decoding: tokens per second of the default model (SmolLM2-135M) as mlx-lm's 4-bit model and as
   the zigzag 4-bit model with sparsity off and at 50 %.
 
@@ -88,6 +89,11 @@ def check_ops(devices, N=256, K=1000, seed=0):
                 runs.append(("packed", lambda s: zigzag_gemv(
                     x, q, indices=ActiveColumns(collect_active(x, t, stream=s).packed, None, None), stream=s),
                     xd[:, on] @ wd[:, on].T))
+                # A batch's decode step: every row over its own columns (a threshold a little above
+                # the median, so that no column is active in every row).
+                tm = float(np.quantile(np.abs(xmd), 0.6))
+                kept = np.where(np.abs(xmd) > np.float32(tm), xmd, 0.0)
+                runs.append(("4 rows, threshold", lambda s: zigzag_gemv(xm, q, threshold=tm, stream=s), kept @ wd.T))
 
                 for _, run, ref in runs:
                     outs = [run(s) for s in devices]
@@ -128,7 +134,8 @@ def chained_us(op, x0, repeats: int, rounds: int) -> float:
 
 
 def time_gemv(shapes=GEMV_SHAPES, repeats=200, rounds=3, bits=4, gs=64) -> list[dict]:
-    """Rows ``{shape, variant, density, us}``: MLX's quantized matmul and the zigzag GEMV, float16."""
+    """Rows ``{shape, rows, variant, density, us}``: MLX's quantized matmul and the zigzag GEMV,
+    float16, for one token and for a batch's decode step of 4 sequences."""
     rng = np.random.default_rng(1)
     rows = []
     for N, K in shapes:
@@ -138,9 +145,9 @@ def time_gemv(shapes=GEMV_SHAPES, repeats=200, rounds=3, bits=4, gs=64) -> list[
         x0 = mx.array(rng.normal(size=(1, K)).astype(np.float32)).astype(mx.float16)
         mx.eval(q.weight, q.scales, q.biases, wq, sc, bi, x0)
 
-        def add(variant, density, op):
-            rows.append({"shape": f"{N}x{K}", "variant": variant, "density": density,
-                         "us": chained_us(op, x0, repeats, rounds)})
+        def add(variant, density, op, x=x0):
+            rows.append({"shape": f"{N}x{K}", "rows": x.shape[0], "variant": variant, "density": density,
+                         "us": chained_us(op, x, repeats, rounds)})
 
         add("mx.quantized_matmul", 1.0,
             lambda x: mx.quantized_matmul(x, wq, sc, bi, transpose=True, group_size=gs, bits=bits))
@@ -153,6 +160,15 @@ def time_gemv(shapes=GEMV_SHAPES, repeats=200, rounds=3, bits=4, gs=64) -> list[
             mx.eval(idx, t)
             add("zigzag given indices", density, lambda x, idx=idx: zigzag_gemv(x, q, indices=idx))
             add("zigzag collect+sparse", density, lambda x, t=t: zigzag_gemv(x, q, indices=collect_active(x, t)))
+        # 4 sequences' tokens: MLX's matmul of 4 rows, and the zigzag GEMV dense and with every row
+        # over its own half of the columns (the kernels read the union once).
+        x4 = mx.array(rng.normal(size=(4, K)).astype(np.float32)).astype(mx.float16)
+        t4 = mx.array(float(np.median(np.abs(np.array(x4.astype(mx.float32))))), dtype=mx.float32)
+        mx.eval(x4, t4)
+        add("mx.quantized_matmul", 1.0,
+            lambda x: mx.quantized_matmul(x, wq, sc, bi, transpose=True, group_size=gs, bits=bits), x4)
+        add("zigzag dense", 1.0, lambda x: zigzag_gemv(x, q), x4)
+        add("zigzag threshold", 0.5, lambda x: zigzag_gemv(x, q, threshold=t4), x4)
     return rows
 
 
@@ -233,12 +249,13 @@ def main(argv=None) -> int:
             print("\nTiming the CPU (--timing-on-cpu): these numbers are not performance claims.")
         shapes = QUICK_GEMV_SHAPES if args.quick else GEMV_SHAPES
         gemv_rows = time_gemv(shapes, repeats=20 if args.quick else 200, rounds=1 if args.quick else 3)
-        print("\nGEMV, 4 bits, group size 64, float16, one token (µs per chained call; speedup over MLX):")
-        print(f"{'shape':<12} {'op':<26} {'density':>7} {'µs':>8} {'speedup':>8}")
-        base = {r["shape"]: r["us"] for r in gemv_rows if r["variant"] == "mx.quantized_matmul"}
+        print("\nGEMV, 4 bits, group size 64, float16, one token or 4 sequences' tokens "
+              "(µs per chained call; speedup over MLX with as many rows):")
+        print(f"{'shape':<12} {'rows':>4} {'op':<26} {'density':>7} {'µs':>8} {'speedup':>8}")
+        base = {(r["shape"], r["rows"]): r["us"] for r in gemv_rows if r["variant"] == "mx.quantized_matmul"}
         for r in gemv_rows:
-            print(f"{r['shape']:<12} {r['variant']:<26} {r['density']:>7.2f} {r['us']:>8.1f} "
-                  f"{base[r['shape']] / r['us']:>7.2f}x")
+            print(f"{r['shape']:<12} {r['rows']:>4} {r['variant']:<26} {r['density']:>7.2f} {r['us']:>8.1f} "
+                  f"{base[r['shape'], r['rows']] / r['us']:>7.2f}x")
         decode_rows = time_decode(args.model, 8 if args.quick else args.decode_tokens)
         print(f"\nDecode, {args.model} (tokens per second; speedup over mlx-lm 4-bit):")
         base_tps = decode_rows[0]["decode_tps"]

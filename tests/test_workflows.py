@@ -82,8 +82,9 @@ def test_selftest_measurements(real_model_dir, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["timed_on"] in ("cpu", "gpu")
-    variants = {(r["variant"], r["density"]) for r in results["gemv"]}
-    assert ("mx.quantized_matmul", 1.0) in variants and ("zigzag collect+sparse", 0.5) in variants
+    variants = {(r["rows"], r["variant"], r["density"]) for r in results["gemv"]}
+    assert (1, "mx.quantized_matmul", 1.0) in variants and (1, "zigzag collect+sparse", 0.5) in variants
+    assert (4, "mx.quantized_matmul", 1.0) in variants and (4, "zigzag threshold", 0.5) in variants
     assert all(r["us"] > 0 for r in results["gemv"])
     assert [(r["model"], r["sparsity"]) for r in results["decode"]] == [
         ("mlx-lm 4-bit (nn.QuantizedLinear)", 0.0), ("zigzag 4-bit", 0.0), ("zigzag 4-bit", 0.5)]
