@@ -1,4 +1,4 @@
-"""What the command-line tools share: how they end."""
+"""What the command-line tools share: how they end, and the options they spell alike."""
 
 from __future__ import annotations
 
@@ -29,3 +29,12 @@ def sparsity_value(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or 'auto', got {text!r}") from None
+
+
+def add_quantizer_argument(parser) -> None:
+    """``--quantizer`` (:data:`spqt_mlx.layout.QUANTIZERS`) on a parser or an argument group."""
+    from .layout import DEFAULT_QUANTIZER, QUANTIZERS
+
+    parser.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
+                        help="how each group's scale and bias are chosen: minmax (as mx.quantize) or search (the "
+                        f"lowest squared error; default {DEFAULT_QUANTIZER})")

@@ -19,7 +19,7 @@ import numpy as np
 from . import _cli
 from .calibrate import DEFAULT_MAX_PPL_INCREASE, METHODS, choose_sparsity, describe_choice, sparsify
 from .files import atomic_write_text
-from .layout import DEFAULT_QUANTIZER, DTYPES, QUANTIZERS
+from .layout import DEFAULT_QUANTIZER, DTYPES
 from .sources import load_source
 from .texts import calibration_tokens
 
@@ -129,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight (2, 3, 4, 5, 6, 8; default 4)")
     p.add_argument("--group-size", type=int, default=64, help="rows per quantization group (32, 64, 128; default 64)")
-    p.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
-                   help=f"how each group's scale and bias are chosen: minmax (as mx.quantize) or search (lowest "
-                        f"squared error; default {DEFAULT_QUANTIZER})")
+    _cli.add_quantizer_argument(p)
     p.add_argument("--sparsity", type=_cli.sparsity_value, default="auto",
                    help="target activation sparsity in [0, 1), or auto: the largest whose perplexity on held-out "
                         "calibration tokens rises by at most --max-ppl-increase (default auto)")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from . import _cli
 from .calibrate import METHODS
-from .layout import DEFAULT_QUANTIZER, QUANTIZERS
 
 _MARK = "__spqt_hook__"
 # The largest sparsity within a perplexity budget (spqt_mlx.calibrate.choose_sparsity).
@@ -71,9 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--group-size", type=int, default=64, help="Zigzag group size: 32, 64 or 128 (default: 64).")
     group.add_argument("--bits", type=int, default=4, help="Zigzag bits: 2, 3, 4, 5, 6 or 8 (default: 4).")
-    group.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
-                       help="How each group's scale and bias are chosen: minmax (as mx.quantize) or search (lowest "
-                       f"squared error; default: {DEFAULT_QUANTIZER}).")
+    _cli.add_quantizer_argument(group)
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import _cli
 from .calibrate import METHODS, sparsify
 from .files import atomic_write_text
-from .layout import DEFAULT_QUANTIZER, DTYPES, QUANTIZERS, dtype_from_name
+from .layout import DEFAULT_QUANTIZER, DTYPES, dtype_from_name
 from .sources import load_source
 from .texts import calibration_tokens, read_text, text_tokens
 
@@ -400,8 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
-                   help=f"how each group's scale and bias are chosen (default {DEFAULT_QUANTIZER})")
+    _cli.add_quantizer_argument(p)
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--mode", choices=MODES, default="masked",
                    help="masked: batched windows with thresholded inputs (default); decode: one token at a time")
