@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from ..layout import FLOAT_DTYPES, ZigzagWeight, check_bits_group_size, check_float_dtype, zigzag_dequantize, zigzag_quantize
 from .. import _ext
-from ..ops import ActiveKind, collect_active, zigzag_matmul
+from ..ops import ActiveKind, zigzag_matmul
 
 # How many decode steps a layer's lazy statistics may accumulate before they are scheduled for
 # evaluation; bounds the graph (and the activations it keeps alive) without a host sync.
@@ -20,6 +20,12 @@ _STATS_FLUSH_EVERY = 32
 # Products of up to this many rows run the GEMV kernels (CUDA's tensor-core kernel reads the weight
 # once per pass of 4 rows, the other kernels once per row); more rows go through zigzag_matmul.
 GEMV_MAX_ROWS = 16
+
+
+def sparse_decode(x: mx.array, threshold_value: float) -> bool:
+    """Whether a call runs sparse: a positive threshold, and a decode step (one token, or one
+    token for each sequence of a batch: x of shape (..., B, 1, K))."""
+    return threshold_value > 0 and (x.size == x.shape[-1] or x.shape[-2] == 1)
 
 
 def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value, threshold, *fusion):
@@ -32,7 +38,7 @@ def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value,
     residual: see ``_ext.zigzag_gemv``) folds a decoder block's neighbours into the GEMV; the
     fused blocks send only steps of up to GEMV_MAX_ROWS rows."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    decode = threshold_value > 0 and (rows == 1 or x.shape[-2] == 1)
+    decode = sparse_decode(x, threshold_value)
     if 0 < rows <= GEMV_MAX_ROWS:
         if decode:
             return _ext.zigzag_gemv(x, weight, scales, biases, threshold, ActiveKind.Threshold, group_size, bits,
@@ -243,13 +249,10 @@ class ZigzagLinear(nn.Module):
             if x.dtype == self["scales"].dtype or x.dtype not in FLOAT_DTYPES:
                 raise
             return self(_cast(x, self["scales"].dtype)).astype(mx.result_type(x.dtype, self["scales"].dtype))
-        if self._stats_on and self._threshold_value > 0:
-            rows = x.size // self["weight"].shape[1]
-            if rows == 1:
-                self._record(collect_active(x, self._threshold_value).count)
-            elif rows and x.shape[-2] == 1:
-                # A batch's decode step: every row is a token with its own active columns.
-                self._record(mx.sum((mx.abs(x) > self._threshold_value).astype(mx.int32)), rows)
+        if self._stats_on and sparse_decode(x, self._threshold_value):
+            # Every row is a token with its own active columns, compared in float32 as the kernels do.
+            active = mx.sum((mx.abs(x) > self["_threshold"]).astype(mx.int32))
+            self._record(active, x.size // self["weight"].shape[1])
         if "bias" in self:
             y = y + self["bias"]
         return y
@@ -261,8 +264,8 @@ class ZigzagLinear(nn.Module):
         tokens, and every row of a batch's decode step).
 
         Counts accumulate lazily on the device; only :meth:`stats` reads them back. Counting adds a
-        small collection pass per call (the fused kernel never writes its active list), so leave
-        it off when timing kernels.
+        small count per call (the fused kernel never writes its active list), so leave it off when
+        timing kernels.
         """
         self._stats_on = bool(enabled)
         if enabled:
