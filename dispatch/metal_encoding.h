@@ -150,17 +150,14 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
       listed = -1;
       break;
     case ActiveKind::Threshold:
-      if (!g.active) {
-        break;  // refused below
-      }
-      if (g.M <= kCollectMaxRows) {
+      if (g.active && g.M <= kCollectMaxRows) {
         list = e.temporary(int64_t(g.K) + 1, Element::Int32);
         encode_collect(e, g.x, *g.active, *list, g.type, g.K, g.active_len != 1, 0, g.prologue, g.M);
         listed = -1;
       }
       break;
   }
-  if (g.kind != ActiveKind::Dense && !list && !(rows_thresholded && g.active)) {
+  if (g.kind != ActiveKind::Dense && !g.active) {
     throw std::invalid_argument("[spqt] a sparse zigzag GEMV needs its active columns.");
   }
   const bool sparse = list.has_value();
