@@ -22,7 +22,7 @@ _STATS_FLUSH_EVERY = 32
 GEMV_MAX_ROWS = 16
 
 
-def sparse_decode(x: mx.array, threshold_value: float) -> bool:
+def _sparse_decode(x: mx.array, threshold_value: float) -> bool:
     """Whether a call runs sparse: a positive threshold, and a decode step (one token, or one
     token for each sequence of a batch: x of shape (..., B, 1, K))."""
     return threshold_value > 0 and (x.size == x.shape[-1] or x.shape[-2] == 1)
@@ -38,7 +38,7 @@ def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value,
     residual: see ``_ext.zigzag_gemv``) folds a decoder block's neighbours into the GEMV; the
     fused blocks send only steps of up to GEMV_MAX_ROWS rows."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    decode = sparse_decode(x, threshold_value)
+    decode = _sparse_decode(x, threshold_value)
     if 0 < rows <= GEMV_MAX_ROWS:
         if decode:
             return _ext.zigzag_gemv(x, weight, scales, biases, threshold, ActiveKind.Threshold, group_size, bits,
@@ -249,7 +249,7 @@ class ZigzagLinear(nn.Module):
             if x.dtype == self["scales"].dtype or x.dtype not in FLOAT_DTYPES:
                 raise
             return self(_cast(x, self["scales"].dtype)).astype(mx.result_type(x.dtype, self["scales"].dtype))
-        if self._stats_on and sparse_decode(x, self._threshold_value):
+        if self._stats_on and _sparse_decode(x, self._threshold_value):
             # Every row is a token with its own active columns, compared in float32 as the kernels do.
             active = mx.sum((mx.abs(x) > self["_threshold"]).astype(mx.int32))
             self._record(active, x.size // self["weight"].shape[1])
