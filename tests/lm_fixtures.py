@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 from mlx_lm.models.llama import Model, ModelArgs
 
 TEXT = (
@@ -118,3 +122,26 @@ def tiny_model(model_type: str, seed: int = 0):
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return model
+
+
+def free_ports() -> int:
+    """A port p with p and p + 1 free: the ring backend listens on one port per rank."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", p + 1))
+                    return p
+            except OSError:
+                continue
+    pytest.skip("no two adjacent free ports")
+
+
+def launcher() -> str:
+    """This environment's ``mlx.launch``."""
+    exe = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    if not Path(exe).exists():
+        pytest.skip("mlx.launch not found")
+    return exe

@@ -4,7 +4,6 @@ checked in one process against the unsharded layer, and end to end over two proc
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from spqt_mlx.patch import ZigzagLinear
+from lm_fixtures import free_ports, launcher
+from spqt_mlx.patch import FAMILIES, ZigzagLinear
 from spqt_mlx.patch.sharded import ZigzagAllToShardedLinear, ZigzagShardedToAllLinear, shard_zigzag
 
 JOB = Path(__file__).resolve().parent / "distributed" / "sharded_decode.py"
@@ -70,36 +70,17 @@ def test_sharded_to_all_partials_sum_to_the_layer():
 
 
 def test_uneven_splits_are_refused():
-    with pytest.raises(ValueError, match="cannot be split over 3 ranks in whole units of 32"):
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks in whole bands of 32 rows; no supported"):
         shard_zigzag(layer(out_dims=128), "all-to-sharded", group=FakeGroup(0, 3))
-    with pytest.raises(ValueError, match="cannot be split over 5 ranks"):
+    wide = ZigzagLinear.from_linear(nn.Linear(96, 192), group_size=64, bits=4)  # 3 bands of 64
+    with pytest.raises(ValueError, match=r"bands of 64 rows; quantize with a group size of 32 \(--group-size 32\)"):
+        shard_zigzag(wide, "all-to-sharded", group=FakeGroup(0, 2))
+    with pytest.raises(ValueError, match="cannot be split over 5 ranks; use a number of ranks that divides it"):
         shard_zigzag(layer(in_dims=96), "sharded-to-all", group=FakeGroup(0, 5))
     with pytest.raises(ValueError, match="sharding must be"):
         shard_zigzag(layer(), "both")
     with pytest.raises(TypeError, match="ZigzagLinear"):
         shard_zigzag(nn.Linear(64, 64), "all-to-sharded")
-
-
-def free_ports() -> int:
-    """A port p with p and p + 1 free: the ring backend listens on one port per rank."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            try:
-                with socket.socket() as b:
-                    b.bind(("127.0.0.1", p + 1))
-                    return p
-            except OSError:
-                continue
-    pytest.skip("no two adjacent free ports")
-
-
-def launcher():
-    exe = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
-    if not Path(exe).exists():
-        pytest.skip("mlx.launch not found")
-    return exe
 
 
 @pytest.mark.parametrize("threshold,family", [(0.0, "llama"), (0.05, "llama"), (0.05, "qwen2"), (0.05, "qwen3"),
@@ -116,6 +97,8 @@ def test_two_processes_decode_as_one(threshold, family):
     assert result["size"] == 2 and result["kinds"] == ["ZigzagAllToShardedLinear", "ZigzagShardedToAllLinear"]
     assert result["prompt_diff"] < 1e-4 and result["decode_diff"] < 1e-4
     assert result["tokens"] == result["ref_tokens"]
+    # Families with fused decoder blocks keep them sharded: their decode above ran fused.
+    assert result["fused_blocks"] == (result["blocks"] if family in FAMILIES else 0)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("_spqt_mlx_lm_hook") is None,

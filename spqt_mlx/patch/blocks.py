@@ -12,7 +12,10 @@ product's neighbours into the product's kernel (``zigzag_gemv``'s prologue and r
     out = h + W_down @ swiglu(gu)       one kernel
 
 The active columns of each product are still decided on its real input (the normalized vector,
-the SwiGLU output), as calibrated. The block is installed by class (the instance keeps its
+the SwiGLU output), as calibrated. A block sharded by its model's ``shard(group)`` (q/k/v and
+gate/up by output rows, o and down by input columns) runs the same four products on its rank's
+part, o and down each followed by the sum over the group, into which rank 0 alone adds the
+residual. The block is installed by class (the instance keeps its
 parameters and mlx-lm class, so saving, loading, sharding and LoRA see the same model) for the
 families listed in ``FAMILIES``. A decode step is one token, or one token for each sequence of a
 batch of up to ``GEMV_MAX_ROWS`` (mlx-lm's BatchGenerator, as mlx_lm.server runs it), whose rows
@@ -30,6 +33,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from .._ext import Prologue
 from .fused import identical, stack_siblings
 from .linear import GEMV_MAX_ROWS, ZigzagLinear, zigzag_product
+from .sharded import ZigzagAllToShardedLinear, ZigzagShardedToAllLinear
 
 # mlx-lm model modules whose TransformerBlock is the pre-norm SwiGLU block above, with the
 # attention of llama (q/k/v or a single qkv_proj; qwen3's per-head q/k norms) and an MLP of
@@ -49,11 +53,13 @@ class _Stack:
     """A product's weight: a single ZigzagLinear, or sibling ZigzagLinear layers stacked into one
     (stacked on the first fused step, so a patched model that never decodes is not copied)."""
 
-    __slots__ = ("layers", "has_bias", "_bias", "_bias_of")
+    __slots__ = ("layers", "has_bias", "_key", "_bias", "_bias_of")
 
     def __init__(self, layers: list[ZigzagLinear]):
         self.layers = layers
-        self.has_bias = "bias" in layers[0]  # all or none (checked by _why_not)
+        # A layer sharded by input columns adds its whole bias after the sum over the group.
+        self._key = "sharded_bias" if type(layers[0]) is ZigzagShardedToAllLinear else "bias"
+        self.has_bias = self._key in layers[0]  # all or none (checked by _why_not)
         self._bias = self._bias_of = None
 
     def arrays(self):
@@ -67,7 +73,7 @@ class _Stack:
 
     def bias(self):
         """The layers' output biases, stacked once per set of bias arrays."""
-        of = tuple(m["bias"] for m in self.layers)
+        of = tuple(m[self._key] for m in self.layers)
         if self._bias_of is None or not identical(of, self._bias_of):
             self._bias = mx.concatenate(of) if len(of) > 1 else of[0]
             self._bias_of = of
@@ -87,7 +93,8 @@ class _Plan:
     call (identity only, a few dict lookups), so a replaced module sends the block back to its own
     forward."""
 
-    __slots__ = ("attn", "norms", "checks", "layers", "qkv", "o", "gate_up", "down", "qk_norms", "heads")
+    __slots__ = ("attn", "norms", "checks", "layers", "kinds", "group", "qkv", "o", "gate_up", "down", "qk_norms",
+                 "heads")
 
     def __init__(self, block: nn.Module):
         attn, mlp = block["self_attn"], block["mlp"]
@@ -104,6 +111,8 @@ class _Plan:
         self.qkv, self.o = _Stack(qkv), _Stack([attn["o_proj"]])
         self.gate_up, self.down = _Stack([mlp[n] for n in gate_up_names]), _Stack([mlp["down_proj"]])
         self.layers = (*qkv, attn["o_proj"], *self.gate_up.layers, mlp["down_proj"])
+        self.kinds = tuple(type(m) for m in self.layers)
+        self.group = attn["o_proj"].group if _sharded(self.layers) else None
         self.qk_norms = (attn["q_norm"], attn["k_norm"]) if "q_norm" in attn else None
         head_dim = sum(m.output_dims for m in qkv) // (attn.n_heads + 2 * attn.n_kv_heads)
         self.heads = (attn.n_heads, attn.n_kv_heads, head_dim)
@@ -113,9 +122,9 @@ class _Plan:
         for parent, key, module in self.checks:
             if parent.get(key) is not module:
                 return None
-        for m in self.layers:
-            # A subclass (a sharded layer, say) communicates or computes more than the product.
-            if m._stats_on or type(m) is not ZigzagLinear:
+        for m, kind in zip(self.layers, self.kinds):
+            # A layer of another class communicates or computes more than the plan knows.
+            if m._stats_on or type(m) is not kind:
                 return None
         attn = self.attn
         if (attn.n_heads, attn.n_kv_heads) != self.heads[:2]:
@@ -131,7 +140,15 @@ class _Plan:
         attn = self.attn
         n_heads, n_kv_heads, head_dim = self.heads
         B = x.shape[0]
-        qkv = _product(x, qkv_a, Prologue.RmsNorm, self.norms[0], None)
+        group = self.group
+        if group is not None:
+            # A rank's part: gradients of the whole input are summed over the group (as mlx's
+            # all-to-sharded layers do), and only rank 0's partial sum carries the residual.
+            x_in = self.qkv.layers[0]._gradient_sum(x)
+            residual = x if group.rank() == 0 else None
+        else:
+            x_in, residual = x, x
+        qkv = _product(x_in, qkv_a, Prologue.RmsNorm, self.norms[0], None)
         if self.qkv.has_bias:
             qkv = qkv + self.qkv.bias()
         # One reshape and transpose for all heads, then views of q, k and v (mlx-lm splits first).
@@ -158,13 +175,22 @@ class _Plan:
         # mlx-lm does first changes no element's place.
         out = out.reshape(B, 1, -1)
 
-        h = _product(out, o_a, Prologue.Identity, None, x)
+        h = _product(out, o_a, Prologue.Identity, None, residual)
+        if group is not None:
+            h = mx.distributed.all_sum(h, group=group)
         if self.o.has_bias:
             h = h + self.o.bias()
-        gu = _product(h, gu_a, Prologue.RmsNorm, self.norms[1], None)
+        if group is not None:
+            h_in = self.gate_up.layers[0]._gradient_sum(h)
+            residual = h if group.rank() == 0 else None
+        else:
+            h_in, residual = h, h
+        gu = _product(h_in, gu_a, Prologue.RmsNorm, self.norms[1], None)
         if self.gate_up.has_bias:
             gu = gu + self.gate_up.bias()
-        y = _product(gu, down_a, Prologue.SwiGLU, None, h)
+        y = _product(gu, down_a, Prologue.SwiGLU, None, residual)
+        if group is not None:
+            y = mx.distributed.all_sum(y, group=group)
         if self.down.has_bias:
             y = y + self.down.bias()
         return y
@@ -194,6 +220,20 @@ def _fused_class(cls: type) -> type:
     return _fused_classes[cls]
 
 
+def _sharded(projections) -> bool:
+    """Whether a block's projections (q/k/v, o, gate/up, down, in that order) are sharded as
+    mlx-lm's ``shard()`` does it, over one group: the products of the block's input and of the
+    normalized hidden state by output rows, o and down by input columns."""
+    rows, columns = ZigzagAllToShardedLinear, ZigzagShardedToAllLinear
+    kinds = [type(m) for m in projections]
+    if kinds.count(columns) != 2 or kinds[-1] is not columns:
+        return False  # o_proj and down_proj, and no other, take input columns
+    o_at = kinds.index(columns)
+    if not all(k is rows for i, k in enumerate(kinds[:-1]) if i != o_at):
+        return False
+    return len({id(m.group) for m in projections}) == 1
+
+
 def _why_not(block: nn.Module) -> str | None:
     """Why ``block`` cannot run fused, or None if it can."""
     family = type(block).__module__.rpartition(".")[2]
@@ -208,8 +248,8 @@ def _why_not(block: nn.Module) -> str | None:
     qkv_names, gate_up_names = _projection_names(attn, mlp)
     qkv, gate_up = [attn.get(n) for n in qkv_names], [mlp.get(n) for n in gate_up_names]
     projections = [*qkv, attn.get("o_proj"), *gate_up, mlp.get("down_proj")]
-    if not all(type(m) is ZigzagLinear for m in projections):
-        return "not every projection is a ZigzagLinear"
+    if not all(type(m) is ZigzagLinear for m in projections) and not _sharded(projections):
+        return "not every projection is a ZigzagLinear (or sharded as the model's shard() does it)"
     first = projections[0]
     if any(m.group_size != first.group_size or m.bits != first.bits for m in projections):
         return "projections of different formats"
@@ -222,8 +262,8 @@ def _why_not(block: nn.Module) -> str | None:
 
 def fuse_blocks(model: nn.Module, enabled: bool = True) -> int:
     """Install (or with ``enabled=False`` remove) the fused decode step in every decoder
-    block of ``model`` whose structure is known and whose projections are all ZigzagLinear layers.
-    Returns the number of fused blocks.
+    block of ``model`` whose structure is known and whose projections are all ZigzagLinear layers
+    (or sharded ones, as the model's ``shard()`` leaves them). Returns the number of fused blocks.
 
     :func:`~spqt_mlx.patch.patch_model` calls it; call it again after replacing layers. The q/k/v
     and gate/up weights are stacked on the first fused step (or by :func:`fuse_shared_inputs`).
@@ -234,14 +274,34 @@ def fuse_blocks(model: nn.Module, enabled: bool = True) -> int:
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}.")
     count = 0
     for _, block in model.named_modules():
-        fused = isinstance(block, FusedDecoderBlock)
-        if enabled and _why_not(block) is None:
-            if not fused:
-                block.__class__ = _fused_class(type(block))
-            block._spqt_plan = _Plan(block)
-            count += 1
-        elif fused:
-            block.__class__ = block._spqt_base
-            del block._spqt_plan
+        if enabled:
+            count += _plan(block)
+        elif isinstance(block, FusedDecoderBlock):
+            _unfuse(block)
     return count
+
+
+def refresh_fused_blocks(model: nn.Module) -> int:
+    """Plan the fused step again for the fused blocks of ``model`` (``model.shard(group)`` replaces
+    their projections); a block that no longer qualifies runs its family's forward, and blocks
+    that were not fused stay so. Returns the number of fused blocks."""
+    return sum(_plan(block) for _, block in model.named_modules() if isinstance(block, FusedDecoderBlock))
+
+
+def _plan(block: nn.Module) -> bool:
+    """Fuse ``block`` with a plan of its current modules if it qualifies, else leave it unfused."""
+    if _why_not(block) is not None:
+        if isinstance(block, FusedDecoderBlock):
+            _unfuse(block)
+        return False
+    if not isinstance(block, FusedDecoderBlock):
+        block.__class__ = _fused_class(type(block))
+    block._spqt_plan = _Plan(block)
+    return True
+
+
+def _unfuse(block: nn.Module) -> None:
+    block.__class__ = block._spqt_base
+    del block._spqt_plan
+
 

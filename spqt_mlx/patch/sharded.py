@@ -22,7 +22,7 @@ import sys
 import mlx.core as mx
 from mlx.nn.layers.distributed import sum_gradients
 
-from ..layout import ZigzagWeight
+from ..layout import SUPPORTED_GROUP_SIZES, ZigzagWeight
 from .linear import ZigzagLinear
 
 _MARK = "__spqt_shard__"
@@ -50,13 +50,19 @@ def _rank_slices(n: int, segments, group: mx.distributed.Group, unit: int, what:
     for start, stop in _parts(n, segments, what):
         length = stop - start
         if length % (size * unit):
-            raise ValueError(
-                f"{what}: a segment of {length} cannot be split over {size} ranks in whole units of {unit}; "
-                "use a smaller group size (--group-size 32) or fewer ranks."
-            )
+            raise ValueError(f"{what}: a segment of {length} cannot be split over {size} ranks" + (
+                f" in whole bands of {unit} rows; {_smaller_groups(length, size, unit)}" if unit > 1 else
+                "; use a number of ranks that divides it."))
         share = length // size
         out.append((start + rank * share, start + (rank + 1) * share))
     return out
+
+
+def _smaller_groups(length: int, size: int, unit: int) -> str:
+    """What to do about ``length`` rows that ``size`` ranks cannot split in bands of ``unit``."""
+    fits = [g for g in SUPPORTED_GROUP_SIZES if g < unit and length % (size * g) == 0]
+    return (f"quantize with a group size of {max(fits)} (--group-size {max(fits)}) or use fewer ranks." if fits
+            else "no supported group size splits it: use fewer ranks.")
 
 
 class _GradientSum:
@@ -71,6 +77,9 @@ class _GradientSum:
         if x is not self._x:
             self._x, self._y = x, self._f(x)
         return self._y
+
+    def __deepcopy__(self, memo):
+        return self  # one per group, shared by the group's layers (and by copies of them)
 
 
 _gradient_sums: dict[int, _GradientSum] = {}
@@ -199,10 +208,14 @@ def make_shardable(model) -> None:
                         setattr(module, attr, _with_zigzag(current, for_zigzag))
                         swapped.append((module, attr, current))
         try:
-            return base(self, *args, **kwargs)
+            out = base(self, *args, **kwargs)
         finally:
             for module, attr, current in swapped:
                 setattr(module, attr, current)
+        from .blocks import refresh_fused_blocks
+
+        refresh_fused_blocks(self)  # the fused blocks run their sharded projections
+        return out
 
     setattr(shard, _MARK, True)
     cls.shard = shard

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm_fixtures import random_tokens, tiny_llama, tiny_model  # noqa: E402
 
 from spqt_mlx.patch import fuse_shared_inputs, patch_model, zigzag_layers  # noqa: E402
+from spqt_mlx.patch.blocks import FusedDecoderBlock  # noqa: E402
 
 threshold = float(sys.argv[1])
 family = sys.argv[2] if len(sys.argv) > 2 else "llama"
@@ -39,11 +40,16 @@ model.shard(group)
 fuse_shared_inputs(model)
 kinds = sorted({type(m).__name__ for m in zigzag_layers(model).values()})
 logits, tokens, decode = run(model)
+# Blocks whose decode steps ran the fused step on the rank's sharded projections.
+fused = sum(isinstance(b, FusedDecoderBlock) and b._spqt_plan.group is not None
+            and b._spqt_plan.ready(b, decode.dtype) is not None for b in model.model.layers)
 mx.eval(ref_logits, ref_decode, logits, decode)  # every rank takes part in every collective
 if group.rank() == 0:
     print(json.dumps({
         "size": group.size(),
         "kinds": kinds,
+        "fused_blocks": fused,
+        "blocks": len(model.model.layers),
         "prompt_diff": float(mx.abs(logits - ref_logits).max()),
         "decode_diff": float(mx.abs(decode - ref_decode).max()),
         "tokens": tokens,
