@@ -3,12 +3,15 @@ first forward pass (zigzag 4-bit, group size 32), as a user would after loading 
 
 ``SPQT_TEST_THRESHOLD`` (default 0) is the activation threshold of every patched layer: 0 runs the
 dense zigzag GEMV, a small positive value the sparse one (decode steps skip small inputs).
+``SPQT_TEST_SHARD=1`` (under ``mlx.launch``) then shards every model with ``model.shard(group)``
+over the launched processes, and skips the tests of families without ``shard()``.
 Loaded with ``-p spqt_patch_plugin`` by tests/test_mlx_lm_models.py.
 """
 
 import importlib.abc
 import os
 import sys
+import unittest
 import warnings
 
 from spqt_mlx._mlx_lm_hook import spec_from_other_finders
@@ -17,8 +20,30 @@ from spqt_mlx.patch import patch_model
 THRESHOLD = float(os.environ.get("SPQT_TEST_THRESHOLD", "0"))
 # "mlx": quantize the same projections with MLX's own nn.QuantizedLinear instead, to tell the tests
 # that fail for any quantized model from those that fail for SpQt.
+# "none": leave the layers as they are (with SPQT_TEST_SHARD: the unpatched model, sharded).
 PATCH = os.environ.get("SPQT_TEST_PATCH", "spqt")
+SHARD = os.environ.get("SPQT_TEST_SHARD") == "1"
 PATCHED = []  # model types patched in this run, for the report
+SHARDED = set()  # model types sharded in this run
+
+
+if SHARD:
+    import copy
+
+    import mlx.core as mx
+
+    # Tests deep-copy models; a copy of a sharded model shares the group (a communicator handle).
+    copy._deepcopy_dispatch[type(mx.distributed.init())] = lambda group, memo: group
+
+
+def pytest_runtest_setup(item):
+    if SHARD:
+        # Every rank must build the same weights and inputs: a rank's shard is a slice of them.
+        import mlx.core as mx
+        import numpy as np
+
+        mx.random.seed(0)
+        np.random.seed(0)
 
 
 def _patching(call):
@@ -27,7 +52,9 @@ def _patching(call):
             self._spqt_patched = True
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # layers that cannot be zigzag-quantized stay dense
-                if PATCH == "mlx":
+                if PATCH == "none":
+                    paths = []
+                elif PATCH == "mlx":
                     import mlx.nn as nn
 
                     from spqt_mlx.patch import projections
@@ -43,7 +70,16 @@ def _patching(call):
                     nn.quantize(self, group_size=32, bits=4, class_predicate=predicate)
                 else:
                     paths = patch_model(self, group_size=32, bits=4, thresholds=THRESHOLD if THRESHOLD else None)
-            PATCHED.append((getattr(self, "model_type", type(self).__module__), len(paths)))
+            model_type = getattr(self, "model_type", type(self).__module__)
+            PATCHED.append((model_type, len(paths)))
+            if SHARD:
+                if not callable(getattr(self, "shard", None)):
+                    # Inside a subTest this skips that subtest only.
+                    raise unittest.SkipTest(f"{model_type} has no shard()")
+                import mlx.core as mx
+
+                self.shard(mx.distributed.init())
+                SHARDED.add(model_type)
         return call(self, *args, **kwargs)
 
     __call__.__wrapped__ = call
@@ -83,3 +119,5 @@ for name in [m for m in sys.modules if m.startswith("mlx_lm.models.") and m.coun
 def pytest_terminal_summary(terminalreporter):
     patched = sum(1 for _, n in PATCHED if n)
     terminalreporter.write_line(f"spqt: {patched} model instances patched ({len(PATCHED)} seen), threshold {THRESHOLD}")
+    if SHARD:
+        terminalreporter.write_line(f"spqt: sharded {' '.join(sorted(SHARDED))}")
