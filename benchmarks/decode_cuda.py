@@ -53,11 +53,11 @@ LABELS = {"70b": "Llama-3-70B arch (random)", "8b": "Llama-3-8B arch (random)", 
 BASELINE = "mlx-lm 4-bit (nn.QuantizedLinear)"
 
 
-def write_results(path, rows):
-    """The benchmarks' results file: the device, today's date and the rows."""
+def write_results(path, rows, **more):
+    """The benchmarks' results file: the device, today's date, the rows and any ``more`` entries."""
     with open(path, "w") as f:
         json.dump(dict(device=mx.device_info().get("device_name", ""), date=datetime.date.today().isoformat(),
-                       rows=rows), f, indent=1)
+                       rows=rows, **more), f, indent=1)
 
 
 def baseline_quantize(module):
