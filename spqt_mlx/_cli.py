@@ -38,3 +38,20 @@ def add_quantizer_argument(parser) -> None:
     parser.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
                         help="how each group's scale and bias are chosen: minmax (as mx.quantize) or search (the "
                         f"lowest squared error; default {DEFAULT_QUANTIZER})")
+
+
+_DEFAULT = object()
+
+
+def add_criterion_argument(parser, several: bool = False, default=_DEFAULT) -> None:
+    """``--criterion`` (:data:`spqt_mlx.patch.CRITERIA`) on a parser or an argument group; with
+    ``several``, a list of them. ``default`` None: the model's own (a converted model's saved one)."""
+    from .patch.linear import CRITERIA, DEFAULT_CRITERION
+
+    if default is _DEFAULT:
+        default = [DEFAULT_CRITERION] if several else DEFAULT_CRITERION
+    parser.add_argument("--criterion", choices=CRITERIA, nargs="+" if several else None, default=default,
+                        help="which input columns a sparse decode step skips: teal (small |x_j|) or wina (small "
+                        f"|x_j| * ||W[:, j]||, the column's share of the output); default "
+                        + (f"{DEFAULT_CRITERION}" if default is not None else
+                           f"a converted model's own, else {DEFAULT_CRITERION}"))

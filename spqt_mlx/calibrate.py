@@ -1,8 +1,9 @@
 """TEAL-style calibration: per-projection activation thresholds for a target sparsity.
 
 Calibration tokens run through the model once, densely. Every projection input is sampled
-(|x|, a bounded random subsample per projection), so the threshold that skips a fraction ``s`` of
-that projection's inputs is the ``s``-quantile of the samples.
+(|x|, or |x_j| * ||W[:, j]|| under the WINA criterion, a bounded random subsample per projection),
+so the threshold that skips a fraction ``s`` of that projection's inputs is the ``s``-quantile of
+the samples.
 
 * ``"uniform"``: every projection gets sparsity ``s = target``.
 * ``"greedy"``: per transformer block, all projection sparsities start at 0; each step raises the
@@ -26,9 +27,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
-from .layout import zigzag_dequantize
-from .patch.linear import ZigzagLinear
-from .patch.model import projections, set_thresholds, zigzag_layers
+from .patch.linear import ZigzagLinear, check_criterion
+from .patch.model import (column_scales, effective_weight, get_criterion, projections, set_criterion, set_thresholds,
+                          zigzag_layers)
 
 METHODS = ("uniform", "greedy")
 
@@ -38,17 +39,6 @@ class _StopForward(Exception):
 
 
 # ---- projections during calibration ------------------------------------------------------------
-
-
-def _float_weight(layer: nn.Module) -> mx.array:
-    if isinstance(layer, ZigzagLinear):
-        return zigzag_dequantize(layer.qweight)
-    if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(
-            layer.weight, layer.scales, layer.get("biases"),
-            group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
-        )
-    return layer.weight
 
 
 def _parameter_count(layer: nn.Module) -> int:
@@ -66,9 +56,12 @@ class _Probe(nn.Module):
     through NumPy, whose BLAS is much faster than MLX's CPU matmul; elsewhere through MLX.
     """
 
-    def __init__(self, layer: nn.Module, max_samples: int, rng: np.random.Generator):
+    def __init__(self, layer: nn.Module, max_samples: int, rng: np.random.Generator, scale: mx.array | None = None):
         super().__init__()
         self._layer = layer
+        # The criterion's weight per input column (WINA: column norms); samples and masks use
+        # |x| * scale, the quantity a threshold is compared with.
+        self._scale = None if scale is None else np.array(scale, dtype=np.float32)
         self._max_samples = max_samples
         self._rng = rng
         self._samples: list[np.ndarray] = []
@@ -82,7 +75,7 @@ class _Probe(nn.Module):
 
     def _ensure_weight(self):
         if self._weight_t is None:
-            w = _float_weight(self._layer).astype(mx.float32)
+            w = effective_weight(self._layer).astype(mx.float32)
             bias = self._layer.bias.astype(mx.float32) if "bias" in self._layer else None
             if _use_numpy():
                 self._weight_t = np.ascontiguousarray(np.array(w).T)
@@ -112,7 +105,8 @@ class _Probe(nn.Module):
         return self._sorted
 
     def threshold(self, sparsity: float) -> float:
-        """The |x| below which a fraction ``sparsity`` of the recorded inputs lies."""
+        """The |x| (times the column scale) below which a fraction ``sparsity`` of the recorded
+        inputs lies."""
         if sparsity <= 0:
             return 0.0
         # Linear interpolation between order statistics (np.quantile's default), without its sort.
@@ -128,25 +122,25 @@ class _Probe(nn.Module):
         K = shape[-1]
         if _use_numpy():
             a = np.array(x.astype(mx.float32)).reshape(-1, K)
+            score = np.abs(a) if self._scale is None else np.abs(a) * self._scale
             if self.record:
-                self._sample(np.abs(a))
+                self._sample(score)
             if self._thresholds is not None:
                 c = len(self._thresholds)
-                a = a.reshape(c, -1, K)
-                a = (a * (np.abs(a) > self._thresholds[:, None, None])).reshape(-1, K)
+                a = (a.reshape(c, -1, K) * (score.reshape(c, -1, K) > self._thresholds[:, None, None])).reshape(-1, K)
             y = a @ self._weight_t
             if self._bias is not None:
                 y += self._bias
             y = mx.array(y)
         else:
             a = x.astype(mx.float32).reshape(-1, K)
+            score = mx.abs(a) if self._scale is None else mx.abs(a) * mx.array(self._scale)
             if self.record:
-                self._sample(np.array(mx.abs(a)))
+                self._sample(np.array(score))
             if self._thresholds is not None:
                 c = len(self._thresholds)
                 t = mx.array(self._thresholds)[:, None, None]
-                a = a.reshape(c, -1, K)
-                a = (a * (mx.abs(a) > t)).reshape(-1, K)
+                a = (a.reshape(c, -1, K) * (score.reshape(c, -1, K) > t)).reshape(-1, K)
             y = a @ self._weight_t
             if self._bias is not None:
                 y = y + self._bias
@@ -271,13 +265,22 @@ def _token_batch(tokens, model: nn.Module) -> mx.array:
     return arr
 
 
-def _record(model, tokens, *, with_blocks: bool, max_samples: int, seed: int, progress: bool) -> _Recording:
+def _criterion(model: nn.Module, criterion: str | None) -> str:
+    """``criterion`` checked, or (None) the one the patched ``model`` runs with ("teal" unpatched)."""
+    if criterion is None:
+        return get_criterion(model) if zigzag_layers(model) else "teal"
+    return check_criterion(criterion)
+
+
+def _record(model, tokens, *, with_blocks: bool, max_samples: int, seed: int, progress: bool,
+            criterion: str = "teal") -> _Recording:
     paths = _projection_paths(model)
     if not paths:
         raise ValueError("the model has no attention or MLP projections to calibrate.")
     rng = np.random.default_rng(seed)
     layers = _modules_at(model, paths)
-    probes = {p: _Probe(layers[p], max_samples, rng) for p in paths}
+    scales = column_scales(layers) if criterion == "wina" else dict.fromkeys(paths)
+    probes = {p: _Probe(layers[p], max_samples, rng, scales[p]) for p in paths}
     rec = _Recording(probes)
     batch = _token_batch(tokens, model)
     try:
@@ -326,6 +329,7 @@ def calibrate(
     max_samples: int = 1 << 16,
     seed: int = 0,
     progress: bool = True,
+    criterion: str | None = None,
 ) -> dict[str, float]:
     """Per-projection activation thresholds that reach ``sparsity`` on ``tokens``.
 
@@ -340,6 +344,9 @@ def calibrate(
             block-output error). Greedy keeps a block's allocation only where it beats uniform on
             calibration tokens its search did not see (the next ``greedy_tokens``, where the
             sequences are long enough), so a block that it overfits stays uniform.
+        criterion: what a threshold is compared with (``spqt_mlx.patch.CRITERIA``): ``"teal"``
+            |x_j|, ``"wina"`` |x_j| * ||W[:, j]||. None: the patched model's own
+            (:func:`spqt_mlx.patch.set_criterion`; "teal" for a model not patched).
         step: greedy step in sparsity for a projection of average size (larger ones move in
             proportionally smaller steps).
         max_sparsity: greedy never raises a projection above this.
@@ -364,7 +371,9 @@ def calibrate(
         raise ValueError(f"greedy_tokens must be an integer >= 2, got {greedy_tokens!r}.")
     if not isinstance(max_samples, int) or max_samples < 1:
         raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}.")
-    rec = _record(model, tokens, with_blocks=method == "greedy", max_samples=max_samples, seed=seed, progress=progress)
+    criterion = _criterion(model, criterion)
+    rec = _record(model, tokens, with_blocks=method == "greedy", max_samples=max_samples, seed=seed, progress=progress,
+                  criterion=criterion)
     if method == "uniform" or sparsity == 0:
         return _uniform_thresholds(rec, sparsity)
     sparsities = {p: sparsity for p in rec.probes}  # projections outside blocks stay uniform
@@ -516,13 +525,17 @@ def _greedy_block(block, block_path, calls, held_out, probes: Mapping[str, _Prob
     return dict(zip(names, (s if greedy_error < uniform_error else uniform).tolist()))
 
 
-def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform", *, progress: bool = True) -> dict[str, float]:
-    """Calibrate the thresholds of a patched ``model`` for ``sparsity`` on ``tokens`` and set them.
+def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform", *, progress: bool = True,
+             criterion: str | None = None) -> dict[str, float]:
+    """Calibrate the thresholds of a patched ``model`` for ``sparsity`` on ``tokens`` and set them,
+    with ``criterion`` (set on the model first; None keeps the model's).
 
     Sparsity 0 sets every threshold to 0 (dense) without running the model. Returns the thresholds.
     """
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}.")
+    if criterion is not None:
+        set_criterion(model, criterion)
     if _check_sparsity(sparsity) == 0.0:
         thresholds = {p: 0.0 for p in zigzag_layers(model)}
     else:
@@ -538,8 +551,10 @@ AUTO_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCREASE, method: str = "uniform",
-                    candidates=AUTO_CANDIDATES, window: int = 256) -> tuple[float, dict[str, float], list[dict]]:
-    """The largest sparsity whose perplexity rises by at most ``max_increase`` percent.
+                    candidates=AUTO_CANDIDATES, window: int = 256,
+                    criterion: str | None = None) -> tuple[float, dict[str, float], list[dict]]:
+    """The largest sparsity whose perplexity rises by at most ``max_increase`` percent, under
+    ``criterion`` (set on the model first; None keeps the model's).
 
     The first half of ``tokens`` calibrates the thresholds of each candidate sparsity (in
     ascending order), the second half is scored (masked, as decoding skips) against sparsity 0;
@@ -561,8 +576,11 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     def score():
         return perplexity(model, held_out, window=window, progress=False)["perplexity"]
 
+    if criterion is not None:
+        set_criterion(model, criterion)
     if method == "uniform":  # one recording gives every candidate's thresholds
-        rec = _record(model, calibration, with_blocks=False, max_samples=1 << 16, seed=0, progress=False)
+        rec = _record(model, calibration, with_blocks=False, max_samples=1 << 16, seed=0, progress=False,
+                      criterion=_criterion(model, None))
 
         def thresholds_for(s):
             return _uniform_thresholds(rec, s)
@@ -608,7 +626,8 @@ def block_output_errors(model: nn.Module, tokens, thresholds: Mapping[str, float
     Each block gets its dense input (the same input it would see in the unsparsified model), so
     errors are comparable between allocations; this is the quantity greedy calibration minimizes.
     """
-    rec = _record(model, tokens, with_blocks=True, max_samples=1, seed=0, progress=False)
+    rec = _record(model, tokens, with_blocks=True, max_samples=1, seed=0, progress=False,
+                  criterion=_criterion(model, None))
     unknown = sorted(set(thresholds) - set(rec.probes))
     if unknown:
         raise ValueError(f"thresholds name layers that are not calibrated projections: {unknown}")
@@ -629,7 +648,8 @@ def input_sparsity(model: nn.Module, tokens, thresholds: Mapping[str, float], *,
     The sparsity that ``thresholds`` give on these tokens, projection by projection (estimated
     from up to ``max_samples`` inputs each).
     """
-    rec = _record(model, tokens, with_blocks=False, max_samples=max_samples, seed=0, progress=False)
+    rec = _record(model, tokens, with_blocks=False, max_samples=max_samples, seed=0, progress=False,
+                  criterion=_criterion(model, None))
     unknown = sorted(set(thresholds) - set(rec.probes))
     if unknown:
         raise ValueError(f"thresholds name layers that are not calibrated projections: {unknown}")

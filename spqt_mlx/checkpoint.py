@@ -38,7 +38,7 @@ from spqt_mlx.checkpoint import mlx_lm_model as Model  # noqa: F401
 '''
 
 
-def _spqt_section(spqt_meta: dict, thresholds: dict[str, float]) -> dict:
+def _spqt_section(spqt_meta: dict, thresholds: dict[str, float], criterion: str = "teal") -> dict:
     for key in ("bits", "group_size"):
         if not isinstance(spqt_meta.get(key), int) or isinstance(spqt_meta.get(key), bool):
             raise ValueError(f"spqt_meta must give an integer {key!r}.")
@@ -58,6 +58,7 @@ def _spqt_section(spqt_meta: dict, thresholds: dict[str, float]) -> dict:
         "group_size": spqt_meta["group_size"],
         "layers": sorted(thresholds),
         "thresholds": dict(sorted(thresholds.items())),
+        "criterion": criterion,
         "sparsity": spqt_meta.get("sparsity"),
         "method": spqt_meta.get("method"),
         "source": spqt_meta.get("source"),
@@ -88,7 +89,7 @@ def save(model: nn.Module, tokenizer, config: dict, out_dir, spqt_meta: dict, *,
         raise TypeError(f"tokenizer must have save_pretrained, got {type(tokenizer).__name__}.")
     if not isinstance(spqt_meta, dict):
         raise TypeError(f"spqt_meta must be a dict, got {type(spqt_meta).__name__}.")
-    from .patch import get_thresholds, zigzag_layers
+    from .patch import get_criterion, get_thresholds, zigzag_layers
 
     layers = zigzag_layers(model)
     if not layers:
@@ -99,7 +100,7 @@ def save(model: nn.Module, tokenizer, config: dict, out_dir, spqt_meta: dict, *,
             f"spqt_meta gives bits/group_size {spqt_meta.get('bits')}/{spqt_meta.get('group_size')} but the "
             f"model's zigzag layers use {sorted(kinds)}."
         )
-    section = _spqt_section(spqt_meta, get_thresholds(model))
+    section = _spqt_section(spqt_meta, get_thresholds(model), get_criterion(model))
     config = {k: v for k, v in dict(config).items() if k not in ("spqt", "quantization_config", "model_file")}
 
     weights = dict(tree_flatten(model.parameters()))
@@ -171,6 +172,11 @@ def _check_section(path: Path, section: dict) -> None:
         kind(name, str, "layer name")
     for name, value in section["thresholds"].items():
         kind(value, (int, float), f"threshold of {name}")
+    from .patch.linear import CRITERIA
+
+    if section.get("criterion", "teal") not in CRITERIA:
+        raise ValueError(f"{path}: config.json's spqt criterion must be one of {CRITERIA}, "
+                         f"got {section.get('criterion')!r}.")
     for name, entry in section["files"].items():
         kind(entry, dict, f"entry of file {name}")
         # Only plain file names in the checkpoint's own directory: a manifest must not make load()
@@ -258,7 +264,7 @@ def load(path, *, verify: bool = True, lazy: bool = False, progress: bool = True
     """
     from mlx_lm.utils import load_tokenizer
 
-    from .patch import fuse_shared_inputs, set_thresholds
+    from .patch import fuse_shared_inputs, set_criterion, set_thresholds
 
     path = Path(path)
     config = read_spqt_config(path)
@@ -279,6 +285,7 @@ def load(path, *, verify: bool = True, lazy: bool = False, progress: bool = True
                 f"{path}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}."
             )
     model.load_weights(list(weights.items()), strict=True)
+    set_criterion(model, section.get("criterion", "teal"))  # WINA's column norms come from the weights
     set_thresholds(model, section["thresholds"])
     model.eval()
     if not lazy:
@@ -298,9 +305,19 @@ class MlxLmArgs:
 
 def mlx_lm_model(config: dict) -> nn.Module:
     """The model for mlx-lm's custom-model hook: built from the config, thresholds set, weights
-    left to mlx-lm."""
-    from .patch import set_thresholds
+    left to mlx-lm (the criterion is set once they are loaded: WINA's column norms come from them)."""
+    from .patch import set_criterion, set_thresholds
 
     model = build_model(config)
     set_thresholds(model, config["spqt"]["thresholds"])
+    criterion = config["spqt"].get("criterion", "teal")
+    if criterion != "teal":
+        load_weights = model.load_weights
+
+        def load_then_scale(*args, **kwargs):
+            out = load_weights(*args, **kwargs)
+            set_criterion(model, criterion)
+            return out
+
+        model.load_weights = load_then_scale  # an instance attribute: this model only
     return model

@@ -20,6 +20,7 @@ from . import _cli
 from .calibrate import DEFAULT_MAX_PPL_INCREASE, METHODS, choose_sparsity, describe_choice, sparsify
 from .files import atomic_write_text
 from .layout import DEFAULT_QUANTIZER, DTYPES
+from .patch.linear import DEFAULT_CRITERION, check_criterion
 from .sources import load_source
 from .texts import calibration_tokens
 
@@ -35,6 +36,7 @@ def convert(
     max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE,
     calibration_text=None,
     calibration_method: str = "uniform",
+    criterion: str = DEFAULT_CRITERION,
     calibration_tokens_count: int = 512,
     dtype: str | None = None,
     overwrite: bool = False,
@@ -46,7 +48,8 @@ def convert(
     ``model`` is anything :func:`spqt_mlx.sources.load_source` takes. ``sparsity`` is a fraction
     in [0, 1) or ``"auto"``: the largest sparsity whose perplexity on held-out calibration tokens
     rises by at most ``max_ppl_increase`` percent (:func:`spqt_mlx.calibrate.choose_sparsity`).
-    ``quantizer`` chooses each group's scale and bias (:data:`spqt_mlx.layout.QUANTIZERS`).
+    ``quantizer`` chooses each group's scale and bias (:data:`spqt_mlx.layout.QUANTIZERS`),
+    ``criterion`` which input columns a sparse decode step skips (:data:`spqt_mlx.patch.CRITERIA`).
     ``progress`` shows progress bars for the long steps (writing calibration text, quantizing,
     calibrating).
     """
@@ -65,6 +68,7 @@ def convert(
         raise FileNotFoundError(f"calibration text file not found: {calibration_text}")
     if calibration_method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, got {calibration_method!r}.")
+    check_criterion(criterion)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it.")
     start = time.perf_counter()
@@ -82,11 +86,11 @@ def convert(
     choice = None
     if sparsity == "auto":
         sparsity, thresholds, rows = choose_sparsity(net, tokens, max_increase=max_ppl_increase,
-                                                     method=calibration_method)
+                                                     method=calibration_method, criterion=criterion)
         source = Path(calibration_text).name if calibration_text is not None else "self-generated text"
         choice = describe_choice(sparsity, rows, max_ppl_increase, source)
     else:
-        thresholds = sparsify(net, tokens, sparsity, calibration_method, progress=progress)
+        thresholds = sparsify(net, tokens, sparsity, calibration_method, progress=progress, criterion=criterion)
     meta = {
         "bits": bits,
         "group_size": group_size,
@@ -109,6 +113,7 @@ def convert(
         "quantizer": quantizer,
         "sparsity": sparsity,
         "method": calibration_method,
+        "criterion": criterion,
         "calibration": described,
         "sparsity_choice": choice,
         "threshold_min": float(values.min()),
@@ -137,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --sparsity auto: the perplexity increase allowed, in percent (default {DEFAULT_MAX_PPL_INCREASE:g})")
     p.add_argument("--calibration-text", help="UTF-8 text file to calibrate on (default: self-generated text)")
     p.add_argument("--calibration-method", choices=METHODS, default="uniform")
+    _cli.add_criterion_argument(p)
     p.add_argument("--calibration-tokens", type=int, default=512, help="calibration tokens (default 512)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="float dtype of the model (default: source dtype; "
                    "for a .gguf float32 on the CPU, else float16)")
@@ -159,6 +165,7 @@ def run(argv=None) -> dict:
         max_ppl_increase=args.max_ppl_increase,
         calibration_text=args.calibration_text,
         calibration_method=args.calibration_method,
+        criterion=args.criterion,
         calibration_tokens_count=args.calibration_tokens,
         dtype=args.dtype,
         overwrite=args.overwrite,
@@ -168,7 +175,8 @@ def run(argv=None) -> dict:
     print(f"  source        {summary['source']}")
     print(f"  zigzag layers {summary['layers']} ({summary['bits']}-bit, group size {summary['group_size']}, "
           f"{summary['quantizer']} quantizer)")
-    print(f"  sparsity      {summary['sparsity']:.2f} ({summary['method']}), calibrated on {summary['calibration']}")
+    print(f"  sparsity      {summary['sparsity']:.2f} ({summary['criterion']}, {summary['method']}), calibrated on "
+          f"{summary['calibration']}")
     if summary["sparsity_choice"]:
         print(f"  {summary['sparsity_choice']}")
     print(

@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", type=int, default=64, help="Zigzag group size: 32, 64 or 128 (default: 64).")
     group.add_argument("--bits", type=int, default=4, help="Zigzag bits: 2, 3, 4, 5, 6 or 8 (default: 4).")
     _cli.add_quantizer_argument(group)
+    _cli.add_criterion_argument(group, default=None)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -133,12 +134,14 @@ def _load_converted(path, *, return_config: bool = False, lazy: bool = False, ad
 
 def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     """Patch ``model`` in memory and calibrate its thresholds for ``args.sparsity``."""
-    from .patch import patch_model
+    from .patch import patch_model, set_criterion
+    from .patch.linear import DEFAULT_CRITERION
 
     t0 = time.perf_counter()
     paths = patch_model(model, group_size=args.group_size, bits=args.bits, quantizer=args.quantizer, progress=True)
     if not paths:
         raise ValueError("--spqt: the model has no attention or MLP projections that can be patched.")
+    set_criterion(model, args.criterion or DEFAULT_CRITERION)
     _log(f"{len(paths)} projections -> {args.bits}-bit zigzag (group size {args.group_size}, {args.quantizer} "
          f"quantizer) in {time.perf_counter() - t0:.1f} s")
     sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
@@ -157,7 +160,7 @@ def recalibrate(model, tokenizer, args, sparsity) -> None:
     from .calibrate import sparsify
 
     if sparsity == 0:
-        sparsify(model, [], 0.0)
+        sparsify(model, [], 0.0, criterion=args.criterion)
         return
     from .texts import calibration_tokens
 
@@ -169,11 +172,13 @@ def recalibrate(model, tokenizer, args, sparsity) -> None:
 
         budget = DEFAULT_MAX_PPL_INCREASE if args.max_ppl_increase is None else args.max_ppl_increase
         _log(f"choosing the sparsity within a {budget:g} % perplexity budget on {len(tokens)} tokens of {source}")
-        chosen, _, rows = choose_sparsity(model, tokens, max_increase=budget, method=args.calibration_method)
+        chosen, _, rows = choose_sparsity(model, tokens, max_increase=budget, method=args.calibration_method,
+                                          criterion=args.criterion)
         _log(describe_choice(chosen, rows, budget, source))
     else:
-        _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of {source}")
-        sparsify(model, tokens, sparsity, args.calibration_method)
+        _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of "
+             f"{source}")
+        sparsify(model, tokens, sparsity, args.calibration_method, criterion=args.criterion)
     _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
 
 

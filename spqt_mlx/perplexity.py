@@ -11,7 +11,8 @@ Two protocols (never compare numbers across them):
   ``window - stride`` tokens of context. Absolute values come out lower.
 
 Sparse rows threshold the projection inputs of *every* token, exactly as the single-token decode
-kernels do (``|x| <= threshold`` is skipped), computed in batched form. ``--mode decode`` instead
+kernels do (an input the layer's criterion puts at or below its threshold is skipped), computed in
+batched form. ``--mode decode`` instead
 feeds tokens one at a time through the real sparse kernels (slow; for validation).
 """
 
@@ -33,6 +34,7 @@ from . import _cli
 from .calibrate import METHODS, sparsify
 from .files import atomic_write_text
 from .layout import DEFAULT_QUANTIZER, DTYPES, dtype_from_name
+from .patch.linear import DEFAULT_CRITERION, check_criterion
 from .sources import load_source
 from .texts import calibration_tokens, read_text, text_tokens
 
@@ -51,13 +53,13 @@ class ThresholdedInput(nn.Module):
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
-        self._threshold = layer.threshold
+        self._sparse = layer.threshold > 0
         self._skipped = mx.array(0, dtype=mx.int64)
         self._seen = 0
 
     def __call__(self, x):
-        if self._threshold > 0:
-            keep = mx.abs(x) > self._threshold
+        if self._sparse:
+            keep = self.layer.active_mask(x)
             self._skipped = self._skipped + (keep.size - keep.sum())
             x = mx.where(keep, x, mx.zeros_like(x))
         self._seen += x.size
@@ -242,6 +244,7 @@ def evaluate(
     *,
     sparsities=None,
     methods=("uniform",),
+    criteria=(DEFAULT_CRITERION,),
     calibration_text=None,
     calibration_tokens_count: int = 512,
     window: int = 512,
@@ -257,7 +260,7 @@ def evaluate(
     seed: int = 0,
     log=print,
 ) -> dict:
-    """Perplexity of ``model`` on ``text_file`` per sparsity and calibration method.
+    """Perplexity of ``model`` on ``text_file`` per sparsity, criterion and calibration method.
 
     ``model`` is anything ``spqt-convert`` takes, or a saved SpQt directory: that one is scored
     as saved, and re-calibrated for each of ``sparsities`` if given. For other models
@@ -270,6 +273,8 @@ def evaluate(
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"calibration method must be one of {METHODS}, got {m!r}.")
+    for c in criteria:
+        check_criterion(c)
     is_spqt = Path(model).is_dir() and checkpoint.is_spqt_checkpoint(model)
     if sparsities is None:
         sparsities = () if is_spqt else DEFAULT_SPARSITIES
@@ -301,12 +306,14 @@ def evaluate(
     rows = []
     label = f"spqt {bits}-bit g{group_size} {quantizer}"
 
-    def add(name, method, target, result, seconds):
-        rows.append({"model": name, "method": method, "target_sparsity": target, **result, "seconds": seconds})
+    def add(name, method, target, result, seconds, criterion="-"):
+        rows.append({"model": name, "method": method, "criterion": criterion, "target_sparsity": target, **result,
+                     "seconds": seconds})
         r = rows[-1]
         achieved = "-" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.3f}"
         target_s = "-" if target is None else f"{target:.2f}"
-        log(f"  {name:<18} {method:<8} {target_s:>6} {achieved:>8} {r['perplexity']:>11.3f}  ({seconds:.1f} s)")
+        log(f"  {name:<18} {criterion:<9} {method:<8} {target_s:>6} {achieved:>8} {r['perplexity']:>11.3f}  "
+            f"({seconds:.1f} s)")
 
     log(f"Perplexity of {model} on {Path(text_file).name}: {len(tokens)} tokens")
     log(f"Protocol: {describe_protocol(protocol, window, stride, mode)}")
@@ -318,12 +325,12 @@ def evaluate(
         log(f"Thresholds calibrated on {described}")
     else:
         cal_tokens, described = [], None
-    log(f"  {'model':<18} {'method':<8} {'target':>6} {'achieved':>8} {'perplexity':>11}")
+    log(f"  {'model':<18} {'criterion':<9} {'method':<8} {'target':>6} {'achieved':>8} {'perplexity':>11}")
 
     if is_spqt:
         t = time.perf_counter()
         add(f"{label} (saved)", section.get("method") or "-", section.get("sparsity"),
-            perplexity(net, tokens, **run), time.perf_counter() - t)
+            perplexity(net, tokens, **run), time.perf_counter() - t, section.get("criterion", "teal"))
     if baselines:
         t = time.perf_counter()
         add("float", "-", None, perplexity(net, tokens, **run), time.perf_counter() - t)
@@ -338,10 +345,12 @@ def evaluate(
             del base
 
     for s in sorted(set(sparsities)):
-        for method in (("-",) if s == 0 else methods):
-            t = time.perf_counter()
-            sparsify(net, cal_tokens, s, "uniform" if method == "-" else method)
-            add(label, method, s, perplexity(net, tokens, **run), time.perf_counter() - t)
+        for criterion in (("-",) if s == 0 else criteria):
+            for method in (("-",) if s == 0 else methods):
+                t = time.perf_counter()
+                sparsify(net, cal_tokens, s, "uniform" if method == "-" else method,
+                         criterion=None if criterion == "-" else criterion)
+                add(label, method, s, perplexity(net, tokens, **run), time.perf_counter() - t, criterion)
 
     return {
         "model": str(model),
@@ -367,12 +376,14 @@ def plot(results: dict, path) -> None:
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))
     dense = [r for r in rows if r["target_sparsity"] == 0]
-    methods = sorted({r["method"] for r in rows if r["target_sparsity"] not in (None, 0)})
-    for method in methods or ["-"]:
-        pts = dense + [r for r in rows if r["method"] == method and r["target_sparsity"]]
+    # One line per criterion and method (rows of older files have no criterion: TEAL's).
+    lines = sorted({(r.get("criterion", "teal"), r["method"]) for r in rows if r["target_sparsity"] not in (None, 0)})
+    for criterion, method in lines or [("-", "-")]:
+        pts = dense + [r for r in rows if (r.get("criterion", "teal"), r["method"]) == (criterion, method)
+                       and r["target_sparsity"]]
         pts.sort(key=lambda r: r["target_sparsity"])
         ax.plot([r["target_sparsity"] for r in pts], [r["perplexity"] for r in pts], marker="o",
-                label=f"{pts[0]['model'] if pts else 'spqt'} ({method})")
+                label=f"{pts[0]['model'] if pts else 'spqt'} ({criterion}, {method})")
     for r in rows:
         if r["target_sparsity"] is None:
             ax.axhline(r["perplexity"], linestyle="--", linewidth=1, label=r["model"], color="gray" if r["model"] == "float" else "C3")
@@ -392,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, nargs="+",
                    help="target sparsities (default 0 0.25 0.4 0.5; for an SpQt checkpoint: only as saved)")
     p.add_argument("--method", nargs="+", choices=METHODS, default=["uniform"], help="calibration methods")
+    _cli.add_criterion_argument(p, several=True)
     p.add_argument("--calibration-text", help="text to calibrate on (default: self-generated text)")
     p.add_argument("--calibration-tokens", type=int, default=512)
     p.add_argument("--protocol", choices=PROTOCOLS, default="nonoverlap")
@@ -415,7 +427,8 @@ def run(argv=None) -> dict:
     """The work of ``spqt-perplexity``: parse ``argv``, evaluate, write what was asked and return the results."""
     args = build_parser().parse_args(argv)
     results = evaluate(
-        args.model, args.text, sparsities=args.sparsity, methods=args.method, calibration_text=args.calibration_text,
+        args.model, args.text, sparsities=args.sparsity, methods=args.method, criteria=args.criterion,
+        calibration_text=args.calibration_text,
         calibration_tokens_count=args.calibration_tokens, window=args.window, stride=args.stride,
         protocol=args.protocol, max_tokens=args.max_tokens, bits=args.bits, group_size=args.group_size,
         quantizer=args.quantizer,

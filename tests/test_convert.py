@@ -7,7 +7,8 @@ import pytest
 
 from spqt_mlx import checkpoint, convert, sources, texts
 from spqt_mlx.layout import zigzag_dequantize, zigzag_quantize
-from spqt_mlx.patch import get_thresholds, zigzag_layers
+from spqt_mlx.patch import get_criterion, get_thresholds, zigzag_layers
+from spqt_mlx.patch.linear import DEFAULT_CRITERION
 from spqt_mlx.perplexity import thresholded_inputs
 
 CALIBRATION_TEXT = (
@@ -43,6 +44,7 @@ def test_convert_with_calibration_text(tiny_model_dir, tmp_path, text_file, caps
     spqt = json.loads((out / "config.json").read_text())["spqt"]
     assert (spqt["sparsity"], spqt["method"], spqt["source"]) == (0.5, "uniform", str(tiny_model_dir))
     assert spqt["quantizer"] == summary["quantizer"] == "search"
+    assert spqt["criterion"] == summary["criterion"] == DEFAULT_CRITERION
     assert spqt["thresholds"] == get_thresholds(model) and min(spqt["thresholds"].values()) > 0
     # the saved thresholds skip about half of every projection's inputs on the calibration text
     tokens = texts.text_tokens(tokenizer, CALIBRATION_TEXT, 48)
@@ -53,12 +55,12 @@ def test_convert_self_generated_greedy_from_gguf(tiny_gguf, tmp_path):
     out = tmp_path / "spqt"
     summary = convert.run(["--model", str(tiny_gguf[0]), "--out", str(out), "--sparsity", "0.4", "--bits", "3",
                             "--group-size", "32", "--calibration-method", "greedy", "--calibration-tokens", "32",
-                            "--dtype", "float32"])
+                            "--dtype", "float32", "--criterion", "wina"])
     assert summary["calibration"] == "32 tokens of self-generated text"
     model, _ = checkpoint.load(out)
     assert {(m.bits, m.group_size) for m in zigzag_layers(model).values()} == {(3, 32)}
     spqt = json.loads((out / "config.json").read_text())["spqt"]
-    assert spqt["method"] == "greedy"
+    assert spqt["method"] == "greedy" and spqt["criterion"] == summary["criterion"] == get_criterion(model) == "wina"
     assert len(set(spqt["thresholds"].values())) > 1
 
 
@@ -150,6 +152,10 @@ def test_bad_arguments(tiny_model_dir, tmp_path, text_file):
         convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--quantizer", "gptq"])
     with pytest.raises(ValueError, match="quantizer"):
         convert.convert(str(tiny_model_dir), tmp_path / "o", quantizer="gptq")
+    with pytest.raises(SystemExit):
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--criterion", "largest"])
+    with pytest.raises(ValueError, match="criterion"):
+        convert.convert(str(tiny_model_dir), tmp_path / "o", criterion="largest")
     assert not (tmp_path / "o").exists()
 
 

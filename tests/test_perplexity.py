@@ -98,20 +98,24 @@ def test_cli_with_baselines_and_methods(tiny_model_dir, tmp_path, text_file, cap
     pytest.importorskip("matplotlib")
     results = perplexity.run([
         "--model", str(tiny_model_dir), "--text", str(text_file), "--sparsity", "0", "0.5",
-        "--method", "uniform", "greedy", "--calibration-text", str(text_file), "--calibration-tokens", "32",
-        "--window", "16", "--max-tokens", "32", "--baselines",
+        "--method", "uniform", "greedy", "--criterion", "teal", "wina", "--calibration-text", str(text_file),
+        "--calibration-tokens", "32", "--window", "16", "--max-tokens", "32", "--baselines",
         "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
     ])
     printed = capsys.readouterr().out
     assert "Protocol: non-overlapping windows of 16 tokens" in printed
-    rows = [(r["model"], r["method"], r["target_sparsity"]) for r in results["rows"]]
-    assert rows == [("float", "-", None), ("mlx 4-bit g64", "-", None), ("spqt 4-bit g64 search", "-", 0.0),
-                    ("spqt 4-bit g64 search", "uniform", 0.5), ("spqt 4-bit g64 search", "greedy", 0.5)]
-    ppl = {(r["method"], r["target_sparsity"]): r for r in results["rows"]}
+    rows = [(r["model"], r["criterion"], r["method"], r["target_sparsity"]) for r in results["rows"]]
+    spqt = "spqt 4-bit g64 search"
+    assert rows == [("float", "-", "-", None), ("mlx 4-bit g64", "-", "-", None), (spqt, "-", "-", 0.0),
+                    (spqt, "teal", "uniform", 0.5), (spqt, "teal", "greedy", 0.5),
+                    (spqt, "wina", "uniform", 0.5), (spqt, "wina", "greedy", 0.5)]
+    ppl = {(r["criterion"], r["method"], r["target_sparsity"]): r for r in results["rows"]}
     assert all(r["tokens"] == 30 and r["perplexity"] > 1 for r in results["rows"])
-    for method in ("uniform", "greedy"):
-        assert 0.4 < ppl[(method, 0.5)]["achieved_sparsity"] < 0.6  # calibrated on the same text
-    assert ppl[("-", 0.0)]["achieved_sparsity"] == 0
+    for criterion in ("teal", "wina"):
+        for method in ("uniform", "greedy"):
+            assert 0.4 < ppl[(criterion, method, 0.5)]["achieved_sparsity"] < 0.6  # calibrated on the same text
+    assert ppl[("teal", "uniform", 0.5)]["perplexity"] != ppl[("wina", "uniform", 0.5)]["perplexity"]
+    assert ppl[("-", "-", 0.0)]["achieved_sparsity"] == 0
     assert json.loads((tmp_path / "r.json").read_text())["protocol"]["name"] == "nonoverlap"
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -2,31 +2,36 @@
 
 from .blocks import FAMILIES, fuse_blocks
 from .fused import fuse_shared_inputs, shared_input_groups
-from .linear import ZigzagLinear
+from .linear import CRITERIA, ZigzagLinear
 from .model import (
     achieved_sparsity,
+    get_criterion,
     get_thresholds,
     is_projection,
     patch_model,
     projections,
     record_stats,
     routers,
+    set_criterion,
     set_thresholds,
     zigzag_layers,
 )
 
 __all__ = [
+    "CRITERIA",
     "FAMILIES",
     "ZigzagLinear",
     "achieved_sparsity",
     "fuse_blocks",
     "fuse_shared_inputs",
+    "get_criterion",
     "get_thresholds",
     "is_projection",
     "patch_model",
     "projections",
     "record_stats",
     "routers",
+    "set_criterion",
     "set_thresholds",
     "shared_input_groups",
     "zigzag_layers",

@@ -102,11 +102,12 @@ class SharedInputGroup:
         return True
 
     def thresholds_changed(self) -> None:
-        """Called by a member's threshold setter: stacking needs one threshold for all."""
-        first = self.layers[0]._threshold_value
-        self._threshold_owner = (
-            self.layers[0] if all(m._threshold_value == first for m in self.layers) else None
-        )
+        """Called by a member's threshold setter: stacking needs one threshold (and one column
+        scale, see set_criterion) for all."""
+        first = self.layers[0]
+        self._threshold_owner = first if all(
+            m._threshold_value == first._threshold_value and m._column_scale is first._column_scale
+            for m in self.layers) else None
 
     def stacked(self):
         """``(weight, scales, biases, layer)``: the stacked arrays and the member whose threshold the

@@ -17,6 +17,19 @@ from ..ops import ActiveKind, zigzag_matmul
 _STATS_FLUSH_EVERY = 32
 
 
+# How a sparse decode step picks its input columns: "teal" keeps column j where |x_j| > t (TEAL);
+# "wina" where |x_j| * ||W[:, j]|| > t, the column's size in the output (WINA, arXiv 2505.19427),
+# run as the per-column threshold t / ||W[:, j]||.
+CRITERIA = ("teal", "wina")
+DEFAULT_CRITERION = "teal"
+
+
+def check_criterion(criterion) -> str:
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
+    return criterion
+
+
 # Products of up to this many rows run the GEMV kernels (CUDA's tensor-core kernel reads the weight
 # once per pass of 4 rows, the other kernels once per row); more rows go through zigzag_matmul.
 GEMV_MAX_ROWS = 16
@@ -97,6 +110,7 @@ class ZigzagLinear(nn.Module):
         self.biases = qweight.biases
         self.group_size = qweight.group_size
         self.bits = qweight.bits
+        self._column_scale = None  # set_column_scale: the criterion's weight on each input column
         if bias is not None:
             if not isinstance(bias, mx.array) or bias.shape != (qweight.shape[0],):
                 raise ValueError(f"bias must be an mx.array of shape ({qweight.shape[0]},).")
@@ -196,7 +210,8 @@ class ZigzagLinear(nn.Module):
 
     @property
     def threshold(self) -> float:
-        """Inputs with ``|x| <= threshold`` are skipped on single tokens; 0 disables sparsity."""
+        """Decode steps skip input column j where ``|x_j| * scale_j <= threshold`` (scale 1 under
+        the TEAL criterion, see :meth:`set_column_scale`); 0 disables sparsity."""
         return self._threshold_value
 
     @threshold.setter
@@ -204,13 +219,43 @@ class ZigzagLinear(nn.Module):
         value = check_threshold(value)
         # The float decides the path on the host; the array feeds the kernel (made once, not per call).
         self._threshold_value = value
-        self._threshold = mx.array(value, dtype=mx.float32)
+        scale = self._column_scale
+        if scale is None or value == 0:
+            self._threshold = mx.array(value, dtype=mx.float32)
+        else:
+            # Per column: a column of scale 0 adds nothing to the output and is never read.
+            self._threshold = mx.where(scale > 0, value / scale, mx.inf)
+            mx.eval(self._threshold)
         if getattr(self, "_shared", None) is not None:
             self._shared.thresholds_changed()
 
+    @property
+    def column_scale(self) -> mx.array | None:
+        """The weight of each input column in the sparsity criterion, float32 of shape (K,), or
+        None for TEAL's |x| alone."""
+        return self._column_scale
+
+    def set_column_scale(self, scale: mx.array | None) -> None:
+        """Skip column j where ``|x_j| * scale[j] <= threshold`` (None: where ``|x_j| <= threshold``).
+
+        :func:`spqt_mlx.patch.set_criterion` sets it for a whole model (WINA: the norms of the
+        weight's columns, shared by siblings that read one input)."""
+        if scale is not None:
+            if not isinstance(scale, mx.array) or scale.shape != (self.input_dims,):
+                raise ValueError(f"the column scale must be an mx.array of shape ({self.input_dims},).")
+            if scale.dtype != mx.float32:
+                scale = scale.astype(mx.float32)  # else kept as given: siblings share one array
+        self._column_scale = scale
+        self.threshold = self._threshold_value  # the kernels' per-column thresholds follow
+
+    def active_mask(self, x: mx.array) -> mx.array:
+        """Which entries of ``x`` a sparse decode step reads (compared in float32, as the kernels
+        do): all of them at threshold 0."""
+        return mx.abs(x) > self["_threshold"]
+
     def __setattr__(self, key, value):
         # nn.Module stores array values as parameters; a threshold array must go to the setter.
-        if key == "threshold":
+        if key in ("threshold", "_column_scale"):  # calibration state, not parameters
             object.__setattr__(self, key, value)
         else:
             super().__setattr__(key, value)
@@ -251,7 +296,7 @@ class ZigzagLinear(nn.Module):
             return self(_cast(x, self["scales"].dtype)).astype(mx.result_type(x.dtype, self["scales"].dtype))
         if self._stats_on and _sparse_decode(x, self._threshold_value):
             # Every row is a token with its own active columns, compared in float32 as the kernels do.
-            active = mx.sum((mx.abs(x) > self["_threshold"]).astype(mx.int32))
+            active = mx.sum(self.active_mask(x).astype(mx.int32))
             self._record(active, x.size // self["weight"].shape[1])
         if "bias" in self:
             y = y + self["bias"]

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from tqdm.auto import tqdm
 
 from ..layout import check_bits_group_size, check_quantizer
-from .linear import ZigzagLinear, check_threshold
+from .linear import ZigzagLinear, check_criterion, check_threshold
 
 _LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
@@ -257,6 +257,56 @@ def patch_model(
 def zigzag_layers(model: nn.Module) -> dict[str, ZigzagLinear]:
     """The ZigzagLinear layers of ``model`` by path, in model order."""
     return {path: m for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module) if isinstance(m, ZigzagLinear)}
+
+
+def set_criterion(model: nn.Module, criterion: str) -> None:
+    """How the ZigzagLinear layers of ``model`` pick their input columns on decode steps, for the
+    thresholds they hold now and later: ``"teal"`` keeps column j where |x_j| > t; ``"wina"`` where
+    |x_j| * ||W[:, j]|| > t (:data:`~spqt_mlx.patch.linear.CRITERIA`). Siblings that read one input
+    (q/k/v, gate/up) take the norms of their stacked matrix, so they keep one active set.
+    Thresholds calibrated for one criterion mean nothing under the other: calibrate for the
+    criterion set (``calibrate(..., criterion=...)``)."""
+    check_criterion(criterion)
+    layers = zigzag_layers(model)
+    scales = column_scales(layers) if criterion == "wina" else dict.fromkeys(layers)
+    for path, layer in layers.items():
+        layer.set_column_scale(scales[path])
+
+
+def get_criterion(model: nn.Module) -> str:
+    """The criterion the ZigzagLinear layers of ``model`` run with (see :func:`set_criterion`)."""
+    scaled = {layer.column_scale is not None for layer in zigzag_layers(model).values()}
+    if len(scaled) > 1:
+        raise ValueError("the model's layers run with different criteria; call set_criterion.")
+    return "wina" if scaled == {True} else "teal"
+
+
+def column_scales(layers: Mapping[str, nn.Module]) -> dict[str, mx.array]:
+    """WINA's column scale of each projection ``{path: layer}`` (ZigzagLinear, nn.Linear or
+    nn.QuantizedLinear): the norms ||W[:, j]|| of its effective weight, or of the matrix stacked
+    with its siblings that read the same input (one array object per group, evaluated)."""
+    from .fused import shared_input_groups
+
+    norms = {}
+    for path, layer in layers.items():
+        norms[path] = mx.sqrt(mx.sum(mx.square(effective_weight(layer).astype(mx.float32)), axis=0))
+        mx.eval(norms[path])  # one layer's float weight at a time
+    for group in shared_input_groups(list(layers)):
+        shared = mx.sqrt(sum(mx.square(norms[p]) for p in group))
+        mx.eval(shared)
+        for p in group:
+            norms[p] = shared
+    return norms
+
+
+def effective_weight(layer: nn.Module) -> mx.array:
+    """The (output, input) matrix a ZigzagLinear, nn.QuantizedLinear or nn.Linear multiplies by."""
+    if isinstance(layer, ZigzagLinear):
+        return layer.dequantized_weight()
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
+                             bits=layer.bits, mode=layer.mode)
+    return layer.weight
 
 
 def get_thresholds(model: nn.Module) -> dict[str, float]:
