@@ -69,6 +69,24 @@ def test_sharded_to_all_partials_sum_to_the_layer():
     assert all(s.threshold == 0.3 and "bias" not in s and "sharded_bias" in s for s in shards)
 
 
+def test_the_criterion_follows_the_shards():
+    """Under WINA's criterion a rank's slice of input columns keeps its columns' norms, and a rank's
+    output rows keep the whole layer's: the ranks skip what the whole layer skips."""
+    from spqt_mlx.patch.model import column_scales
+
+    full = layer(in_dims=128)
+    full.set_column_scale(column_scales({"l": full})["l"])
+    full.threshold = 0.2
+    x = mx.random.normal((1, 128), key=mx.random.key(9))
+    want = np.array(full(x))
+    shards = [ZigzagShardedToAllLinear.from_zigzag(full, group=FakeGroup(r, 2)) for r in range(2)]
+    partial = sum(np.array(ZigzagLinear.__call__(s, x[:, 64 * r:64 * (r + 1)])) for r, s in enumerate(shards))
+    np.testing.assert_allclose(partial + np.array(full.bias), want, rtol=1e-5, atol=1e-5)
+    rows = ZigzagAllToShardedLinear.from_zigzag(full, group=FakeGroup(1, 2))
+    assert rows.column_scale is full.column_scale
+    np.testing.assert_allclose(np.array(ZigzagLinear.__call__(rows, x)), want[:, 128:], rtol=1e-5, atol=1e-5)
+
+
 def test_uneven_splits_are_refused():
     with pytest.raises(ValueError, match="cannot be split over 3 ranks in whole bands of 32 rows; no supported"):
         shard_zigzag(layer(out_dims=128), "all-to-sharded", group=FakeGroup(0, 3))

@@ -38,5 +38,7 @@ class ZigzagLoRALinear(LoRALinear):
         if dequantize:
             return fused
         zigzag = ZigzagLinear.from_linear(fused, layer.group_size, layer.bits)
+        # The criterion the thresholds were calibrated under (the base's norms, shared by siblings).
+        zigzag.set_column_scale(layer.column_scale)
         zigzag.threshold = layer.threshold
         return zigzag

@@ -113,6 +113,8 @@ class ZigzagAllToShardedLinear(ZigzagLinear):
             _take(layer.bias, bands, 0) if "bias" in layer else None,
             layer.threshold,
         )
+        # The criterion stays the whole layer's (WINA: norms over all rows; siblings keep sharing it).
+        sharded.set_column_scale(layer.column_scale)
         sharded.group = group
         sharded._gradient_sum = _gradient_sum(group)
         return sharded
@@ -136,6 +138,8 @@ class ZigzagShardedToAllLinear(ZigzagLinear):
             None,
             layer.threshold,
         )
+        if layer.column_scale is not None:
+            sharded.set_column_scale(_take(layer.column_scale, columns, 0))
         if "bias" in layer:
             sharded.sharded_bias = layer.bias  # added once, after the sum
             sharded.freeze(keys=["sharded_bias"])
@@ -162,6 +166,7 @@ def shard_zigzag_inplace(module: ZigzagLinear, sharding: str, *, segments=1, gro
     module.weight, module.scales, module.biases = sharded["weight"], sharded["scales"], sharded["biases"]
     if "bias" in sharded:
         module.bias = sharded["bias"]
+    module.set_column_scale(sharded.column_scale)
     module._shared = None  # its stacked group, if any, no longer matches
 
 
