@@ -12,7 +12,7 @@ float weights with the attention and MLP projections zigzag-quantized (4-bit, gr
 embeddings and lm_head quantized exactly as the baseline's, so the two differ only in the
 projections. "zigzag 4-bit" decodes through the fused decoder blocks (patch/blocks.py), as
 spqt-generate does; "(stacked)" runs every product per projection with q/k/v and gate/up stacked,
-"(unstacked)" every projection alone. Thresholds are calibrated (uniform, TEAL-style) for each
+"(unstacked)" every projection alone; "(wina)" decodes fused under WINA's criterion (--wina). Thresholds are calibrated (uniform, TEAL-style) for each
 target sparsity on 256 tokens:
 of `--text` if given (also the prompt's source), else random tokens. Decode tokens/s over
 `--tokens` generated tokens after a 128-token prompt and a full warm-up generation; prefill
@@ -34,7 +34,7 @@ from mlx_lm.models import llama
 
 import spqt_mlx.calibrate as calibrate
 from spqt_mlx.patch import (ZigzagLinear, achieved_sparsity, fuse_blocks, fuse_shared_inputs, patch_model,
-                             record_stats, set_thresholds)
+                             record_stats, set_criterion, set_thresholds)
 
 SIZES = {
     "70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
@@ -193,6 +193,8 @@ def main(argv=None):
                    help="sparsities also measured with every projection run alone")
     p.add_argument("--stacked", type=float, nargs="*", default=STACKED,
                    help="sparsities also measured per projection with q/k/v and gate/up stacked (blocks not fused)")
+    p.add_argument("--wina", type=float, nargs="*", default=[],
+                   help="sparsities also measured under WINA's criterion (fused blocks; set_criterion)")
     p.add_argument("--text", help="UTF-8 text: prompt and calibration tokens for models with a tokenizer")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -231,11 +233,14 @@ def main(argv=None):
         # the fused decoder blocks, as spqt-generate runs.
         fuse_blocks(model, enabled=False)
         base_runs = []
-        for mode, sparsities in (("unstacked", args.unstacked), ("stacked", args.stacked), ("fused", args.sparsities)):
+        for mode, sparsities in (("unstacked", args.unstacked), ("stacked", args.stacked), ("fused", args.sparsities),
+                                 ("wina", args.wina)):
             if mode == "stacked":
                 fuse_shared_inputs(model)
             if mode == "fused":
                 fuse_blocks(model)
+            if mode == "wina" and sparsities:
+                set_criterion(model, "wina")
             for s in sparsities:
                 set_thresholds(model, calibrate.calibrate(model, calib, s, progress=False) if s else 0.0)
                 record_stats(model, True)

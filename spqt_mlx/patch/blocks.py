@@ -140,14 +140,7 @@ class _Plan:
         attn = self.attn
         n_heads, n_kv_heads, head_dim = self.heads
         B = x.shape[0]
-        group = self.group
-        if group is not None:
-            # A rank's part: gradients of the whole input are summed over the group (as mlx's
-            # all-to-sharded layers do), and only rank 0's partial sum carries the residual.
-            x_in = self.qkv.layers[0]._gradient_sum(x)
-            residual = x if group.rank() == 0 else None
-        else:
-            x_in, residual = x, x
+        x_in, residual = self._split(self.qkv, x)
         qkv = _product(x_in, qkv_a, Prologue.RmsNorm, self.norms[0], None)
         if self.qkv.has_bias:
             qkv = qkv + self.qkv.bias()
@@ -175,25 +168,29 @@ class _Plan:
         # mlx-lm does first changes no element's place.
         out = out.reshape(B, 1, -1)
 
-        h = _product(out, o_a, Prologue.Identity, None, residual)
-        if group is not None:
-            h = mx.distributed.all_sum(h, group=group)
+        h = self._summed(_product(out, o_a, Prologue.Identity, None, residual))
         if self.o.has_bias:
             h = h + self.o.bias()
-        if group is not None:
-            h_in = self.gate_up.layers[0]._gradient_sum(h)
-            residual = h if group.rank() == 0 else None
-        else:
-            h_in, residual = h, h
+        h_in, residual = self._split(self.gate_up, h)
         gu = _product(h_in, gu_a, Prologue.RmsNorm, self.norms[1], None)
         if self.gate_up.has_bias:
             gu = gu + self.gate_up.bias()
-        y = _product(gu, down_a, Prologue.SwiGLU, None, residual)
-        if group is not None:
-            y = mx.distributed.all_sum(y, group=group)
+        y = self._summed(_product(gu, down_a, Prologue.SwiGLU, None, residual))
         if self.down.has_bias:
             y = y + self.down.bias()
         return y
+
+    def _split(self, stack, x):
+        """(the input of ``stack``'s product, the residual its block adds). Sharded: gradients of
+        the whole input are summed over the group (as mlx's all-to-sharded layers do), and only
+        rank 0's partial sum carries the residual."""
+        if self.group is None:
+            return x, x
+        return stack.layers[0]._gradient_sum(x), x if self.group.rank() == 0 else None
+
+    def _summed(self, y):
+        """A product's output over the group: the sum of the ranks' partial products."""
+        return y if self.group is None else mx.distributed.all_sum(y, group=self.group)
 
 
 class FusedDecoderBlock:
