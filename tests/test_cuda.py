@@ -417,6 +417,28 @@ def test_rows_through_fused_neighbours_above_the_collection_limit(prologue):
     _rows_through(qw, N, K, rows, 3, 64, prologue, mx.float16)
 
 
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_a_large_batch_decode_step_is_sparse_per_sequence(criterion):
+    """More sequences than the GEMV takes (GEMV_MAX_ROWS): each row masked by its own columns, then
+    the CUDA matmul path; the result is the CPU's, row by row."""
+    import mlx.nn as nn
+
+    from spqt_mlx.patch import ZigzagLinear
+    from spqt_mlx.patch.linear import GEMV_MAX_ROWS
+    from spqt_mlx.patch.model import column_scales
+
+    mx.random.seed(5)
+    layer = ZigzagLinear.from_linear(nn.Linear(1024, 512), group_size=64, bits=4)
+    if criterion == "wina":
+        layer.set_column_scale(column_scales({"l": layer})["l"])
+    x = mx.random.normal((GEMV_MAX_ROWS + 5, 1, 1024))
+    t = np.quantile(np.abs(np.array(x)) * (1 if layer.column_scale is None else np.array(layer.column_scale)), 0.5)
+    layer.threshold = float(t)
+    with mx.stream(mx.cpu):
+        want = np.array(layer(x), dtype=np.float64)
+    check(layer(x), want, mx.float16)  # the CUDA matmul may run in TF32; a wrong mask is off by far more
+
+
 def _rows_through(qw, N, K, rows, bits, gs, prologue, dtype):
     from spqt_mlx import _ext
     from spqt_mlx._ext import ActiveKind, Prologue
