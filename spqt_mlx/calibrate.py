@@ -272,6 +272,15 @@ def _criterion(model: nn.Module, criterion: str | None) -> str:
     return check_criterion(criterion)
 
 
+def _column_scales(layers: Mapping[str, nn.Module], criterion: str) -> dict[str, mx.array | None]:
+    """Each projection's column scale under ``criterion``: the layers' own where a patched model
+    runs with it already (its norms are computed once, by set_criterion), else computed."""
+    if criterion != "wina":
+        return dict.fromkeys(layers)
+    held = {p: getattr(m, "column_scale", None) for p, m in layers.items()}
+    return held if all(v is not None for v in held.values()) else column_scales(layers)
+
+
 def _record(model, tokens, *, with_blocks: bool, max_samples: int, seed: int, progress: bool,
             criterion: str = "teal") -> _Recording:
     paths = _projection_paths(model)
@@ -279,8 +288,7 @@ def _record(model, tokens, *, with_blocks: bool, max_samples: int, seed: int, pr
         raise ValueError("the model has no attention or MLP projections to calibrate.")
     rng = np.random.default_rng(seed)
     layers = _modules_at(model, paths)
-    scales = column_scales(layers) if criterion == "wina" else dict.fromkeys(paths)
-    probes = {p: _Probe(layers[p], max_samples, rng, scales[p]) for p in paths}
+    probes = {p: _Probe(layers[p], max_samples, rng, scale) for p, scale in _column_scales(layers, criterion).items()}
     rec = _Recording(probes)
     batch = _token_batch(tokens, model)
     try:
@@ -525,6 +533,13 @@ def _greedy_block(block, block_path, calls, held_out, probes: Mapping[str, _Prob
     return dict(zip(names, (s if greedy_error < uniform_error else uniform).tolist()))
 
 
+def _use_criterion(model: nn.Module, criterion: str | None) -> None:
+    """Set ``criterion`` on a patched model unless it runs with it already (WINA's norms cost a
+    pass over every weight)."""
+    if criterion is not None and _criterion(model, criterion) != get_criterion(model):
+        set_criterion(model, criterion)
+
+
 def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform", *, progress: bool = True,
              criterion: str | None = None) -> dict[str, float]:
     """Calibrate the thresholds of a patched ``model`` for ``sparsity`` on ``tokens`` and set them,
@@ -534,8 +549,7 @@ def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform",
     """
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}.")
-    if criterion is not None:
-        set_criterion(model, criterion)
+    _use_criterion(model, criterion)
     if _check_sparsity(sparsity) == 0.0:
         thresholds = {p: 0.0 for p in zigzag_layers(model)}
     else:
@@ -576,8 +590,7 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     def score():
         return perplexity(model, held_out, window=window, progress=False)["perplexity"]
 
-    if criterion is not None:
-        set_criterion(model, criterion)
+    _use_criterion(model, criterion)
     if method == "uniform":  # one recording gives every candidate's thresholds
         rec = _record(model, calibration, with_blocks=False, max_samples=1 << 16, seed=0, progress=False,
                       criterion=_criterion(model, None))

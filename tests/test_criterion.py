@@ -90,6 +90,10 @@ def test_siblings_share_the_norms_of_their_stacked_matrix(patched):
     assert get_criterion(patched) == "teal" and q.column_scale is None
     with pytest.raises(ValueError, match="criterion must be one of"):
         set_criterion(patched, "largest")
+    from spqt_mlx.patch.model import column_scales
+
+    with pytest.raises(TypeError, match="expected a ZigzagLinear"):
+        column_scales({"act": nn.ReLU()})
 
 
 @pytest.mark.parametrize("criterion", ["teal", "wina"])

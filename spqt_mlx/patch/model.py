@@ -306,7 +306,9 @@ def effective_weight(layer: nn.Module) -> mx.array:
     if isinstance(layer, nn.QuantizedLinear):
         return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
                              bits=layer.bits, mode=layer.mode)
-    return layer.weight
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    raise TypeError(f"expected a ZigzagLinear, nn.QuantizedLinear or nn.Linear, got {type(layer).__name__}.")
 
 
 def get_thresholds(model: nn.Module) -> dict[str, float]:
