@@ -66,6 +66,46 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none());
 
   m.def(
+      "zigzag_gather_gemv",
+      [](const mx::array& x,
+         const mx::array& w,
+         const mx::array& scales,
+         const mx::array& biases,
+         const mx::array& experts,
+         const std::optional<mx::array>& threshold,
+         int group_size,
+         int bits,
+         spqt::Prologue prologue,
+         const std::optional<mx::array>& w2,
+         const std::optional<mx::array>& scales2,
+         const std::optional<mx::array>& biases2,
+         mx::StreamOrDevice s) {
+        std::optional<spqt::SecondExperts> second;
+        if (w2 || scales2 || biases2) {
+          if (!(w2 && scales2 && biases2)) {
+            throw std::invalid_argument("[zigzag_gather_gemv] second experts need w2, scales2 and biases2.");
+          }
+          second = spqt::SecondExperts{*w2, *scales2, *biases2};
+        }
+        return spqt::zigzag_gather_gemv(x, w, scales, biases, experts, threshold, group_size, bits, prologue, second, s);
+      },
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "experts"_a,
+      "threshold"_a.none(),
+      "group_size"_a,
+      "bits"_a,
+      // SwiGLU on x first; a second set of experts whose rows follow the first's (gate and up at once).
+      "prologue"_a = spqt::Prologue::Identity,
+      "w2"_a = nb::none(),
+      "scales2"_a = nb::none(),
+      "biases2"_a = nb::none(),
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
       "apply_prologue",
       &spqt::apply_prologue,
       "x"_a,

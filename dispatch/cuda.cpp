@@ -272,11 +272,114 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     enc.set_input_array(r);
     residual_ptr = mx::gpu_ptr<void>(r);
   }
+  const dim3 grid(bands * splits, std::min(passes, kMaxGridY));
+  if (mma) {
+    enc.add_kernel_node_ex(
+        f, grid, dim3(kThreads), {}, 0,
+        x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
+        rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits,
+        norm_ptr, residual_ptr, residual_stride, prologue, eps);
+  } else {
+    void* none = nullptr;  // a plain product: one weight
+    int n_experts = 1;
+    int x_div = 1;
+    int first_bands = bands;
+    enc.add_kernel_node_ex(
+        f, grid, dim3(kThreads), {}, 0,
+        x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
+        rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits,
+        norm_ptr, residual_ptr, residual_stride, prologue, eps, none, n_experts, x_div, none, none, none, first_bands);
+  }
+}
+
+bool gather_collects(int K) {
+  return collects_inside(/* mma = */ false, K);
+}
+
+void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& inputs, mx::array& out) {
+  // The general kernel, one row of the output per pass: the rows of a decode step each read their
+  // own expert's weight (a Qwen3-30B-A3B expert, 768 x 2048, is below the tensor-core kernel's size).
+  auto& enc = mx::cu::get_command_encoder(p.stream());
+  const int gs = p.group_size();
+  const mx::array& x = inputs[0];
+  const mx::array& w = contiguous(inputs[1], "weight");
+  const mx::array& scales = contiguous(inputs[2], "scales");
+  const mx::array& biases = contiguous(inputs[3], "biases");
+  const mx::array& experts = contiguous(inputs[4], "experts");
+  int n_experts = w.shape(0);
+  int K = w.shape(2);
+  int N = out.shape(-1);
+  int rows = int(out.size() / N);
+  const int bands = N / gs;
+  allocate(out, out.nbytes(), enc);
+  if (out.size() == 0) {
+    return;
+  }
+  int x_div = rows / int(x.size() / x.shape(-1));
+  int kind = int(ActiveKind::Dense);
+  void* active = mx::gpu_ptr<void>(x);  // unused by the dense walk; any pointer will do
+  if (p.sparse()) {
+    const mx::array& t = contiguous(inputs[p.threshold_input()], "threshold");
+    enc.set_input_array(t);
+    active = mx::gpu_ptr<void>(t);
+    kind = int(ActiveKind::Threshold);
+  }
+  // The rows fill the grid as the bands of one large product would.
+  int splits = split_count(bands * rows, K, gs, enc);
+  void* partials = nullptr;
+  void* counters = nullptr;
+  if (splits > 1) {
+    mx::array work({rows * bands * splits * gs}, mx::float32, nullptr, {});
+    mx::array count({rows * bands}, mx::int32, nullptr, {});
+    allocate(work, work.nbytes(), enc);
+    allocate(count, count.nbytes(), enc, /* zeroed */ true);
+    enc.add_temporary(work);
+    enc.add_temporary(count);
+    partials = mx::gpu_ptr<void>(work);
+    counters = mx::gpu_ptr<void>(count);
+  }
+  CUfunction f = kernel(gemv_kernel_name(dtype_name(x.dtype()), p.bits(), gs, false, false), enc);
+  for (const mx::array* a : {&x, &w, &scales, &biases, &experts}) {
+    enc.set_input_array(*a);
+  }
+  enc.set_output_array(out);
+  void* x_ptr = mx::gpu_ptr<void>(x);
+  void* w_ptr = mx::gpu_ptr<void>(w);
+  void* scales_ptr = mx::gpu_ptr<void>(scales);
+  void* biases_ptr = mx::gpu_ptr<void>(biases);
+  void* experts_ptr = mx::gpu_ptr<void>(experts);
+  void* out_ptr = mx::gpu_ptr<void>(out);
+  int x_stride = column_stride(x);
+  int n_host = 0;
+  int per_column = 0;
+  float t_value = 0.0f;
+  void* none = nullptr;
+  int residual_stride = 1;
+  int prologue = int(p.prologue());
+  float eps = 0.0f;
+  // A second set of experts: its bands follow the first's in every row.
+  int first_bands = w.shape(1);
+  void* w2_ptr = nullptr;
+  void* scales2_ptr = nullptr;
+  void* biases2_ptr = nullptr;
+  if (p.paired()) {
+    const int i = p.second_input();
+    const mx::array& w2 = contiguous(inputs[i], "weight");
+    const mx::array& scales2 = contiguous(inputs[i + 1], "scales");
+    const mx::array& biases2 = contiguous(inputs[i + 2], "biases");
+    for (const mx::array* a : {&w2, &scales2, &biases2}) {
+      enc.set_input_array(*a);
+    }
+    w2_ptr = mx::gpu_ptr<void>(w2);
+    scales2_ptr = mx::gpu_ptr<void>(scales2);
+    biases2_ptr = mx::gpu_ptr<void>(biases2);
+  }
   enc.add_kernel_node_ex(
-      f, dim3(bands * splits, std::min(passes, kMaxGridY)), dim3(kThreads), {}, 0,
+      f, dim3(bands * splits, std::min(rows, kMaxGridY)), dim3(kThreads), {}, 0,
       x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
-      rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits,
-      norm_ptr, residual_ptr, residual_stride, prologue, eps);
+      rows, N, K, x_stride, kind, n_host, per_column, t_value, splits,
+      none, none, residual_stride, prologue, eps, experts_ptr, n_experts, x_div,
+      w2_ptr, scales2_ptr, biases2_ptr, first_bands);
 }
 
 } // namespace spqt::cuda

@@ -11,6 +11,10 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
 // Whether the kernels fold a prologue or residual into this product (the op function otherwise
 // runs them as MLX ops around a plain one).
 bool folds(int bits, int group_size, int N, int K, ActiveKind kind, Prologue prologue, int rows);
+void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& inputs, mx::array& out);
+// Whether the kernels collect a gathered product's active sets themselves (else the op zeroes the
+// inactive entries with MLX ops and runs a dense product).
+bool gather_collects(int K);
 void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out);
 
 } // namespace spqt::cuda

@@ -165,6 +165,48 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   encode_gemv(enc, g);
 }
 
+void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (out.size() == 0) {
+    return;
+  }
+  Encoder enc(p.stream());
+  std::vector<mx::array> in;
+  for (const auto& a : inputs) {
+    in.push_back(enc.contiguous(a));
+  }
+  // x (..., K) of R_x rows (2K with the SwiGLU prologue), w (E, bands, K, words), y (..., N) of R rows,
+  // R a multiple of R_x (ops.cpp checks the shapes). Ids may be int32 or uint32: the kernel reads
+  // both as unsigned.
+  const int E = in[1].shape(0);
+  const int K = in[1].shape(2);
+  const int M = int(out.size() / out.shape(-1));
+  const int rows_x = int(in[0].size() / in[0].shape(-1));
+  const int threshold = p.threshold_input();
+  Gemv<mx::array> g{
+      .type = type_name(in[0].dtype()),
+      .bits = p.bits(),
+      .group_size = p.group_size(),
+      .M = M,
+      .N = out.shape(-1),
+      .K = K,
+      .kind = threshold >= 0 ? ActiveKind::Threshold : ActiveKind::Dense,
+      .x = in[0],
+      .w = in[1],
+      .scales = in[2],
+      .biases = in[3],
+      .y = out,
+      .active = threshold >= 0 ? std::optional<mx::array>(in[threshold]) : std::nullopt,
+      .active_len = threshold >= 0 ? int(in[threshold].size()) : 0,
+      .prologue = {p.prologue(), std::nullopt, 0.0f},
+      .experts = Experts<mx::array>{in[4], E, M / rows_x},
+  };
+  if (const int second = p.second_input(); second >= 0) {
+    g.experts->second = SecondExperts<mx::array>{in[second], in[second + 1], in[second + 2], in[1].shape(1)};
+  }
+  encode_gemv(enc, g);
+}
+
 void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   Encoder enc(p.stream());
@@ -182,6 +224,12 @@ namespace spqt::metal {
 void zigzag_gemv(ZigzagGemv&, const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error(
       "[zigzag_gemv] this build of spqt_mlx has no kernels for this GPU backend; "
+      "use a CPU stream or rebuild with its kernels.");
+}
+
+void zigzag_gather_gemv(ZigzagGatherGemv&, const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[zigzag_gather_gemv] this build of spqt_mlx has no kernels for this GPU backend; "
       "use a CPU stream or rebuild with its kernels.");
 }
 

@@ -108,6 +108,26 @@ void encode_collect(E& e, const typename E::Buffer& x, const typename E::Buffer&
   e.dispatch({1, 1, 1}, {threads, 1, 1});
 }
 
+// A second set of experts' weights (gate and up as one product): stacked as the first set, its bands
+// fill the bands of y from `first_bands` on, from the same x' and active columns.
+template <class Buffer>
+struct SecondExperts {
+  Buffer w, scales, biases;
+  int first_bands;  // bands of y from the first set (its w's second dimension)
+};
+
+// The experts of a gathered product (mixture of experts): row m of y is row m / x_div of x times the
+// weight of expert ids[m]; w, scales and biases hold `count` weights of (N / gs, K, ...) one after
+// another (of (first_bands, K, ...) with a second set). An id not below `count`, read as unsigned,
+// makes its row 0 and reads no weight.
+template <class Buffer>
+struct Experts {
+  Buffer ids;  // int32 or uint32 (M,)
+  int count;
+  int x_div;   // rows of y per row of x: the experts of one token share its input
+  std::optional<SecondExperts<Buffer>> second = std::nullopt;
+};
+
 // The operands of one zigzag GEMV: y (M, N) = x (M, K) @ W.T over the active columns.
 template <class Buffer>
 struct Gemv {
@@ -125,6 +145,9 @@ struct Gemv {
   // residual (M, N) is added to y.
   PrologueArgs<Buffer> prologue = {};
   std::optional<Buffer> residual = std::nullopt;
+  // A gathered product: x holds M / x_div rows; the kind is Dense or Threshold, whose float32
+  // thresholds are then one per expert (`active_len` = count) or one for all (1).
+  std::optional<Experts<Buffer>> experts = std::nullopt;
 };
 
 template <class E>
@@ -137,7 +160,25 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
   // its own entries.
   std::optional<Buffer> list;
   int listed = 0;
-  const bool rows_thresholded = g.kind == ActiveKind::Threshold && g.M > 1;
+  const bool gathered = g.experts.has_value();
+  if (gathered) {
+    if (g.kind != ActiveKind::Dense && g.kind != ActiveKind::Threshold) {
+      throw std::invalid_argument("[spqt] a gathered zigzag GEMV takes every column or per-expert thresholds.");
+    }
+    if (g.experts->x_div < 1 || g.M % g.experts->x_div) {
+      throw std::invalid_argument("[spqt] a gathered zigzag GEMV needs a whole number of rows of y per row of x.");
+    }
+    if (g.kind == ActiveKind::Threshold && g.active_len != 1 && g.active_len != g.experts->count) {
+      throw std::invalid_argument("[spqt] a gathered zigzag GEMV takes one threshold per expert, or one.");
+    }
+    const auto& second = g.experts->second;
+    if (second && (second->first_bands < 0 || second->first_bands > g.N / g.group_size)) {
+      throw std::invalid_argument(
+          "[spqt] a gathered zigzag GEMV takes 0 to N / group_size bands from its first set of experts.");
+    }
+  }
+  // A gathered product walks every column: its rows' experts have thresholds of their own.
+  const bool rows_thresholded = g.kind == ActiveKind::Threshold && (g.M > 1 || gathered);
   switch (g.kind) {
     case ActiveKind::Dense:
       break;
@@ -150,7 +191,7 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
       listed = -1;
       break;
     case ActiveKind::Threshold:
-      if (g.active && g.M <= kCollectMaxRows) {
+      if (g.active && g.M <= kCollectMaxRows && !gathered) {
         list = e.temporary(int64_t(g.K) + 1, Element::Int32);
         encode_collect(e, g.x, *g.active, *list, g.type, g.K, g.active_len != 1, 0, g.prologue, g.M);
         listed = -1;
@@ -189,7 +230,18 @@ void encode_gemv(E& e, const Gemv<typename E::Buffer>& g) {
   e.set_float(g.prologue.eps, 13);
   e.set_int(g.residual && splits == 1 ? 1 : 0, 14);
   e.set_input(rows_thresholded ? *g.active : g.x, 15);  // read only when the rows keep their own entries
-  e.set_int(rows_thresholded ? (g.active_len != 1 ? 1 : 0) : -1, 16);
+  e.set_int(rows_thresholded ? (g.active_len != 1 && !gathered ? 1 : 0) : -1, 16);
+  // A plain product binds the gather's slots to valid buffers all the same (n_experts -1: not gathered).
+  e.set_input(gathered ? g.experts->ids : g.x, 17);
+  e.set_int(gathered ? g.experts->x_div : 1, 18);
+  e.set_int(gathered ? g.experts->count : -1, 19);
+  e.set_int(gathered && rows_thresholded && g.active_len != 1 ? 1 : 0, 20);  // one threshold per expert
+  // A single set of weights binds it again as the second, whose bands then start past y's last.
+  const auto& second = gathered ? g.experts->second : std::nullopt;
+  e.set_input(second ? second->w : g.w, 21);
+  e.set_input(second ? second->scales : g.scales, 22);
+  e.set_input(second ? second->biases : g.biases, 23);
+  e.set_int(second ? second->first_bands : g.N / g.group_size, 24);
   e.dispatch({g.N / g.group_size, splits, g.M}, {kGemvThreads, 1, 1});
 
   if (splits > 1) {

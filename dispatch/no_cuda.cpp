@@ -22,6 +22,14 @@ bool folds(int, int, int, int, ActiveKind, Prologue, int) {
   return true;  // the product itself reports the missing kernels
 }
 
+void zigzag_gather_gemv(ZigzagGatherGemv&, const std::vector<mx::array>&, mx::array&) {
+  missing("zigzag_gather_gemv");
+}
+
+bool gather_collects(int) {
+  return true;  // the product itself reports the missing kernels
+}
+
 void collect_active(CollectActive&, const std::vector<mx::array>&, mx::array&) {
   missing("collect_active");
 }

@@ -87,7 +87,8 @@ mx::array check_threshold(
 
 // The CUDA kernels read one row of x (and of a residual) with any stride, everything else
 // row-contiguous. Evaluated arrays show their layout now; the rest go through mx::contiguous, which
-// copies only when needed but is one more array to evaluate, so decode's single row skips it.
+// copies only when needed but is one more array to evaluate, so decode's single row skips it, as does
+// what mx::contiguous made already.
 void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s, int residual = -1) {
   const auto& x = inputs[0];
   const bool one_row = x.ndim() > 0 && x.size() == static_cast<size_t>(x.shape(-1));
@@ -96,7 +97,10 @@ void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s, int residual 
       continue;  // read with its stride, like x
     }
     auto& a = inputs[i];
-    if (!(a.is_available() && a.flags().row_contiguous)) {
+    // What mx::contiguous and these products make is row-contiguous already.
+    const std::string made_by = a.has_primitive() ? a.primitive().name() : "";
+    const bool made_contiguous = made_by == "Contiguous" || made_by == "ZigzagGemv" || made_by == "ZigzagGatherGemv";
+    if (!made_contiguous && !(a.is_available() && a.flags().row_contiguous)) {
       a = mx::contiguous(a, false, s);
     }
   }
@@ -355,6 +359,153 @@ mx::array zigzag_gemv(
       x.dtype(),
       std::make_shared<ZigzagGemv>(
           stream, group_size, bits, kind, fused.prologue, fused.eps, fused.residual.has_value(), threshold),
+      std::move(inputs));
+}
+
+namespace {
+
+// Checks the stacked experts (w, scales, biases) against the first set's E, K and dtype (E < 0:
+// the first set itself); returns their bands.
+int check_experts(const std::string& where, const char* what, const mx::array& w, const mx::array& scales,
+                  const mx::array& biases, int group_size, int bits, int E, int K, mx::Dtype dtype) {
+  if (w.dtype() != mx::uint32 || w.ndim() != 4) {
+    fail(where, std::string(what) + " packed weight must be uint32 of shape (E, N/group_size, K, group_size*bits/32), got " +
+                    dtype_str(w.dtype()) + " " + shape_str(w.shape()) + ".");
+  }
+  if (w.shape(0) == 0 || w.shape(1) == 0 || w.shape(2) == 0) {
+    fail(where, std::string(what) + " packed weight " + shape_str(w.shape()) + " is empty.");
+  }
+  if (w.shape(3) != group_size * bits / 32) {
+    fail(where, std::string(what) + " packed weight's last dimension is " + std::to_string(w.shape(3)) +
+                    " words, but group_size=" + std::to_string(group_size) + " and bits=" + std::to_string(bits) +
+                    " need " + std::to_string(group_size * bits / 32) + ".");
+  }
+  if (E >= 0 && (w.shape(0) != E || w.shape(2) != K)) {
+    fail(where, "the second experts must have the first's " + std::to_string(E) + " experts and K=" +
+                    std::to_string(K) + ", got " + shape_str(w.shape()) + ".");
+  }
+  const mx::Shape sb_shape{w.shape(0), w.shape(1), w.shape(2)};
+  if (scales.shape() != sb_shape || biases.shape() != sb_shape) {
+    fail(where, std::string(what) + " scales and biases must have shape " + shape_str(sb_shape) + ", got " +
+                    shape_str(scales.shape()) + " and " + shape_str(biases.shape()) + ".");
+  }
+  if (scales.dtype() != biases.dtype() || !is_float_dtype(scales.dtype()) || (E >= 0 && scales.dtype() != dtype)) {
+    fail(where, std::string(what) + " scales and biases must share one float dtype" +
+                    (E >= 0 ? " with the first experts'" : std::string()) + ", got " + dtype_str(scales.dtype()) +
+                    " and " + dtype_str(biases.dtype()) + ".");
+  }
+  return w.shape(1);
+}
+
+} // namespace
+
+mx::array zigzag_gather_gemv(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& experts,
+    const std::optional<mx::array>& threshold,
+    int group_size,
+    int bits,
+    Prologue prologue,
+    const std::optional<SecondExperts>& second,
+    mx::StreamOrDevice s) {
+  const std::string where = "zigzag_gather_gemv";
+  check_bits_group_size(where, group_size, bits);
+  if (!is_float_dtype(x.dtype()) || x.ndim() < 1) {
+    fail(where, "x must be a float32, float16 or bfloat16 array of shape (..., K), got " + dtype_str(x.dtype()) +
+                    " " + shape_str(x.shape()) + ".");
+  }
+  const int bands = check_experts(where, "the experts'", w, scales, biases, group_size, bits, -1, 0, x.dtype());
+  const int E = w.shape(0);
+  const int K = w.shape(2);
+  int all_bands = bands;
+  if (second) {
+    all_bands += check_experts(where, "the second experts'", second->w, second->scales, second->biases, group_size,
+                               bits, E, K, scales.dtype());
+  }
+  const int N = all_bands * group_size;
+  if (prologue != Prologue::Identity && prologue != Prologue::SwiGLU) {
+    fail(where, "a gathered product takes no prologue but SwiGLU.");
+  }
+  const bool swiglu = prologue == Prologue::SwiGLU;
+  if (x.shape(-1) != (swiglu ? 2 * K : K)) {
+    fail(where, "x has " + std::to_string(x.shape(-1)) + " input features but the weight has K=" +
+                    std::to_string(K) + (swiglu ? " (SwiGLU reads gate and up: 2K)." : "."));
+  }
+  if (x.dtype() != scales.dtype()) {
+    fail(where, "x is " + dtype_str(x.dtype()) + " but the weight's scales are " + dtype_str(scales.dtype()) +
+                    "; convert one to the other.");
+  }
+  if (!mx::issubdtype(experts.dtype(), mx::integer)) {
+    fail(where, "experts must be an integer array, got " + dtype_str(experts.dtype()) + ".");
+  }
+  const int64_t R = experts.size();
+  const int64_t R_x = x.size() / x.shape(-1);
+  auto out_shape = experts.shape();
+  out_shape.push_back(N);
+  if (R == 0 && R_x == 0) {
+    return mx::zeros(out_shape, x.dtype(), s);  // nothing routed: an empty result, as gather_qmm gives
+  }
+  if (R_x == 0 || R % R_x) {
+    fail(where, "experts has " + std::to_string(R) + " entries, which is not a multiple of x's " +
+                    std::to_string(R_x) + " rows (each row of x feeds the same number of consecutive entries).");
+  }
+  auto stream = mx::to_stream(s);
+  auto ids = experts;
+  if (ids.itemsize() == 8) {
+    // Narrowing could wrap an out-of-range entry into range; mark those -1 (a zero row) first.
+    auto wide = mx::astype(ids, mx::int64, stream);
+    auto outside = mx::logical_or(mx::less(wide, mx::array(0, mx::int64), stream),
+                                  mx::greater_equal(wide, mx::array(E, mx::int64), stream), stream);
+    ids = mx::where(outside, mx::array(-1, mx::int64), wide, stream);
+  }
+  if (ids.dtype() != mx::int32 && ids.dtype() != mx::uint32) {
+    // The kernels read 32-bit ids as unsigned: a negative one is out of range as any id >= E.
+    ids = mx::astype(ids, mx::int32, stream);
+  }
+  std::optional<mx::array> t;
+  if (threshold) {
+    const auto& given = *threshold;
+    if (!(given.ndim() == 0 || given.shape() == mx::Shape{E})) {
+      fail(where, "threshold must be a scalar or have shape (" + std::to_string(E) + ",) (one per expert), got " +
+                      shape_str(given.shape()) + ".");
+    }
+    if (!mx::issubdtype(given.dtype(), mx::floating) && !mx::issubdtype(given.dtype(), mx::integer)) {
+      fail(where, "threshold must be a real number, got dtype " + dtype_str(given.dtype()) + ".");
+    }
+    t = mx::broadcast_to(mx::astype(given, mx::float32, stream), {E}, stream);
+  }
+  const bool on_cuda = stream.device == mx::Device::gpu && mx::cu::is_available();
+  if (t && on_cuda && !cuda::gather_collects(K)) {
+    // Too many columns for the kernel's collection: every row keeps its own entries of x' (the
+    // others zeroed, with MLX ops) and the product walks every column.
+    const int x_div = int(R / R_x);
+    auto xp = mx::reshape(apply_prologue(x, prologue, std::nullopt, 0.0f, stream), {int(R_x), K}, stream);
+    auto rows = mx::take(xp, mx::floor_divide(mx::arange(int(R), mx::int32, stream), mx::array(x_div), stream), 0,
+                         stream);
+    auto flat = mx::flatten(mx::astype(ids, mx::uint32, stream), stream);
+    auto safe = mx::minimum(flat, mx::array(uint32_t(E - 1)), stream);
+    auto row_t = mx::expand_dims(mx::take(*t, safe, 0, stream), -1, stream);
+    auto kept = mx::where(mx::greater(mx::abs(rows, stream), row_t, stream), rows, mx::zeros_like(rows, stream), stream);
+    auto y = zigzag_gather_gemv(kept, w, scales, biases, flat, std::nullopt, group_size, bits, Prologue::Identity,
+                                second, stream);
+    return mx::reshape(y, out_shape, stream);  // (R, N): one row of x per entry
+  }
+  std::vector<mx::array> inputs{x, w, scales, biases, ids};
+  if (second) {
+    inputs.insert(inputs.end(), {second->w, second->scales, second->biases});
+  }
+  if (t) {
+    inputs.push_back(*t);
+  }
+  if (on_cuda) {
+    make_contiguous(inputs, stream);
+  }
+  return mx::array(
+      std::move(out_shape), x.dtype(),
+      std::make_shared<ZigzagGatherGemv>(stream, group_size, bits, t.has_value(), prologue, second.has_value()),
       std::move(inputs));
 }
 

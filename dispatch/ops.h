@@ -44,6 +44,34 @@ mx::array zigzag_gemv(
     const Fusion& fusion = {},
     mx::StreamOrDevice s = {});
 
+// A second set of stacked experts for zigzag_gather_gemv: (w, scales, biases) as the first's.
+struct SecondExperts {
+  mx::array w, scales, biases;
+};
+
+// The experts' product of a mixture-of-experts layer: row r of the result is x's row r / (R / R_x)
+// times W[experts[r]].T, for the stacked zigzag weights of E experts (w (E, N/group_size, K, words),
+// scales and biases (E, N/group_size, K)). x holds R_x rows (..., K); experts (any integer shape, R
+// entries) is a multiple of them: consecutive entries share one row of x, as the k experts a token
+// is routed to share its input. With a threshold (a scalar, or (E,): one per expert) each row reads
+// only the columns with |x'| > its expert's threshold, collected inside the kernel. The SwiGLU
+// prologue reads x' = silu(gate) * up from x of 2K columns (gate, then up); a `second` set of
+// experts adds its rows after the first's in every output row, from the same x' and active set
+// (gate and up as one product, whose output feeds the down product's SwiGLU). The result has shape
+// experts.shape + (N,); a row whose expert lies outside [0, E) is 0.
+mx::array zigzag_gather_gemv(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& experts,
+    const std::optional<mx::array>& threshold,
+    int group_size,
+    int bits,
+    Prologue prologue = Prologue::Identity,
+    const std::optional<SecondExperts>& second = std::nullopt,
+    mx::StreamOrDevice s = {});
+
 // A fused product as MLX ops: `fusion`'s prologue applied to x, `product` (the plain product of x'),
 // then the residual added. For gradients, and for the CUDA products that cannot fold their
 // neighbours. `fusion` must be checked (zigzag_gemv does that).

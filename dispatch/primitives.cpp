@@ -299,6 +299,185 @@ void ZigzagGemv::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) 
   }
 }
 
+bool ZigzagGatherGemv::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const ZigzagGatherGemv*>(&other);
+  return o && o->state() == state();
+}
+
+std::vector<mx::Shape> ZigzagGatherGemv::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[4].shape();
+  shape.push_back(inputs[1].shape(1) * group_size_);
+  return {shape};
+}
+
+std::vector<mx::array> ZigzagGatherGemv::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  for (int a : argnums) {
+    if (a >= 1 && a != 4 && a != threshold_input()) {
+      throw std::invalid_argument(
+          "[zigzag_gather_gemv] the zigzag-quantized experts have no gradient: they are not trainable "
+          "(freeze them, as mlx-lm's QuantizedSwitchLinear is).");
+    }
+  }
+  auto s = stream();
+  const int E = primals[1].shape(0);
+  const int K = primals[1].shape(2);
+  const auto ids = mx::flatten(primals[4], s);
+  const int R = ids.size();
+  // x' as the kernels read it (the prologue's ops are differentiable), as rows.
+  auto fun = [&](const mx::array& x) { return mx::reshape(apply_prologue(x, prologue_, std::nullopt, 0.0f, s), {-1, K}, s); };
+  const auto xp = fun(primals[0]);
+  const int R_x = xp.shape(0);
+  const int x_div = R / R_x;
+  // A row of an expert not below E gets no gradient (ids are read as unsigned, as the kernels do).
+  auto unsigned_ids = mx::astype(ids, mx::uint32, s);
+  auto valid = mx::less(unsigned_ids, mx::array(uint32_t(E)), s);
+  auto safe = mx::astype(mx::where(valid, unsigned_ids, mx::array(uint32_t(0)), s), mx::int32, s);
+  auto dy = mx::reshape(cotangents[0], {R, -1}, s);
+  // dx'_r = dy_r @ W_e, over each set of experts. Band b of expert e is an MLX-quantized (K,
+  // group_size) matrix with one group per row (row e * bands + b of the stacked bands), so the
+  // rows' bands are one gathered quantized matmul with transpose=true.
+  auto part = [&](const mx::array& w, const mx::array& sc, const mx::array& bi, int first_column) {
+    const int bands = w.shape(1);
+    auto band_rows = mx::add(mx::expand_dims(mx::multiply(safe, mx::array(bands), s), -1, s),
+                             mx::arange(bands, mx::int32, s), s);  // (R, bands)
+    auto dy_part = mx::reshape(mx::slice(dy, {0, first_column}, {R, first_column + bands * group_size_}, s),
+                               {R, bands, 1, group_size_}, s);
+    auto d = mx::gather_qmm(
+        dy_part, mx::reshape(w, {E * bands, K, w.shape(3)}, s), mx::reshape(sc, {E * bands, K, 1}, s),
+        mx::reshape(bi, {E * bands, K, 1}, s), std::nullopt, band_rows, true, group_size_, bits_, "affine",
+        std::nullopt, false, s);
+    return mx::reshape(mx::sum(d, 1, false, s), {R, K}, s);
+  };
+  auto dxp = part(primals[1], primals[2], primals[3], 0);
+  if (paired_) {
+    const int second = second_input();
+    dxp = mx::add(dxp, part(primals[second], primals[second + 1], primals[second + 2],
+                            primals[1].shape(1) * group_size_), s);
+  }
+  auto keep = mx::expand_dims(valid, -1, s);
+  if (sparse_) {
+    // Only the row's active columns took part.
+    auto rows = mx::take(xp, mx::floor_divide(mx::arange(R, mx::int32, s), mx::array(x_div), s), 0, s);
+    auto t = mx::expand_dims(mx::take(primals[threshold_input()], safe, 0, s), -1, s);
+    keep = mx::logical_and(keep, mx::greater(mx::abs(rows, s), t, s), s);
+  }
+  dxp = mx::where(keep, dxp, mx::zeros_like(dxp, s), s);
+  // The rows that share one row of x add up; then back through the prologue.
+  dxp = mx::astype(mx::sum(mx::reshape(dxp, {R_x, x_div, K}, s), 1, false, s), xp.dtype(), s);
+  auto dx = mx::vjp(
+      [&](const std::vector<mx::array>& in) { return std::vector<mx::array>{fun(in[0])}; }, {primals[0]}, {dxp})
+      .second[0];
+  std::vector<mx::array> grads;
+  for (int a : argnums) {
+    // The experts and thresholds are indices and a piecewise-constant choice: no gradient.
+    grads.push_back(a == 0 ? dx : mx::zeros_like(primals[a], s));
+  }
+  return grads;
+}
+
+void ZigzagGatherGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  std::vector<mx::array> src, dst;
+  std::vector<bool> copy;
+  for (const auto& in : inputs) {
+    bool needs_copy;
+    src.push_back(mx::array::unsafe_weak_copy(in));
+    dst.push_back(contiguous_like(in, needs_copy));
+    copy.push_back(needs_copy);
+    encoder.set_input_array(in);
+    if (needs_copy) {
+      encoder.add_temporary(dst.back());
+    }
+  }
+  encoder.set_output_array(out);
+  for (auto& d : dst) {
+    d = mx::array::unsafe_weak_copy(d);
+  }
+  encoder.dispatch([src = std::move(src),
+                    dst = std::move(dst),
+                    copy = std::move(copy),
+                    out = mx::array::unsafe_weak_copy(out),
+                    gs = group_size_,
+                    bits = bits_,
+                    prologue = prologue_,
+                    second = second_input(),
+                    threshold = threshold_input()]() mutable {
+    for (size_t i = 0; i < src.size(); ++i) {
+      if (copy[i]) {
+        copy_strided(src[i], dst[i]);
+      }
+    }
+    const auto& x = dst[0];
+    const int E = dst[1].shape(0);
+    const int K = dst[1].shape(2);
+    const int N = out.shape(-1);
+    const int R = int(out.size() / N);
+    if (R == 0) {
+      return;
+    }
+    const int R_x = int(x.size() / x.shape(-1));
+    const int x_div = R / R_x;
+    // Each set of experts: its arrays and the first output column of its rows.
+    struct Set {
+      const mx::array *w, *scales, *biases;
+      int first_column;
+    };
+    std::vector<Set> sets{{&dst[1], &dst[2], &dst[3], 0}};
+    if (second >= 0) {
+      sets.push_back({&dst[second], &dst[second + 1], &dst[second + 2], dst[1].shape(1) * gs});
+    }
+    const uint32_t* ids = dst[4].data<uint32_t>();  // int32 or uint32, read as unsigned as the GPUs do
+    dispatch_float(x.dtype(), [&]<typename T>() {
+      const T* xp = x.data<T>();
+      std::vector<T> transformed;
+      if (prologue != Prologue::Identity) {
+        transformed.resize(size_t(R_x) * K);
+        cpu::prologue<T>(xp, prologue, nullptr, 0.0f, R_x, K, transformed.data());
+        xp = transformed.data();
+      }
+      std::vector<int32_t> collected(K + 1);
+      for (int r = 0; r < R; ++r) {
+        T* y = out.data<T>() + int64_t(r) * N;
+        const uint32_t e = ids[r];
+        if (e >= uint32_t(E)) {
+          std::fill(y, y + N, T(0.0f));
+          continue;
+        }
+        const T* xr = xp + int64_t(r / x_div) * K;
+        const int32_t* cols = nullptr;
+        int64_t n = K;
+        if (threshold >= 0) {
+          cpu::collect_active<T>(xr, dst[threshold].data<float>() + e, 0, K, collected.data());
+          cols = collected.data() + 1;
+          n = collected[0];
+        }
+        for (const auto& set : sets) {
+          const int bands = set.w->shape(1);
+          const int64_t groups = int64_t(e) * bands * K;  // expert e's first group
+          dispatch_bits_group_size(bits, gs, [&]<int BITS, int GS>() {
+            cpu::zigzag_gemv<T, BITS, GS>(
+                xr, set.w->data<uint32_t>() + groups * set.w->shape(3), set.scales->data<T>() + groups,
+                set.biases->data<T>() + groups, cols, n, y + set.first_column, 1, bands * GS, K);
+          });
+        }
+      }
+    });
+  });
+}
+
+void ZigzagGatherGemv::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  if (mx::cu::is_available()) {
+    cuda::zigzag_gather_gemv(*this, inputs, out);
+  } else {
+    metal::zigzag_gather_gemv(*this, inputs, out);
+  }
+}
+
 std::vector<mx::Shape> CollectActive::output_shapes(const std::vector<mx::array>& inputs) {
   return {mx::Shape{inputs[0].shape(-1) + 1}};
 }

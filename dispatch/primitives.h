@@ -99,6 +99,76 @@ class ZigzagGemv : public mx::UnaryPrimitive {
   std::optional<float> threshold_;
 };
 
+// The experts' product of a mixture-of-experts layer (mlx-lm's SwitchLinear): row r of the output is
+// x[r / (R / R_x)] @ W[experts[r]].T, each row over its own active columns when thresholded. Inputs:
+// x (..., K) of R_x rows (2K columns with the SwiGLU prologue), w (E, bands, K, words), scales and
+// biases (E, bands, K), experts (int32 or uint32, read as unsigned) of any shape with R entries, a
+// multiple of R_x (consecutive rows share one row of x: the k experts of a token share its input);
+// when `paired`, a second set of experts w2, scales2, biases2 (E, bands2, ...) whose rows follow
+// the first's in each output row (gate and up in one launch); then with `sparse` the float32
+// thresholds (E,), one per expert. Output experts.shape + (N,), N = (bands + bands2) * group_size.
+// A row whose expert is not below E reads no weight and is 0.
+class ZigzagGatherGemv : public mx::UnaryPrimitive {
+ public:
+  ZigzagGatherGemv(
+      mx::Stream stream, int group_size, int bits, bool sparse, Prologue prologue = Prologue::Identity,
+      bool paired = false)
+      : mx::UnaryPrimitive(stream),
+        group_size_(group_size),
+        bits_(bits),
+        sparse_(sparse),
+        prologue_(prologue),
+        paired_(paired) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override {
+    return "ZigzagGatherGemv";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  // The gradient with respect to x, as for ZigzagGemv.
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  auto state() const {
+    return std::make_tuple(group_size_, bits_, sparse_, prologue_, paired_);
+  }
+
+  int group_size() const {
+    return group_size_;
+  }
+  int bits() const {
+    return bits_;
+  }
+  bool sparse() const {
+    return sparse_;
+  }
+  Prologue prologue() const {
+    return prologue_;
+  }
+  bool paired() const {
+    return paired_;
+  }
+  // Positions of the optional inputs, or -1: the second experts' w (then scales, biases), the thresholds.
+  int second_input() const {
+    return paired_ ? 5 : -1;
+  }
+  int threshold_input() const {
+    return sparse_ ? (paired_ ? 8 : 5) : -1;
+  }
+
+ private:
+  int group_size_;
+  int bits_;
+  bool sparse_;
+  Prologue prologue_;
+  bool paired_;
+};
+
 class CollectActive : public mx::UnaryPrimitive {
  public:
   explicit CollectActive(mx::Stream stream) : mx::UnaryPrimitive(stream) {}

@@ -4,7 +4,7 @@ import mlx.core  # noqa: F401  (registers the array type and loads libmlx before
 
 from .checkpoint import load
 from .layout import ZigzagWeight, zigzag_dequantize, zigzag_quantize
-from .ops import ActiveColumns, collect_active, zigzag_gemv, zigzag_matmul
+from .ops import ActiveColumns, collect_active, zigzag_gather_gemv, zigzag_gemv, zigzag_matmul
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "collect_active",
     "load",
     "zigzag_dequantize",
+    "zigzag_gather_gemv",
     "zigzag_gemv",
     "zigzag_matmul",
     "zigzag_quantize",

@@ -27,11 +27,12 @@ DEFAULT_QUANTIZER = "search"
 
 @dataclass(frozen=True)
 class ZigzagWeight:
-    """A zigzag-quantized (N, K) weight.
+    """A zigzag-quantized (N, K) weight, or the (E, N, K) weights of E experts.
 
     ``weight`` is uint32 of shape (N/group_size, K, group_size*bits/32): the codes of group (b, k),
     i.e. of ``w[b*gs:(b+1)*gs, k]``, stored band-major then column. ``scales`` and ``biases`` have
-    shape (N/group_size, K) and the dtype of the original weight.
+    shape (N/group_size, K) and the dtype of the original weight. Experts add a leading axis of E
+    to all three, each expert's bands whole and in order.
     """
 
     weight: mx.array
@@ -41,9 +42,10 @@ class ZigzagWeight:
     bits: int
 
     @property
-    def shape(self) -> tuple[int, int]:
-        bands, K, _ = self.weight.shape
-        return (bands * self.group_size, K)
+    def shape(self) -> tuple[int, ...]:
+        """(N, K), or (E, N, K) for the stacked weights of E experts."""
+        *experts, bands, K, _ = self.weight.shape
+        return (*experts, bands * self.group_size, K)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -88,7 +90,7 @@ def check_float_dtype(dtype, what: str) -> None:
 def zigzag_quantize(
     w: mx.array, group_size: int = 64, bits: int = 4, *, quantizer: str = "minmax", lazy: bool = False, stream=None
 ) -> ZigzagWeight:
-    """Quantize ``w`` (N, K) into the zigzag layout.
+    """Quantize ``w`` (N, K), or the (E, N, K) weights of E experts, into the zigzag layout.
 
     Each group is ``group_size`` consecutive output rows of one input column. With the "minmax"
     quantizer a group is quantized exactly as ``mx.quantize`` (affine mode) quantizes one group;
@@ -103,8 +105,18 @@ def zigzag_quantize(
         raise TypeError(f"w must be an mx.array, got {type(w).__name__}.")
     check_bits_group_size(group_size, bits)
     check_float_dtype(w.dtype, "w")
+    if w.ndim == 3:
+        # Experts: the bands of each are whole (N is a multiple of group_size), so quantizing the
+        # experts stacked row-wise gives every expert exactly its own groups.
+        E, N, K = w.shape
+        if E == 0:
+            raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}.")
+        q = zigzag_quantize(w.reshape(E * N, K), group_size, bits, quantizer=quantizer, lazy=lazy, stream=stream)
+        return ZigzagWeight(q.weight.reshape(E, N // group_size, *q.weight.shape[1:]),
+                            q.scales.reshape(E, N // group_size, K), q.biases.reshape(E, N // group_size, K),
+                            group_size, bits)
     if w.ndim != 2:
-        raise ValueError(f"w must have shape (N, K), got {tuple(w.shape)}.")
+        raise ValueError(f"w must have shape (N, K) or (E, N, K) for experts, got {tuple(w.shape)}.")
     N, K = w.shape
     if K == 0 or N == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}.")
@@ -211,10 +223,9 @@ def dequantize_bands(qweight: ZigzagWeight, *, stream=None) -> mx.array:
 
 
 def zigzag_dequantize(qweight: ZigzagWeight, *, stream=None) -> mx.array:
-    """The (N, K) matrix that ``qweight`` represents, in the dtype of its scales."""
+    """The (N, K) matrix (experts: (E, N, K)) that ``qweight`` represents, in the dtype of its scales."""
     check_weight(qweight)
-    N, K = qweight.shape
-    return dequantize_bands(qweight, stream=stream).swapaxes(1, 2).reshape(N, K)
+    return dequantize_bands(qweight, stream=stream).swapaxes(-1, -2).reshape(qweight.shape)
 
 
 def check_weight(qweight) -> None:
@@ -223,16 +234,16 @@ def check_weight(qweight) -> None:
         raise TypeError(f"expected a ZigzagWeight (from zigzag_quantize), got {type(qweight).__name__}.")
     check_bits_group_size(qweight.group_size, qweight.bits)
     w = qweight.weight
-    if w.dtype != mx.uint32 or w.ndim != 3 or w.shape[2] != qweight.group_size * qweight.bits // 32:
+    if w.dtype != mx.uint32 or w.ndim not in (3, 4) or w.shape[-1] != qweight.group_size * qweight.bits // 32:
         raise ValueError(
-            f"packed weight must be uint32 of shape (N/group_size, K, {qweight.group_size * qweight.bits // 32}),"
+            f"packed weight must be uint32 of shape ([E,] N/group_size, K, {qweight.group_size * qweight.bits // 32}),"
             f" got {w.dtype} {tuple(w.shape)}."
         )
-    if w.shape[0] == 0 or w.shape[1] == 0:
+    if 0 in w.shape[:-1]:
         raise ValueError(f"the packed weight {tuple(w.shape)} is empty: it needs at least one band and one column.")
     check_float_dtype(qweight.scales.dtype, "scales")
-    if qweight.scales.shape != w.shape[:2] or qweight.biases.shape != w.shape[:2]:
+    if qweight.scales.shape != w.shape[:-1] or qweight.biases.shape != w.shape[:-1]:
         raise ValueError(
-            f"scales and biases must have shape {tuple(w.shape[:2])}, got "
+            f"scales and biases must have shape {tuple(w.shape[:-1])}, got "
             f"{tuple(qweight.scales.shape)} and {tuple(qweight.biases.shape)}."
         )

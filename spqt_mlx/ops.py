@@ -100,7 +100,7 @@ def zigzag_gemv(
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
-    check_weight(qweight)
+    _single(qweight)
     args = (x, qweight.weight, qweight.scales, qweight.biases)
     meta = dict(group_size=qweight.group_size, bits=qweight.bits, stream=stream)
     if threshold is not None:
@@ -125,6 +125,54 @@ def zigzag_gemv(
     return _ext.zigzag_gemv(*args, indices, ActiveKind.Indices, **meta)
 
 
+def zigzag_gather_gemv(
+    x: mx.array,
+    qweight: ZigzagWeight,
+    experts: mx.array,
+    *,
+    threshold: float | mx.array | None = None,
+    validate: bool = False,
+    stream=None,
+) -> mx.array:
+    """The experts' product of a mixture-of-experts layer: row r is ``x_r @ W[experts[r]].T``.
+
+    Args:
+        x: activations of shape (..., K) in the dtype of ``qweight.scales``, with R_x rows.
+        qweight: the stacked experts, ``zigzag_quantize`` of an (E, N, K) weight.
+        experts: integer expert ids, any shape, with R entries, a multiple of R_x: each row of x
+            feeds as many consecutive entries (the k experts a token is routed to share its input).
+        threshold: ``None`` for every column; a number, or an array of one threshold per expert
+            (E,): each row reads only the columns with ``|x| > threshold`` of its expert,
+            collected inside the kernel.
+        validate: evaluate ``experts`` now and raise ``IndexError`` for ids outside [0, E) (this
+            syncs with the device); otherwise such a row reads nothing and is 0.
+
+    Returns:
+        An array of shape ``experts.shape + (N,)``.
+    """
+    if not isinstance(x, mx.array):
+        raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
+    if not isinstance(experts, mx.array):
+        raise TypeError(f"experts must be an mx.array, got {type(experts).__name__}.")
+    check_weight(qweight)
+    if qweight.weight.ndim != 4:
+        raise ValueError("qweight holds one weight, not experts: use zigzag_gemv (or quantize an (E, N, K) weight).")
+    if validate and experts.size and mx.issubdtype(experts.dtype, mx.integer):
+        E = qweight.shape[0]
+        lo, hi = mx.min(experts).item(), mx.max(experts).item()
+        if lo < 0 or hi >= E:
+            raise IndexError(f"experts must lie in [0, {E}), got values in [{lo}, {hi}].")
+    t = None if threshold is None else _threshold_array(threshold)
+    return _ext.zigzag_gather_gemv(x, qweight.weight, qweight.scales, qweight.biases, experts, t,
+                                   qweight.group_size, qweight.bits, stream=stream)
+
+
+def _single(qweight: ZigzagWeight) -> None:
+    check_weight(qweight)
+    if qweight.weight.ndim != 3:
+        raise ValueError("qweight holds the weights of several experts: use zigzag_gather_gemv.")
+
+
 def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.array:
     """Dense ``x @ W.T`` for any number of rows: the path for prefill.
 
@@ -138,7 +186,7 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
-    check_weight(qweight)
+    _single(qweight)
     N, K = qweight.shape
     if x.ndim < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have shape (..., {K}), got {tuple(x.shape)}.")

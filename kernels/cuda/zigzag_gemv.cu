@@ -26,6 +26,14 @@
 // Fused neighbours (kernels/contract.h): x is read through a prologue (RMSNorm, whose row norm every
 // block reduces first, or SwiGLU over 2K columns), and a residual may be added to y.
 //
+// Gathered products (a mixture-of-experts layer, dispatch/primitives.h's ZigzagGatherGemv): w holds
+// the bands of n_experts experts one after another, and row m of y multiplies expert experts[m]'s
+// bands by row m / x_div of x (the k experts of a token share its input). A thresholded row takes
+// its expert's threshold, t[experts[m]]. Ids are read as unsigned: a row whose expert is not below
+// n_experts walks no column and is 0. experts is null for a plain product. The bands of y from
+// first_bands on come from a second set of experts (w2, scales2, biases2), with the same x row and
+// active columns: gate and up in one launch.
+//
 // Instantiated by the build with SPQT_NAME, SPQT_T, SPQT_BITS and SPQT_GS.
 #include "zigzag.cuh"
 
@@ -43,7 +51,9 @@ __device__ __forceinline__ void zigzag_gemv(
     int* __restrict__ counters,
     int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
     float t_value, int splits,
-    const T* __restrict__ norm, const T* __restrict__ residual, int r_stride, int prologue, float eps) {
+    const T* __restrict__ norm, const T* __restrict__ residual, int r_stride, int prologue, float eps,
+    const unsigned* __restrict__ experts, int n_experts, int x_div,
+    const uint32_t* __restrict__ w2, const T* __restrict__ scales2, const T* __restrict__ biases2, int first_bands) {
   constexpr int kListCapacity = 2048;  // fused-collection window, in entries
   constexpr int kLanesPerGroup = GS / 32;
   constexpr int kColsPerWarp = 32 / kLanesPerGroup;
@@ -66,12 +76,30 @@ __device__ __forceinline__ void zigzag_gemv(
   const int slot = warp * kColsPerWarp + lane / kLanesPerGroup;
   const int band = blockIdx.x / splits;
   const int rank = blockIdx.x % splits;
-  const uint32_t* wb = w + int64_t(band) * K * kWordsPerGroup + chunk * BITS;
-  const T* sb = scales + int64_t(band) * K;
-  const T* bb = biases + int64_t(band) * K;
+
+  // Which set of experts this block's band belongs to, and the band within it.
+  const bool second = band >= first_bands;
+  const int set_bands = second ? N / GS - first_bands : first_bands;
+  const int set_band = second ? band - first_bands : band;
+  const uint32_t* w_set = second ? w2 : w;
+  const T* scales_set = second ? scales2 : scales;
+  const T* biases_set = second ? biases2 : biases;
 
   for (int m = blockIdx.y; m < M; m += gridDim.y) {
-    const Input<T> xin = input_row<T, kWarps>(x, m, K, x_stride, prologue, norm, eps, norm_scratch);
+    unsigned expert = 0;
+    bool routed = true;
+    float t_row = t_value;
+    if (experts) {
+      expert = experts[m];
+      routed = expert < unsigned(n_experts);
+      expert = routed ? expert : 0;
+      if (kind == kThreshold) t_row = static_cast<const float*>(active)[expert];
+    }
+    const int64_t eb = int64_t(expert) * set_bands + set_band;  // this band of the row's expert
+    const uint32_t* wb = w_set + eb * K * kWordsPerGroup + chunk * BITS;
+    const T* sb = scales_set + eb * K;
+    const T* bb = biases_set + eb * K;
+    const Input<T> xin = input_row<T, kWarps>(x, m / x_div, K, x_stride, prologue, norm, eps, norm_scratch);
 
     // Size of the active set and this block's share of it.
     const int* cols;
@@ -93,7 +121,7 @@ __device__ __forceinline__ void zigzag_gemv(
         for (int j = 0; j < 8; ++j) ks[j] = min((i0 + j) * kThreads + tid, K - 1);
         xin.gather(ks, v);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) th[j] = threshold_per_column ? t[ks[j]] : t_value;
+        for (int j = 0; j < 8; ++j) th[j] = threshold_per_column ? t[ks[j]] : t_row;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           if (i0 + j < per_thread && (i0 + j) * kThreads + tid < K && fabsf(v[j]) > th[j]) {
@@ -102,6 +130,11 @@ __device__ __forceinline__ void zigzag_gemv(
         }
       }
       my_rank = block_exclusive_scan<kWarps>(__popcll(my_mask), scratch, n);
+    }
+    if (!routed) {
+      n = 0;
+      my_mask = 0;
+      my_rank = 0;
     }
     int begin, count;
     share(n, splits, rank, begin, count);
@@ -204,9 +237,12 @@ extern "C" __global__ void __launch_bounds__(spqt::kThreads, 2) SPQT_NAME(
     const SPQT_T* x, const uint32_t* w, const SPQT_T* scales, const SPQT_T* biases,
     const void* active, SPQT_T* y, float* partials, int* counters,
     int M, int N, int K, int x_stride, int kind, int n_host, int threshold_per_column,
-    float t_value, int splits, const SPQT_T* norm, const SPQT_T* residual, int r_stride, int prologue, float eps) {
+    float t_value, int splits, const SPQT_T* norm, const SPQT_T* residual, int r_stride, int prologue, float eps,
+    const unsigned* experts, int n_experts, int x_div,
+    const uint32_t* w2, const SPQT_T* scales2, const SPQT_T* biases2, int first_bands) {
   spqt::zigzag_gemv<SPQT_T, SPQT_BITS, SPQT_GS>(
       x, w, scales, biases, active, y, partials, counters,
-      M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits, norm, residual, r_stride, prologue, eps);
+      M, N, K, x_stride, kind, n_host, threshold_per_column, t_value, splits, norm, residual, r_stride, prologue, eps,
+      experts, n_experts, x_div, w2, scales2, biases2, first_bands);
 }
 #endif

@@ -6,7 +6,7 @@ namespace spqt::metal_params {
 
 constexpr int kSimdSize = 32;
 
-// zigzag_gemv: one threadgroup per (band, split, row of x); each simdgroup walks its own share of the
+// zigzag_gemv: one threadgroup per (band, split, row of y); each simdgroup walks its own share of the
 // active list, kColumnsPerStep entries at a time, with kLanesPerColumn lanes sharing one group's rows.
 constexpr int kGemvSimdgroups = 2;
 constexpr int kGemvThreads = kGemvSimdgroups * kSimdSize;

@@ -1,6 +1,6 @@
 // Zigzag GEMV on Apple GPUs (docs/format.md): y = x @ W.T over the active columns of x.
 //
-// Geometry (params.h): a threadgroup per (band, split, row m of x), two simdgroups of 32 lanes.
+// Geometry (params.h): a threadgroup per (band, split, row m of y), two simdgroups of 32 lanes.
 // The active list (or [0, K) for the dense walk) is split evenly over the splits * simdgroups
 // workers of a band: worker w owns entries [begin, end), and the first n % workers workers take one
 // extra entry. Within a worker, the simdgroup walks kColumnsPerStep entries at a time; the
@@ -18,7 +18,20 @@
 //
 // Several rows under a threshold (batched decode) walk the union of their active columns (or every
 // column) with threshold_stride >= 0: each row keeps its own entries with |x'| > threshold[k *
-// threshold_stride] and reads the others as zero, so its result is what its own list would give.
+// threshold_stride] and skips the others (reading neither their codes nor their scale and bias), so
+// its result is what its own list would give.
+//
+// Gathered products (mixture of experts, n_experts >= 0): row m of y reads row m / x_div of x and the
+// weight of expert e = experts[m], the (bands, K, words) slab at e * bands * K * words of w (scales and
+// biases alike), and its threshold at threshold[e * threshold_expert_stride + k * threshold_stride].
+// The host encodes it as the dense walk (rows of one threadgroup grid use different experts, so no
+// one list serves them), each row keeping the entries above its expert's threshold. Ids are read as
+// unsigned 32-bit (routers give int32 or uint32): a row whose expert is not below n_experts, a
+// negative int32 id included, walks nothing and writes zeros.
+//
+// Two sets of weights (mlx-lm's gate and up experts as one launch): bands [0, bands_a) of y come from
+// (w, scales, biases), bands [bands_a, N / GS) from (w2, scales2, biases2), each set stacking its own
+// bands of every expert. Both read the same x' and active columns; a single set has bands_a = N / GS.
 #pragma once
 
 #include "params.h"
@@ -60,6 +73,14 @@ template <typename T, int BITS, int GS, bool SPARSE>
     const constant int& has_residual [[buffer(14)]],
     const device float* threshold [[buffer(15)]],
     const constant int& threshold_stride [[buffer(16)]],
+    const device uint32_t* experts [[buffer(17)]],
+    const constant int& x_div [[buffer(18)]],
+    const constant int& n_experts [[buffer(19)]],
+    const constant int& threshold_expert_stride [[buffer(20)]],
+    const device uint32_t* w2 [[buffer(21)]],
+    const device T* scales2 [[buffer(22)]],
+    const device T* biases2 [[buffer(23)]],
+    const constant int& bands_a [[buffer(24)]],
     uint3 tg [[threadgroup_position_in_grid]],
     uint3 tgs [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -91,6 +112,16 @@ template <typename T, int BITS, int GS, bool SPARSE>
     }
   }
 
+  // The expert of a gathered row; one not below n_experts leaves the row empty (y = 0).
+  uint expert = 0;
+  if (n_experts >= 0) {
+    expert = experts[m];
+    if (expert >= uint(n_experts)) {
+      expert = 0;
+      n = 0;
+    }
+  }
+
   // Balanced split of [0, n) over the band's workers (simdgroups).
   const int workers = splits * kGemvSimdgroups;
   const int worker = split * kGemvSimdgroups + int(sg);
@@ -102,13 +133,19 @@ template <typename T, int BITS, int GS, bool SPARSE>
   const int slot = int(lane) / kLanesPerColumn;          // which entry of a step
   const int r0 = (int(lane) % kLanesPerColumn) * ROWS;   // first row of this lane
 
-  const device T* xm = pro::row(x, m, K, prologue);
+  const device T* xm = pro::row(x, n_experts >= 0 ? m / x_div : m, K, prologue);
   const float inv_rms = prologue == pro::kRmsNorm
       ? pro::inv_rms(xm, K, eps, norm_scratch, tid, kGemvThreads, sg, kGemvSimdgroups, lane)
       : 1.0f;
-  const device uint32_t* wb = w + int64_t(band) * K * WORDS;
-  const device T* sb = scales + int64_t(band) * K;
-  const device T* bb = biases + int64_t(band) * K;
+  // The band's set of weights, and its first group there: band `set_band` of the expert's set_bands.
+  const bool second = band >= bands_a;
+  const int set_bands = second ? N / GS - bands_a : bands_a;
+  const int set_band = second ? band - bands_a : band;
+  const int64_t group = int64_t(expert) * set_bands + set_band;
+  const device uint32_t* wb = (second ? w2 : w) + group * K * WORDS;
+  const device T* sb = (second ? scales2 : scales) + group * K;
+  const device T* bb = (second ? biases2 : biases) + group * K;
+  const device float* tm = threshold_stride >= 0 ? threshold + int64_t(expert) * threshold_expert_stride : threshold;
 
   float4 acc[ROWS / 4];
   for (int j = 0; j < ROWS / 4; ++j) {
@@ -121,9 +158,9 @@ template <typename T, int BITS, int GS, bool SPARSE>
     if (k < 0 || k >= K) {
       continue;
     }
-    float xk = pro::input(xm, norm, inv_rms, prologue, K, k);
-    if (threshold_stride >= 0 && !(metal::abs(xk) > threshold[int64_t(k) * threshold_stride])) {
-      xk = 0.0f;  // not one of this row's active columns
+    const float xk = pro::input(xm, norm, inv_rms, prologue, K, k);
+    if (threshold_stride >= 0 && !(metal::abs(xk) > tm[int64_t(k) * threshold_stride])) {
+      continue;  // not one of this row's active columns: its weight is not read (the bandwidth saved)
     }
     const float xs = xk * float(sb[k]);
     const device uint32_t* words = wb + int64_t(k) * WORDS;

@@ -103,6 +103,20 @@ def build(cxx: str, cache_dir: Path, *, encoding: str | None = None) -> Path:
     return lib
 
 
+class GatherArgs(ctypes.Structure):
+    """The arguments of spqt_emu_zigzag_gather_gemv, as emulator/harness.cpp's GatherArgs."""
+
+    _fields_ = [
+        ("type", ctypes.c_char_p), ("bits", ctypes.c_int), ("gs", ctypes.c_int), ("prologue", ctypes.c_int),
+        ("x", ctypes.c_void_p), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
+        ("bands", ctypes.c_int), ("w2", ctypes.c_void_p), ("scales2", ctypes.c_void_p),
+        ("biases2", ctypes.c_void_p), ("bands2", ctypes.c_int), ("experts", ctypes.c_void_p),
+        ("ids_unsigned", ctypes.c_int), ("threshold", ctypes.c_void_p), ("t_len", ctypes.c_int),
+        ("y", ctypes.c_void_p), ("rows_x", ctypes.c_int), ("M", ctypes.c_int), ("K", ctypes.c_int),
+        ("E", ctypes.c_int), ("splits", ctypes.c_int), ("seed", ctypes.c_uint64),
+    ]
+
+
 class Emulator:
     """The emulated Metal backend: each call runs the host encoding that dispatch/metal.cpp runs
     (dispatch/metal_encoding.h), on the emulator's fake encoder."""
@@ -113,6 +127,7 @@ class Emulator:
         s = ctypes.c_char_p
         f = ctypes.c_float
         self.lib.spqt_emu_zigzag_gemv.argtypes = [s, i, i, i, p, p, p, p, p, i, p, i, i, i, i, u64, i, p, f, p, p, i]
+        self.lib.spqt_emu_zigzag_gather_gemv.argtypes = [ctypes.POINTER(GatherArgs), p, i]
         self.lib.spqt_emu_collect_active.argtypes = [s, p, p, i, i, i, u64, i, p, f, p, p, i]
         self.lib.spqt_emu_copy_to_contiguous.argtypes = [i, p, ctypes.c_int64, ctypes.c_int64, p, p, i, p, u64, p, i]
         self.lib.spqt_emu_selfcheck.argtypes = [s, i, u64, p, i, p, i]
@@ -147,6 +162,31 @@ class Emulator:
             prologue, self._ptr(None if norm is None else np.ascontiguousarray(norm)), eps,
             self._ptr(None if residual is None else np.ascontiguousarray(residual)), err, len(err))
         self._check(rc, err)
+        return y
+
+    def zigzag_gather_gemv(self, type_name, x, w, scales, biases, experts, threshold, group_size, bits, *,
+                           second=None, prologue=0, splits=0, seed=0):
+        """The experts' product: x (R_x, K) raw ((R_x, 2K) for the SwiGLU prologue, 2), w (E, bands, K,
+        words), scales and biases (E, bands, K) raw, experts (R,) int32 or uint32 (kept as given) with R
+        a multiple of R_x, threshold None (every column) or float32 (E,) or scalar; second: (w2,
+        scales2, biases2) of another set of experts, whose bands follow. Returns y (R, N) in x's raw
+        dtype."""
+        rows_x, K = x.shape
+        K = K // 2 if prologue == 2 else K
+        E, bands = w.shape[:2]
+        ids = np.asarray(experts)
+        ids = np.ascontiguousarray(ids, dtype=ids.dtype if ids.dtype == np.uint32 else np.int32)
+        w2, scales2, biases2 = (None, None, None) if second is None else map(np.ascontiguousarray, second)
+        bands2 = 0 if w2 is None else w2.shape[1]
+        y = np.empty((ids.size, (bands + bands2) * group_size), dtype=x.dtype)
+        t = None if threshold is None else np.ascontiguousarray(threshold, dtype=np.float32).reshape(-1)
+        arrays = [np.ascontiguousarray(a) for a in (x, w, scales, biases)]  # alive until the call returns
+        args = GatherArgs(
+            type_name.encode(), bits, group_size, prologue, *map(self._ptr, arrays), bands, self._ptr(w2),
+            self._ptr(scales2), self._ptr(biases2), bands2, self._ptr(ids), int(ids.dtype == np.uint32),
+            self._ptr(t), 0 if t is None else t.size, self._ptr(y), rows_x, ids.size, K, E, splits, seed)
+        err = ctypes.create_string_buffer(1024)
+        self._check(self.lib.spqt_emu_zigzag_gather_gemv(ctypes.byref(args), err, len(err)), err)
         return y
 
     def collect_active(self, type_name, x, threshold, *, threads=0, seed=0, prologue=0, norm=None, eps=0.0):

@@ -3,7 +3,10 @@
 Every bits x group size x activation dtype, dense and sparse walks over index lists, packed lists and
 thresholds, on shapes small enough for the emulator: K not a multiple of 32, one-column and empty
 lists, unsorted and repeated indices, indices outside [0, K), several rows, and both single-pass and
-split (two-dispatch) geometries. Outputs start poisoned, so an element never written fails.
+split (two-dispatch) geometries; and the experts' (gathered) product of mixture-of-experts layers (with
+two sets of experts in one launch, the SwiGLU prologue, int32 or uint32 ids), whose skipped weights are
+poisoned so that reading one fails. Outputs start poisoned, so an element never
+written fails.
 
 The host side is the encoding a Mac runs (dispatch/metal_encoding.h, also used by dispatch/metal.cpp):
 the emulator's fake encoder runs each dispatch with the buffers and constants bound to its slots, so
@@ -24,7 +27,7 @@ from spqt_mlx import ActiveColumns, _ext
 from spqt_mlx._ext import ActiveKind, Prologue
 
 import metal_emulator as emu
-from zigzag_reference import gap_threshold
+from zigzag_reference import dense_weight64, gap_threshold, to_np, unpack_codes
 
 from spqt_mlx.layout import SUPPORTED_BITS as BITS
 from spqt_mlx.layout import SUPPORTED_GROUP_SIZES as GROUP_SIZES
@@ -180,6 +183,201 @@ def test_rows_at_and_past_the_collection_limit(metal_emulator, type_name, rows):
         layer.check(metal_emulator, x, "threshold", t, range(90), ref, **launch)
         collected = any(name.startswith("collect_active") for name, _, _ in metal_emulator.last_dispatches())
         assert collected == (rows <= 16)
+
+
+# ---- gathered products (mixture of experts) ------------------------------------------------------
+
+
+class Experts:
+    """E independently zigzag-quantized (N, K) weights, stacked as a gathered product takes them (w
+    (E, bands, K, words), scales and biases (E, bands, K)), and their float64 weights (E, N, K)."""
+
+    def __init__(self, rng, E, N, K, group_size, bits, dtype):
+        self.layers = [Layer(rng, N, K, group_size, bits, dtype) for _ in range(E)]
+        self.raw = tuple(np.stack(parts) for parts in zip(*(layer.raw for layer in self.layers)))
+        self.w = np.stack([dense_weight64(layer.q) for layer in self.layers])
+        # |scale * code| + |bias| (E, N, K): the kernels add the code and bias terms apart (bias hoist),
+        # so a weight of 0 can still leave float32 rounding of both terms in the sum.
+        self.terms = np.stack([term_sizes64(layer.q) for layer in self.layers])
+        self.group_size, self.bits, self.dtype = group_size, bits, dtype
+        self.type_name = self.layers[0].type_name
+
+    def activations(self, rng, rows, *, swiglu=False):
+        """x raw, and x' (rows, K) in float64: x itself, or with swiglu x of 2K columns (gate, then up)
+        and x' as the CPU op computes it (the kernels round it to the dtype as well)."""
+        K = self.w.shape[2]
+        x = mx.array(rng.normal(size=(rows, 2 * K if swiglu else K)).astype(np.float32)).astype(self.dtype)
+        xp = _ext.apply_prologue(x, Prologue.SwiGLU, None, 0.0, stream=mx.cpu) if swiglu else x
+        return raw(x), as_float64(raw(xp), self.type_name)
+
+    def active(self, x64, experts, threshold):
+        """(R, K) mask of the columns each row of y takes: above its expert's threshold, none for an
+        expert not below E (ids are unsigned: a negative int32 id is one)."""
+        E, _, K = self.w.shape
+        experts = np.asarray(experts, dtype=np.int64)
+        rows = np.abs(x64)[np.arange(len(experts)) // (len(experts) // len(x64))]
+        valid = (experts >= 0) & (experts < E)
+        if threshold is None:
+            return np.repeat(valid[:, None], K, axis=1)
+        t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (E,))
+        return valid[:, None] & (rows > t[np.where(valid, experts, 0)][:, None])
+
+    def reference(self, x64, experts, mask):
+        """y (R, N) in float64 and the sum of |terms| of each output (bias included)."""
+        x_div = len(experts) // len(x64)
+        N = self.w.shape[1]
+        y, magnitude = np.zeros((len(experts), N)), np.zeros((len(experts), N))
+        for r, e in enumerate(experts):
+            if mask[r].any():
+                xr = x64[r // x_div] * mask[r]
+                y[r] = self.w[e] @ xr
+                magnitude[r] = self.terms[e] @ np.abs(xr)
+        return y, magnitude
+
+    def poisoned(self, experts, mask):
+        """The stacked arrays with every weight the product must not read poisoned: the codes of each
+        (expert, column) that no row of that expert takes are all ones and their scales and biases NaN,
+        so a kernel that reads them (even to multiply by zero) shows NaN."""
+        w, scales, biases = (a.copy() for a in self.raw)
+        used = np.zeros((w.shape[0], w.shape[2]), dtype=bool)
+        for r, e in enumerate(experts):
+            if 0 <= e < w.shape[0]:
+                used[e] |= mask[r]
+        dead = ~used
+        nan = np.uint16(0x7FC0) if self.type_name == "bfloat16" else np.array(np.nan, dtype=scales.dtype)
+        w[np.broadcast_to(dead[:, None, :, None], w.shape)] = 0xFFFFFFFF
+        scales[np.broadcast_to(dead[:, None, :], scales.shape)] = nan
+        biases[np.broadcast_to(dead[:, None, :], biases.shape)] = nan
+        return w, scales, biases
+
+    def check(self, emulator, x, x64, experts, threshold, *, second=None, swiglu=False, **launch):
+        """Runs the emulated gathered product, with the weights it must skip poisoned, against the
+        float64 reference; returns the result. x64 is x' (activations()); `second`: the experts whose
+        bands follow this one's in every row (gate and up in one launch)."""
+        mask = self.active(x64, experts, threshold)
+        sets = [self] if second is None else [self, second]
+        parts = [s.reference(x64, experts, mask) for s in sets]
+        ref, magnitude = (np.concatenate(p, axis=1) for p in zip(*parts))
+        weights = [s.poisoned(experts, mask) for s in sets]
+        got = emulator.zigzag_gather_gemv(self.type_name, x, *weights[0], experts, threshold, self.group_size,
+                                          self.bits, second=None if second is None else weights[1],
+                                          prologue=int(Prologue.SwiGLU.value) if swiglu else 0, **launch)
+        got = as_float64(got, self.type_name)
+        # x' of the kernels may round the other way in its last place (exp of another library).
+        tol = ULP[self.type_name] * (np.abs(ref) + (magnitude if swiglu else 0)) + 1e-4 * magnitude + 1e-6
+        bad = ~(np.abs(got - ref) <= tol)
+        if bad.any():
+            r, n = np.argwhere(bad)[0]
+            pytest.fail(
+                f"gather experts={list(experts)} threshold={threshold} paired={second is not None} swiglu={swiglu} "
+                f"{launch}: {bad.sum()} of {bad.size} outputs "
+                f"differ from the float64 reference; first at (r={r}, n={n}): got {got[r, n]!r}, want {ref[r, n]!r} "
+                f"(tolerance {tol[r, n]:.3g})"
+            )
+        return got
+
+
+def term_sizes64(q) -> np.ndarray:
+    """(N, K) |scale * code| + |bias|, from the packed arrays as dense_weight64 decodes them."""
+    codes = unpack_codes(np.array(q.weight), q.group_size, q.bits).astype(np.float64)
+    sizes = np.abs(to_np(q.scales))[..., None] * codes + np.abs(to_np(q.biases))[..., None]
+    return sizes.transpose(0, 2, 1).reshape(q.shape)
+
+
+def expert_thresholds(x64, E):
+    """One threshold per expert, at different quantiles of |x| and in gaps between its values."""
+    return np.array([gap_threshold(x64, q) for q in np.linspace(0.3, 0.7, E)], dtype=np.float32)
+
+
+@pytest.mark.parametrize("type_name", list(DTYPES))
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", BITS)
+def test_zigzag_gather_gemv(metal_emulator, bits, group_size, type_name):
+    """The experts' product, dense and under per-expert thresholds, rows of y sharing a row of x or
+    not, ids outside [0, E), one and several splits: against float64, with every weight that must not
+    be read (unused experts, columns inactive for an expert) poisoned."""
+    rng = np.random.default_rng(2000 * bits + group_size + len(type_name))
+    E, K = 3, 40
+    experts = Experts(rng, E, 2 * group_size, K, group_size, bits, DTYPES[type_name])
+    for ids, x_div, splits, seed in (([2, -1, 0, 2], 1, 0, 0), ([1, E, 0, 1], 2, 3, 1), ([0, 2, E, -1], 4, 8, 5)):
+        x, x64 = experts.activations(rng, len(ids) // x_div)
+        t = expert_thresholds(x64, E)
+        experts.check(metal_emulator, x, x64, ids, None, splits=splits, seed=seed)
+        experts.check(metal_emulator, x, x64, ids, t, splits=splits, seed=seed + 2)
+
+
+@pytest.mark.parametrize("type_name", list(DTYPES))
+@pytest.mark.parametrize("bits,group_size", [(3, 32), (4, 64), (8, 128)])
+def test_gather_paired_and_swiglu(metal_emulator, bits, group_size, type_name):
+    """Two sets of experts in one launch (mlx-lm's gate and up: 2 and 1 bands, and the other way
+    round), the SwiGLU prologue (its down product), and both at once; dense and under per-expert
+    thresholds, with uint32 ids of E and past 2^31 (zero rows). On formats covering codes that
+    straddle words (3 bits), whole bytes, and every group size."""
+    rng = np.random.default_rng(3000 * bits + group_size + len(type_name))
+    E, K = 3, 40
+    gate = Experts(rng, E, 2 * group_size, K, group_size, bits, DTYPES[type_name])
+    up = Experts(rng, E, group_size, K, group_size, bits, DTYPES[type_name])
+    ids = np.array([2, 2**31, 0, E, 1, 2**32 - 1, 2, 0], dtype=np.uint32)
+    for first, second, swiglu, x_div, splits, seed in (
+        (gate, up, False, 2, 0, 0),
+        (gate, None, True, 1, 3, 1),
+        (up, gate, True, 4, 2, 2),
+    ):
+        x, x64 = first.activations(rng, len(ids) // x_div, swiglu=swiglu)
+        t = expert_thresholds(x64, E)
+        for threshold in (None, t):
+            first.check(metal_emulator, x, x64, ids, threshold, second=second, swiglu=swiglu, splits=splits,
+                        seed=seed)
+
+
+def test_gather_dispatches_and_poison(metal_emulator):
+    """The gathered product runs as one (bands, splits, R) grid of the dense walk, no collection, plus
+    the reduction when split; a scalar threshold serves every expert; rows of one token's experts
+    match the CPU op; and the poisoned weights would show if the kernel read them."""
+    rng = np.random.default_rng(31)
+    E, K, gs = 4, 200, 64
+    experts = Experts(rng, E, 2 * gs, K, gs, 4, mx.float16)
+    ids = [3, 0, -7, 1, 3, 2]  # two tokens, three experts each
+    x, x64 = experts.activations(rng, 2)
+    t = expert_thresholds(x64, E)
+
+    experts.check(metal_emulator, x, x64, ids, t)
+    (name, grid, _), (reduce, _, _) = metal_emulator.last_dispatches()
+    assert name == "zigzag_gemv_dense_float16_b4_gs64" and reduce == "zigzag_gemv_reduce_float16"
+    assert grid[0] == 2 and grid[1] > 1 and grid[2] == len(ids)
+    experts.check(metal_emulator, x, x64, ids, t, splits=1)
+    assert [(n, g) for n, g, _ in metal_emulator.last_dispatches()] == [(name, (2, 1, len(ids)))]
+    experts.check(metal_emulator, x, x64, ids, np.float32(np.median(np.abs(x64))), splits=2, seed=3)
+
+    # Against the CPU op: int32 ids below 0; then gate and up at once on SwiGLU'd x, uint32 ids past 2^31.
+    up = Experts(rng, E, gs, K, gs, 4, mx.float16)
+    xs, xs64 = experts.activations(rng, 2, swiglu=True)
+    ids_u = np.array([3, 2**31 + 1, 0, 1, E, 2], dtype=np.uint32)
+    for xr, xr64, rows, second, swiglu in ((x, x64, np.array(ids, dtype=np.int32), None, False),
+                                           (xs, xs64, ids_u, up, True)):
+        sets = [experts] if second is None else [experts, second]
+        prologue = Prologue.SwiGLU if swiglu else Prologue.Identity
+        for threshold in (None, expert_thresholds(xr64, E)):
+            want = _ext.zigzag_gather_gemv(
+                mx.array(xr), *map(mx.array, experts.raw), mx.array(rows),
+                None if threshold is None else mx.array(threshold), gs, 4, prologue,
+                *((None,) * 3 if second is None else map(mx.array, second.raw)), stream=mx.cpu)
+            got = metal_emulator.zigzag_gather_gemv(
+                "float16", xr, *experts.raw, rows, threshold, gs, 4, second=None if second is None else second.raw,
+                prologue=int(prologue.value))
+            want = np.array(want.astype(mx.float32), dtype=np.float64)
+            mask = experts.active(xr64, rows, threshold)
+            magnitude = np.concatenate([s.reference(xr64, rows, mask)[1] for s in sets], axis=1)
+            tol = ULP["float16"] * (np.abs(want) + (magnitude if swiglu else 0)) + 1e-4 * magnitude + 1e-6
+            assert np.all(np.abs(got.astype(np.float64) - want) <= tol), f"threshold={threshold} swiglu={swiglu}"
+
+    # The poison shows when read: the dense walk over the same poisoned weights is NaN where an
+    # expert's skipped columns lie, in either set of a pair.
+    mask = experts.active(x64, ids, t)
+    got = metal_emulator.zigzag_gather_gemv("float16", x, *experts.poisoned(ids, mask), ids, None, gs, 4,
+                                            second=up.poisoned(ids, mask))
+    valid = [0 <= e < E for e in ids]
+    assert np.isnan(got[valid]).all() and (got[np.logical_not(valid)] == 0).all()
 
 
 @pytest.mark.parametrize("type_name", list(DTYPES))
@@ -412,6 +610,17 @@ def encoding_failures(emulator) -> list[str]:
             raise RuntimeError("the copy differs")
 
     attempt("copy", copy)
+    experts = Experts(rng, 3, 128, 150, 64, 4, mx.float16)
+    xg, xg64 = experts.activations(rng, 2)
+    ids = [2, 0, -1, 2, 1, 3]  # two tokens of three experts
+    attempt("gather", lambda: experts.check(emulator, xg, xg64, ids, None, splits=2))
+    attempt("gather thresholds", lambda: experts.check(emulator, xg, xg64, ids, expert_thresholds(xg64, 3)))
+    up = Experts(rng, 3, 64, 150, 64, 4, mx.float16)
+    xs, xs64 = experts.activations(rng, 2, swiglu=True)
+    ids_u = np.array([2, 0, 2**31, 2, 1, 3], dtype=np.uint32)
+    attempt("gather paired", lambda: experts.check(emulator, xg, xg64, ids, None, second=up, splits=2))
+    attempt("gather paired swiglu", lambda: experts.check(emulator, xs, xs64, ids_u, expert_thresholds(xs64, 3),
+                                                          second=up, swiglu=True))
     return failures
 
 
@@ -429,10 +638,19 @@ WRONG_ENCODINGS = {
                                         "g.K, g.active_len != 1, 0, {}, g.M);"),
     "collection of the first row only": ("g.K, g.active_len != 1, 0, g.prologue, g.M);",
                                          "g.K, g.active_len != 1, 0, g.prologue, 1);"),
-    "rows that do not mask their own entries": ("e.set_int(rows_thresholded ? (g.active_len != 1 ? 1 : 0) : -1, 16);",
-                                                "e.set_int(-1, 16);"),
+    "rows that do not mask their own entries": ("(g.active_len != 1 && !gathered ? 1 : 0) : -1, 16);",
+                                                "-1 : -1, 16);"),
     "residual left out of the reduction": ("e.set_int(g.residual ? 1 : 0, 6);", "e.set_int(0, 6);"),
     "epsilon in the wrong slot": ("e.set_float(g.prologue.eps, 13);", "e.set_float(g.prologue.eps, 7);"),
+    "expert ids not bound": ("e.set_input(gathered ? g.experts->ids : g.x, 17);", "e.set_input(g.x, 17);"),
+    "experts not gathered": ("e.set_int(gathered ? g.experts->count : -1, 19);", "e.set_int(-1, 19);"),
+    "a row of x per row of y": ("e.set_int(gathered ? g.experts->x_div : 1, 18);", "e.set_int(1, 18);"),
+    "the first expert's threshold for all": ("rows_thresholded && g.active_len != 1 ? 1 : 0, 20);", "0, 20);"),
+    "per-expert thresholds collected as per-column": ("g.M <= kCollectMaxRows && !gathered)",
+                                                      "g.M <= kCollectMaxRows)"),
+    "second experts not bound": ("e.set_input(second ? second->w : g.w, 21);", "e.set_input(g.w, 21);"),
+    "bands of the first experts ignored": ("e.set_int(second ? second->first_bands : g.N / g.group_size, 24);",
+                                           "e.set_int(g.N / g.group_size, 24);"),
 }
 
 

@@ -111,7 +111,9 @@ Buf buf(Guarded<T>& g) {
 template <typename T>
 using GemvKernel = void (*)(const T*, const uint32_t*, const T*, const T*, const int32_t*, T*, float*,
                             const int&, const int&, const int&, const T*, const T*, const int&, const float&,
-                            const int&, const float*, const int&, uint3, uint3, uint, uint, uint);
+                            const int&, const float*, const int&, const uint32_t*, const int&, const int&,
+                            const int&, const uint32_t*, const T*, const T*, const int&, uint3, uint3, uint, uint,
+                            uint);
 template <typename T>
 using ReduceKernel = void (*)(const float*, T*, const int&, const int&, const int&, const T*, const int&, uint);
 template <typename T>
@@ -256,6 +258,16 @@ class FakeEncoder {
     return it->second;
   }
 
+  // Expert ids: int32 or uint32 (routers give either), which the kernel reads as unsigned.
+  const uint32_t* ids(int i, bool any_type) {
+    const Slot& s = slot(i, Role::Input);
+    if (!any_type && s.buffer.tag != Tag::I32 && s.buffer.tag != Tag::U32) {
+      throw std::runtime_error(kernel_ + ": slot " + std::to_string(i) + " holds " + tag_name(s.buffer.tag) +
+                               ", the kernel reads int32 or uint32 ids");
+    }
+    return static_cast<const uint32_t*>(s.buffer.ptr);
+  }
+
   // A buffer argument of element type T (`any_type`: a slot the kernel never reads).
   template <typename T>
   T* buffer(int i, Role role, bool any_type = false) {
@@ -326,10 +338,20 @@ class FakeEncoder {
         const T* residual = buffer<T>(11, Role::Input, !has_residual);
         const int& threshold_stride = constant<int>(16);
         const float* threshold = buffer<float>(15, Role::Input, threshold_stride < 0);  // rows that keep their own
+        const int& x_div = constant<int>(18);
+        const int& n_experts = constant<int>(19);
+        const int& threshold_expert_stride = constant<int>(20);
+        const uint32_t* experts = ids(17, n_experts < 0);  // gathered products only
+        const int& bands_a = constant<int>(24);
+        // The second set of weights, read by the bands from bands_a on (a single set binds itself again).
+        const uint32_t* w2 = buffer<uint32_t>(21, Role::Input);
+        const T* scales2 = buffer<T>(22, Role::Input);
+        const T* biases2 = buffer<T>(23, Role::Input);
         simt::launch(grid, threads, seed_, [&](const simt::ThreadIds& id) {
           fn(x, w, scales, biases, sparse ? active : nullptr, y, partials, K, N, listed, norm, residual, prologue, eps,
-             has_residual, threshold_stride < 0 ? nullptr : threshold, threshold_stride, id.tg, id.tgs, id.tid, id.sg,
-             id.lane);
+             has_residual, threshold_stride < 0 ? nullptr : threshold, threshold_stride,
+             n_experts < 0 ? nullptr : experts, x_div, n_experts, threshold_expert_stride, w2, scales2, biases2,
+             bands_a, id.tg, id.tgs, id.tid, id.sg, id.lane);
         });
       });
     } else if (starts_with(k, "collect_active_")) {
@@ -466,6 +488,84 @@ void gemv(const std::string& type, const GemvArgs& a) {
   y.copy_to(a.y);
 }
 
+// The experts' product, as spqt_emu_zigzag_gather_gemv takes it (mirrored by metal_emulator.GatherArgs).
+struct GatherArgs {
+  const char* type;
+  int bits, gs;
+  int prologue;  // kernels/contract.h's Prologue: 0 or 2 (SwiGLU, x of 2K columns)
+  const void* x;
+  const uint32_t* w;
+  const void *scales, *biases;
+  int bands;                    // of the first set
+  const uint32_t* w2;           // the second set (null: none), of `bands2` bands
+  const void *scales2, *biases2;
+  int bands2;
+  const void* experts;          // M ids
+  int ids_unsigned;             // uint32 rather than int32
+  const float* threshold;       // null: dense
+  int t_len;
+  void* y;                      // (M, (bands + bands2) * gs)
+  int rows_x, M, K, E, splits;
+  uint64_t seed;
+};
+
+template <typename T>
+void gather_gemv(const GatherArgs& a) {
+  const int words = a.gs * a.bits / 32;
+  const int N = (a.bands + a.bands2) * a.gs;
+  const T nan = T(NAN);
+  Guarded<T> x(a.x, size_t(a.rows_x) * a.K * (a.prologue == 2 ? 2 : 1), nan);
+  Guarded<uint32_t> w(a.w, size_t(a.E) * a.bands * a.K * words, 0xffffffffu);
+  Guarded<T> scales(a.scales, size_t(a.E) * a.bands * a.K, nan);
+  Guarded<T> biases(a.biases, size_t(a.E) * a.bands * a.K, nan);
+  Guarded<uint32_t> w2(a.w2, a.w2 ? size_t(a.E) * a.bands2 * a.K * words : 0, 0xffffffffu);
+  Guarded<T> scales2(a.scales2, a.w2 ? size_t(a.E) * a.bands2 * a.K : 0, nan);
+  Guarded<T> biases2(a.biases2, a.w2 ? size_t(a.E) * a.bands2 * a.K : 0, nan);
+  // An expert id read past the end of the list would be expert 0: a wrong, not a missing, weight.
+  Guarded<int32_t> ids_signed(a.ids_unsigned ? nullptr : a.experts, a.ids_unsigned ? 0 : size_t(a.M), 0);
+  Guarded<uint32_t> ids_unsigned(a.ids_unsigned ? a.experts : nullptr, a.ids_unsigned ? size_t(a.M) : 0, 0);
+  Guarded<float> thresholds(a.threshold, a.threshold ? size_t(a.t_len) : 0, NAN);
+  Guarded<T> y(nullptr, size_t(a.M) * N, poison<T>());
+
+  FakeEncoder enc(a.seed);
+  spqt::metal::Gemv<Buf> g{
+      .type = a.type,
+      .bits = a.bits,
+      .group_size = a.gs,
+      .M = a.M,
+      .N = N,
+      .K = a.K,
+      .kind = a.threshold ? spqt::ActiveKind::Threshold : spqt::ActiveKind::Dense,
+      .x = buf(x),
+      .w = buf(w),
+      .scales = buf(scales),
+      .biases = buf(biases),
+      .y = buf(y),
+      .active = std::nullopt,
+      .active_len = 0,
+      .splits = a.splits,
+      .prologue = {spqt::Prologue(a.prologue), std::nullopt, 0.0f},
+  };
+  if (a.threshold) {
+    g.active = buf(thresholds);
+    g.active_len = a.t_len;
+  }
+  g.experts = spqt::metal::Experts<Buf>{a.ids_unsigned ? buf(ids_unsigned) : buf(ids_signed), a.E,
+                                        a.rows_x ? a.M / a.rows_x : 1};
+  if (a.w2) {
+    g.experts->second = spqt::metal::SecondExperts<Buf>{buf(w2), buf(scales2), buf(biases2), a.bands};
+  }
+  try {
+    spqt::metal::encode_gemv(enc, g);
+  } catch (...) {
+    last_log = enc.log();
+    throw;
+  }
+  last_log = enc.log();
+  y.check("y");
+  y.copy_to(a.y);
+}
+
 } // namespace
 
 extern "C" {
@@ -481,6 +581,18 @@ int spqt_emu_zigzag_gemv(const char* type, int bits, int group_size, int kind, c
     GemvArgs a{bits, group_size, kind, x, scales, biases, active, w, active_len, y, M, N, K, splits, seed,
                prologue, norm, residual, eps};
     return with_type(type, [&]<typename T>() { gemv<T>(type, a); });
+  } catch (const std::exception& e) {
+    return report(e, err, err_len);
+  }
+}
+
+// The experts' product: y (M, N) row m = x' (rows_x, K) row m / (M / rows_x) @ [W[e] | W2[e]].T for e =
+// experts[m] (read as unsigned), w (E, bands, K, words), scales and biases (E, bands, K), the second
+// set likewise with bands2; threshold: null (every column) or t_len float32 (one per expert, or one).
+// splits <= 0 uses the host's policy.
+int spqt_emu_zigzag_gather_gemv(const GatherArgs* args, char* err, int err_len) {
+  try {
+    return with_type(args->type, [&]<typename T>() { gather_gemv<T>(*args); });
   } catch (const std::exception& e) {
     return report(e, err, err_len);
   }
