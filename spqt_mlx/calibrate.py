@@ -27,8 +27,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
+from .patch.experts import ZigzagSwitchLinear
 from .patch.linear import ZigzagLinear, check_criterion
-from .patch.model import (column_scales, effective_weight, get_criterion, projections, set_criterion, set_thresholds,
+from .patch.model import (_expert_types, column_scales, effective_weight, get_criterion, projections, set_criterion, set_thresholds,
                           zigzag_layers)
 
 METHODS = ("uniform", "greedy")
@@ -42,6 +43,8 @@ class _StopForward(Exception):
 
 
 def _parameter_count(layer: nn.Module) -> int:
+    if _is_experts(layer):
+        return layer.input_dims * layer.output_dims  # one expert's, until a call shows how many a token reads
     if isinstance(layer, ZigzagLinear):
         return layer.input_dims * layer.output_dims
     if isinstance(layer, nn.QuantizedLinear):
@@ -154,6 +157,63 @@ class _Probe(nn.Module):
         return y
 
 
+class _ExpertsProbe(_Probe):
+    """Stands in for the experts of a MoE projection (a ZigzagSwitchLinear, SwitchLinear or
+    QuantizedSwitchLinear), called as they are: samples the inputs of the rows routed to them (a
+    token's gate/up input once, down's input once per selected expert) and applies candidate
+    sparsities, with the experts' float32 weights through MLX."""
+
+    def _ensure_weight(self):
+        if self._weight_t is None:
+            self._weight_t = effective_weight(self._layer).astype(mx.float32).swapaxes(-1, -2)  # (E, K, N)
+            self._bias = self._layer.bias.astype(mx.float32) if "bias" in self._layer else None
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        # Calibration runs the experts in token order (_experts_in_token_order), so x keeps its
+        # batch axis, on which candidate thresholds are stacked.
+        self._ensure_weight()
+        dtype, K = x.dtype, x.shape[-1]
+        a = x.astype(mx.float32)
+        if self.record:
+            self._sample(np.abs(np.array(a)).reshape(-1, K))
+            # What a token reads: one expert's weight per expert it is routed to.
+            self.size = self._layer.input_dims * self._layer.output_dims * (indices.shape[-1] if indices.ndim else 1)
+        if self._thresholds is not None:
+            c = len(self._thresholds)
+            t = mx.array(self._thresholds).reshape(c, *([1] * (a.ndim - 1)))
+            a = a.reshape(c, -1, *a.shape[1:])
+            a = mx.where(mx.abs(a) > t[:, None], a, 0.0).reshape(x.shape)
+        y = mx.gather_mm(a, self._weight_t, rhs_indices=indices)
+        if self._bias is not None:
+            y = y + mx.expand_dims(self._bias[indices], -2)
+        y = y.astype(dtype)
+        if self.record:
+            mx.eval(y)
+            self.release()
+        return y
+
+
+@contextlib.contextmanager
+def _experts_in_token_order():
+    """mlx-lm's SwitchGLU and SwitchMLP sort the rows of a long call by expert; during calibration
+    they keep token order instead (the same products, in another order), so that the probes see
+    each call's batch axis, on which candidate thresholds are stacked."""
+    from mlx_lm.models import switch_layers
+
+    gather_sort, scatter_unsort = switch_layers._gather_sort, switch_layers._scatter_unsort
+    switch_layers._gather_sort = lambda x, indices: (x, indices, None)
+    switch_layers._scatter_unsort = lambda x, inv_order, shape=None: (
+        x if inv_order is None else scatter_unsort(x, inv_order, shape))
+    try:
+        yield
+    finally:
+        switch_layers._gather_sort, switch_layers._scatter_unsort = gather_sort, scatter_unsort
+
+
+def _is_experts(layer: nn.Module) -> bool:
+    return isinstance(layer, (ZigzagSwitchLinear, *_expert_types()))
+
+
 def _use_numpy() -> bool:
     return mx.default_device() == mx.cpu
 
@@ -193,7 +253,9 @@ def _swapped(model: nn.Module, replacements: Mapping[str, nn.Module]):
     originals = _modules_at(model, list(replacements))
     model.update_modules(tree_unflatten(list(replacements.items())))
     try:
-        yield
+        with _experts_in_token_order() if any(isinstance(m, _ExpertsProbe) for m in replacements.values()) \
+                else contextlib.nullcontext():
+            yield
     finally:
         model.update_modules(tree_unflatten(list(originals.items())))
 
@@ -277,8 +339,11 @@ def _column_scales(layers: Mapping[str, nn.Module], criterion: str) -> dict[str,
     runs with it already (its norms are computed once, by set_criterion), else computed."""
     if criterion != "wina":
         return dict.fromkeys(layers)
-    held = {p: getattr(m, "column_scale", None) for p, m in layers.items()}
-    return held if all(v is not None for v in held.values()) else column_scales(layers)
+    # Experts keep TEAL's criterion (set_criterion).
+    linear = {p: m for p, m in layers.items() if not _is_experts(m)}
+    held = {p: getattr(m, "column_scale", None) for p, m in linear.items()}
+    scales = held if all(v is not None for v in held.values()) else column_scales(linear)
+    return {p: scales.get(p) for p in layers}
 
 
 def _record(model, tokens, *, with_blocks: bool, max_samples: int, seed: int, progress: bool,
@@ -288,7 +353,8 @@ def _record(model, tokens, *, with_blocks: bool, max_samples: int, seed: int, pr
         raise ValueError("the model has no attention or MLP projections to calibrate.")
     rng = np.random.default_rng(seed)
     layers = _modules_at(model, paths)
-    probes = {p: _Probe(layers[p], max_samples, rng, scale) for p, scale in _column_scales(layers, criterion).items()}
+    probes = {p: (_ExpertsProbe if _is_experts(layers[p]) else _Probe)(layers[p], max_samples, rng, scale)
+              for p, scale in _column_scales(layers, criterion).items()}
     rec = _Recording(probes)
     batch = _token_batch(tokens, model)
     try:

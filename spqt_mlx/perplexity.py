@@ -47,8 +47,8 @@ MODES = ("masked", "decode")
 
 
 class ThresholdedInput(nn.Module):
-    """Wraps a ZigzagLinear: zeroes the inputs its single-token kernel would skip, for any number of
-    tokens, and counts how many it zeroed."""
+    """Wraps a zigzag layer (ZigzagLinear or ZigzagSwitchLinear): zeroes the inputs its decode
+    kernel would skip, for any number of tokens, and counts how many it zeroed."""
 
     def __init__(self, layer):
         super().__init__()
@@ -57,13 +57,13 @@ class ThresholdedInput(nn.Module):
         self._skipped = mx.array(0, dtype=mx.int64)
         self._seen = 0
 
-    def __call__(self, x):
+    def __call__(self, x, *args, **kwargs):
         if self._sparse:
             keep = self.layer.active_mask(x)
             self._skipped = self._skipped + (keep.size - keep.sum())
             x = mx.where(keep, x, mx.zeros_like(x))
         self._seen += x.size
-        return self.layer(x)
+        return self.layer(x, *args, **kwargs)
 
     def skipped_fraction(self) -> float:
         return float(self._skipped.item()) / self._seen if self._seen else 0.0
@@ -78,24 +78,25 @@ class _Wrapped:
 
     def achieved(self) -> float:
         """Fraction of weight columns skipped, averaged over layers weighted by their sizes."""
-        sizes = [w.layer.input_dims * w.layer.output_dims for w in self.wrappers]
+        sizes = [w.layer.input_dims * w.layer.output_dims * getattr(w.layer, "experts_per_token", 1)
+                 for w in self.wrappers]
         total = sum(sizes)
         return sum(s * w.skipped_fraction() for s, w in zip(sizes, self.wrappers)) / total if total else 0.0
 
 
 @contextlib.contextmanager
 def thresholded_inputs(model):
-    """Within the block, every ZigzagLinear of ``model`` sparsifies all tokens, not only single
+    """Within the block, every zigzag layer of ``model`` sparsifies all tokens, not only single
     ones. Yields an object whose ``achieved()`` is the sparsity reached so far."""
     from mlx.utils import tree_map
 
-    from .patch import ZigzagLinear
+    from .patch.model import ZIGZAG_TYPES
 
     originals = model.leaf_modules()
     wrappers = []
 
     def wrap(module):
-        if isinstance(module, ZigzagLinear):
+        if isinstance(module, ZIGZAG_TYPES):
             wrappers.append(ThresholdedInput(module))
             return wrappers[-1]
         return module

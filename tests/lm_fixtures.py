@@ -102,10 +102,11 @@ OTHER_FAMILIES = {
     "phi3": ({"max_position_embeddings": 512, "original_max_position_embeddings": 512}, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "phi": ({"max_position_embeddings": 512, "num_key_value_heads": 4}, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
     "qwen3": ({"head_dim": 32, "rope_theta": 10000.0}, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-    # Mixture of experts: the attention is patched, the router (mlp.gate) and the experts are not.
+    # Mixture of experts: the attention and the experts are patched, the router (mlp.gate) is not.
     "qwen3_moe": ({"head_dim": 32, "rope_theta": 10000.0, "num_experts": 4, "num_experts_per_tok": 2,
                    "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_intermediate_size": 64,
-                   "norm_topk_prob": True}, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                   "norm_topk_prob": True},
+                  ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
 }
 
 

@@ -92,7 +92,7 @@ def test_siblings_share_the_norms_of_their_stacked_matrix(patched):
         set_criterion(patched, "largest")
     from spqt_mlx.patch.model import column_scales
 
-    with pytest.raises(TypeError, match="expected a ZigzagLinear"):
+    with pytest.raises(TypeError, match="expected a linear or experts layer"):
         column_scales({"act": nn.ReLU()})
 
 

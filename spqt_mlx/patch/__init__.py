@@ -1,6 +1,7 @@
-"""The mlx-lm patch layer: ZigzagLinear and the functions that put it into a model."""
+"""The mlx-lm patch layer: ZigzagLinear, ZigzagSwitchLinear and the functions that put them into a model."""
 
 from .blocks import FAMILIES, fuse_blocks
+from .experts import ZigzagSwitchLinear
 from .fused import fuse_shared_inputs, shared_input_groups
 from .linear import CRITERIA, ZigzagLinear
 from .model import (
@@ -21,6 +22,7 @@ __all__ = [
     "CRITERIA",
     "FAMILIES",
     "ZigzagLinear",
+    "ZigzagSwitchLinear",
     "achieved_sparsity",
     "fuse_blocks",
     "fuse_shared_inputs",

@@ -11,9 +11,19 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from tqdm.auto import tqdm
 
 from ..layout import check_bits_group_size, check_quantizer
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
+
+from .experts import ZigzagSwitchLinear, fuse_experts
 from .linear import ZigzagLinear, check_criterion, check_threshold
 
 _LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+# What patch_model produces: projections and experts.
+ZIGZAG_TYPES = (ZigzagLinear, ZigzagSwitchLinear)
+
+
+def _expert_types() -> tuple:
+    """mlx-lm's experts (one layer holds every expert of a MoE projection)."""
+    return (SwitchLinear, QuantizedSwitchLinear)
 
 
 def _in_block(path: str) -> bool:
@@ -35,11 +45,14 @@ def _own_forward(module: nn.Module) -> bool:
 def is_projection(path: str, module: nn.Module) -> bool:
     """Whether ``module`` at ``path`` is a linear projection inside the model's stack of blocks.
 
-    Selected by structure, not by name: any ``nn.Linear`` or ``nn.QuantizedLinear`` (or an
-    already patched layer) whose path goes through a numbered list of blocks. Embeddings,
-    ``lm_head`` and layers outside the blocks are not projections, nor are subclasses with their
-    own forward. MoE routers are excluded by :func:`projections`, which sees the whole model.
+    Selected by structure, not by name: any ``nn.Linear`` or ``nn.QuantizedLinear``, any MoE
+    experts layer (mlx-lm's ``SwitchLinear`` or ``QuantizedSwitchLinear``), or an already patched
+    layer, whose path goes through a numbered list of blocks. Embeddings, ``lm_head`` and layers
+    outside the blocks are not projections, nor are subclasses with their own forward. MoE
+    routers are excluded by :func:`projections`, which sees the whole model.
     """
+    if isinstance(module, (*_expert_types(), ZigzagSwitchLinear)):
+        return _in_block(path)
     if not isinstance(module, (*_LINEAR_TYPES, ZigzagLinear)) or _own_forward(module):
         return False
     return _in_block(path) and path.split(".")[-1] != "lm_head"
@@ -51,10 +64,8 @@ def routers(model: nn.Module) -> set[str]:
     ``mlp.switch_mlp``, ``shared_expert_gate``) and the single linear layer of a router module with
     one output per expert (``mlp.router.gate``). Their outputs pick the experts, so they stay exact
     and dense, as mlx-lm's quantization recipes keep them at higher precision."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
-
     _check_model(model)
-    experts = (SwitchGLU, SwitchMLP, SwitchLinear, QuantizedSwitchLinear)
+    experts = (SwitchGLU, SwitchMLP, SwitchLinear, QuantizedSwitchLinear, ZigzagSwitchLinear)
     linears = (*_LINEAR_TYPES, ZigzagLinear)
     found = set()
     for path, module in model.named_modules():
@@ -65,7 +76,7 @@ def routers(model: nn.Module) -> set[str]:
         counts = set()
         for _, sw in switch:
             for _, m in sw.named_modules():
-                if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)):
+                if isinstance(m, (SwitchLinear, QuantizedSwitchLinear, ZigzagSwitchLinear)):
                     counts.add(m.num_experts)
         prefix = f"{path}." if path else ""
         for sub, m in tree_flatten(children, is_leaf=nn.Module.is_module):
@@ -92,8 +103,8 @@ def projections(model: nn.Module) -> list[str]:
     found = [p for p, m in leaves if is_projection(p, m)]
     if found:
         return found
-    return [p for p, m in leaves if isinstance(m, (*_LINEAR_TYPES, ZigzagLinear)) and not _own_forward(m)
-            and p.split(".")[-1] != "lm_head"]
+    return [p for p, m in leaves if (isinstance(m, (*_LINEAR_TYPES, ZigzagLinear)) and not _own_forward(m)
+            or isinstance(m, (*_expert_types(), ZigzagSwitchLinear))) and p.split(".")[-1] != "lm_head"]
 
 
 def _check_model(model) -> None:
@@ -102,7 +113,9 @@ def _check_model(model) -> None:
 
 
 def _output_dims(module: nn.Module) -> int:
-    if isinstance(module, ZigzagLinear):
+    if isinstance(module, ZIGZAG_TYPES):
+        return module.output_dims
+    if isinstance(module, _expert_types()):
         return module.output_dims
     return module.weight.shape[0]
 
@@ -173,7 +186,7 @@ def patch_model(
     leaves = model.leaf_modules()
     if isinstance(thresholds, Mapping):
         # Check names and values before changing anything: a typo must not leave a half-configured model.
-        known = {p for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if select(p, m) or isinstance(m, ZigzagLinear)}
+        known = {p for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if select(p, m) or isinstance(m, ZIGZAG_TYPES)}
         unknown = sorted(set(thresholds) - known)
         if unknown:
             raise ValueError(f"thresholds name layers that are not projections of this model: {unknown}")
@@ -191,8 +204,10 @@ def patch_model(
         if predicate is None and _own_forward(module):
             skipped.append(f"{path} ({type(module).__name__} has its own forward)")
             return module
-        if isinstance(module, ZigzagLinear) or not select(path, module):
+        if isinstance(module, ZIGZAG_TYPES) or not select(path, module):
             return module
+        if isinstance(module, _expert_types()):
+            return experts(path, module)
         if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
             skipped.append(f"{path} ({type(module).__name__} is not a linear layer)")
             return module
@@ -214,6 +229,26 @@ def patch_model(
                 layer = ZigzagLinear.from_linear(module, group_size, bits, quantizer)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None  # nothing was replaced yet
+        if progress:
+            mx.eval(layer.parameters())
+            bar.update()
+        patched.append(path)
+        return layer
+
+    def experts(path: str, module: nn.Module):
+        reason = _why_unsupported(module, group_size)
+        if reason:
+            skipped.append(f"{path} ({reason})")
+            return module
+        if allocate_only:
+            patched.append(path)
+            dtype = module.scales.dtype if "scales" in module else module.weight.dtype
+            return ZigzagSwitchLinear.empty(module.input_dims, module.output_dims, module.num_experts,
+                                            bias="bias" in module, group_size=group_size, bits=bits, dtype=dtype)
+        try:
+            layer = ZigzagSwitchLinear.from_switch(module, group_size, bits, quantizer)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         if progress:
             mx.eval(layer.parameters())
             bar.update()
@@ -243,6 +278,7 @@ def patch_model(
 
         make_shardable(model)  # model.shard(group) shards zigzag layers too
         fuse_blocks(model)  # known block structures decode with fused products
+        fuse_experts(model)  # SwiGLU experts decode in two launches
     if thresholds is not None:
         layers = zigzag_layers(model)
         if isinstance(thresholds, Mapping):
@@ -254,9 +290,15 @@ def patch_model(
     return patched
 
 
-def zigzag_layers(model: nn.Module) -> dict[str, ZigzagLinear]:
-    """The ZigzagLinear layers of ``model`` by path, in model order."""
-    return {path: m for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module) if isinstance(m, ZigzagLinear)}
+def zigzag_layers(model: nn.Module) -> dict[str, ZigzagLinear | ZigzagSwitchLinear]:
+    """The zigzag layers of ``model`` by path, in model order: its ZigzagLinear projections and
+    ZigzagSwitchLinear experts."""
+    return {path: m for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+            if isinstance(m, ZIGZAG_TYPES)}
+
+
+def _projection_layers(model: nn.Module) -> dict[str, ZigzagLinear]:
+    return {p: m for p, m in zigzag_layers(model).items() if isinstance(m, ZigzagLinear)}
 
 
 def set_criterion(model: nn.Module, criterion: str) -> None:
@@ -265,9 +307,10 @@ def set_criterion(model: nn.Module, criterion: str) -> None:
     |x_j| * ||W[:, j]|| > t (:data:`~spqt_mlx.patch.linear.CRITERIA`). Siblings that read one input
     (q/k/v, gate/up) take the norms of their stacked matrix, so they keep one active set.
     Thresholds calibrated for one criterion mean nothing under the other: calibrate for the
-    criterion set (``calibrate(..., criterion=...)``)."""
+    criterion set (``calibrate(..., criterion=...)``). Experts (ZigzagSwitchLinear) keep TEAL's:
+    their column norms differ from expert to expert, and a token's experts share one active set."""
     check_criterion(criterion)
-    layers = zigzag_layers(model)
+    layers = _projection_layers(model)
     scales = column_scales(layers) if criterion == "wina" else dict.fromkeys(layers)
     for path, layer in layers.items():
         layer.set_column_scale(scales[path])
@@ -275,7 +318,7 @@ def set_criterion(model: nn.Module, criterion: str) -> None:
 
 def get_criterion(model: nn.Module) -> str:
     """The criterion the ZigzagLinear layers of ``model`` run with (see :func:`set_criterion`)."""
-    scaled = {layer.column_scale is not None for layer in zigzag_layers(model).values()}
+    scaled = {layer.column_scale is not None for layer in _projection_layers(model).values()}
     if len(scaled) > 1:
         raise ValueError("the model's layers run with different criteria; call set_criterion.")
     return "wina" if scaled == {True} else "teal"
@@ -300,33 +343,38 @@ def column_scales(layers: Mapping[str, nn.Module]) -> dict[str, mx.array]:
 
 
 def effective_weight(layer: nn.Module) -> mx.array:
-    """The (output, input) matrix a ZigzagLinear, nn.QuantizedLinear or nn.Linear multiplies by."""
-    if isinstance(layer, ZigzagLinear):
+    """The (output, input) matrix a ZigzagLinear, nn.QuantizedLinear or nn.Linear multiplies by; the
+    (experts, output, input) weights of a ZigzagSwitchLinear, SwitchLinear or QuantizedSwitchLinear."""
+    if isinstance(layer, ZIGZAG_TYPES):
         return layer.dequantized_weight()
+    if isinstance(layer, _expert_types()):
+        from .experts import _expert_weight
+
+        return _expert_weight(layer)
     if isinstance(layer, nn.QuantizedLinear):
         return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
                              bits=layer.bits, mode=layer.mode)
     if isinstance(layer, nn.Linear):
         return layer.weight
-    raise TypeError(f"expected a ZigzagLinear, nn.QuantizedLinear or nn.Linear, got {type(layer).__name__}.")
+    raise TypeError(f"expected a linear or experts layer, got {type(layer).__name__}.")
 
 
 def get_thresholds(model: nn.Module) -> dict[str, float]:
-    """``{path: threshold}`` for every ZigzagLinear layer of ``model``."""
+    """``{path: threshold}`` for every zigzag layer of ``model`` (projections and experts)."""
     return {path: layer.threshold for path, layer in zigzag_layers(model).items()}
 
 
 def set_thresholds(model: nn.Module, thresholds: float | Mapping[str, float]) -> None:
-    """Set the thresholds of ZigzagLinear layers: one number for all, or ``{path: threshold}``.
+    """Set the thresholds of zigzag layers: one number for all, or ``{path: threshold}``.
 
-    Every path in a mapping must be a ZigzagLinear layer of ``model``; layers not named keep theirs.
+    Every path in a mapping must be a zigzag layer of ``model``; layers not named keep theirs.
     """
     layers = zigzag_layers(model)
     if not isinstance(thresholds, Mapping):
         thresholds = {path: thresholds for path in layers}
     unknown = sorted(set(thresholds) - set(layers))
     if unknown:
-        raise ValueError(f"no ZigzagLinear layer at: {unknown}")
+        raise ValueError(f"no zigzag layer at: {unknown}")
     for path, value in _checked(thresholds).items():  # every value checked before any layer changes
         layers[path].threshold = value
 
@@ -362,7 +410,8 @@ def achieved_sparsity(model: nn.Module) -> tuple[float, int] | None:
         n, active = layer.stats()
         if n == 0:
             continue
-        size = layer.input_dims * layer.output_dims
+        # Bytes a token reads: a ZigzagSwitchLinear's n counts expert rows, each one expert's weight.
+        size = layer.input_dims * layer.output_dims * getattr(layer, "experts_per_token", 1)
         skipped += size * (1.0 - active / (n * layer.input_dims))
         weight += size
         calls = max(calls, n)

@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx.nn.layers.distributed import sum_gradients
 
 from ..layout import SUPPORTED_GROUP_SIZES, ZigzagWeight
+from .experts import ZigzagSwitchLinear
 from .linear import ZigzagLinear
 
 _MARK = "__spqt_shard__"
@@ -170,6 +171,28 @@ def shard_zigzag_inplace(module: ZigzagLinear, sharding: str, *, segments=1, gro
     module._shared = None  # its stacked group, if any, no longer matches
 
 
+def shard_experts_inplace(module: ZigzagSwitchLinear, sharding: str, *, segments=1, group=None) -> None:
+    """``shard_inplace`` for zigzag experts, as mlx shards a SwitchLinear: every expert keeps the
+    rank's bands of output rows (all-to-sharded, with their bias) or input columns (sharded-to-all;
+    the bias stays whole). The MoE block that owns the experts sums the ranks' outputs."""
+    if not isinstance(module, ZigzagSwitchLinear):
+        raise TypeError(f"expected a ZigzagSwitchLinear, got {type(module).__name__}.")
+    group = group or mx.distributed.init()
+    q = module.qweight
+    if sharding == "all-to-sharded":
+        gs = module.group_size
+        rows = _rank_slices(module.output_dims, segments, group, gs, f"output rows of {module}")
+        bands = [(lo // gs, hi // gs) for lo, hi in rows]
+        module.weight, module.scales, module.biases = (_take(a, bands, 1) for a in (q.weight, q.scales, q.biases))
+        if "bias" in module:
+            module.bias = _take(module.bias, rows, 1)
+    elif sharding == "sharded-to-all":
+        columns = _rank_slices(module.input_dims, segments, group, 1, f"input columns of {module}")
+        module.weight, module.scales, module.biases = (_take(a, columns, 2) for a in (q.weight, q.scales, q.biases))
+    else:
+        raise ValueError(f"sharding must be 'all-to-sharded' or 'sharded-to-all', got {sharding!r}.")
+
+
 def shard_zigzag(module, sharding: str, *, segments=1, group=None):
     """``shard_linear`` for zigzag layers (a new layer; the original is unchanged)."""
     if not isinstance(module, ZigzagLinear):
@@ -186,6 +209,8 @@ def _with_zigzag(base, for_zigzag):
     def wrapped(module, sharding, *args, **kwargs):
         if isinstance(module, ZigzagLinear):
             return for_zigzag(module, sharding, *args, **kwargs)
+        if isinstance(module, ZigzagSwitchLinear) and for_zigzag is shard_zigzag_inplace:
+            return shard_experts_inplace(module, sharding, *args, **kwargs)
         return base(module, sharding, *args, **kwargs)
 
     setattr(wrapped, _MARK, True)
