@@ -158,6 +158,23 @@ void collect_into(
       f, dim3(1), dim3(kCollectThreads), {}, 0, x_ptr, t_ptr, out_ptr, K, x_stride, per_column, t_value);
 }
 
+// With several splits per band: the float32 partial rows of every (row, band, split) and one zeroed
+// arrival counter per (row, band), alive until the kernel completes. Nothing with one split.
+void split_workspace(mx::cu::CommandEncoder& enc, int rows, int bands, int splits, int gs, void*& partials,
+                     void*& counters) {
+  if (splits == 1) {
+    return;
+  }
+  mx::array work({rows * bands * splits * gs}, mx::float32, nullptr, {});
+  mx::array count({rows * bands}, mx::int32, nullptr, {});
+  allocate(work, work.nbytes(), enc);
+  allocate(count, count.nbytes(), enc, /* zeroed */ true);
+  enc.add_temporary(work);
+  enc.add_temporary(count);
+  partials = mx::gpu_ptr<void>(work);
+  counters = mx::gpu_ptr<void>(count);
+}
+
 } // namespace
 
 bool folds(int bits, int group_size, int N, int K, ActiveKind kind, Prologue prologue, int rows) {
@@ -227,16 +244,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   int splits = mma ? mma_split_count(bands, K, enc) : split_count(bands, K, gs, enc);
   void* partials = nullptr;
   void* counters = nullptr;
-  if (splits > 1) {
-    mx::array work({M * bands * splits * gs}, mx::float32, nullptr, {});
-    mx::array count({M * bands}, mx::int32, nullptr, {});
-    allocate(work, work.nbytes(), enc);
-    allocate(count, count.nbytes(), enc, /* zeroed */ true);
-    enc.add_temporary(work);
-    enc.add_temporary(count);
-    partials = mx::gpu_ptr<void>(work);
-    counters = mx::gpu_ptr<void>(count);
-  }
+  split_workspace(enc, M, bands, splits, gs, partials, counters);
 
   // Several rows go to the tensor-core kernel that multiplies tensor_core_rows of them per pass,
   // reading each active group once for them all; the general kernel takes one row per pass.
@@ -328,16 +336,7 @@ void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& input
   int splits = split_count(bands * rows, K, gs, enc);
   void* partials = nullptr;
   void* counters = nullptr;
-  if (splits > 1) {
-    mx::array work({rows * bands * splits * gs}, mx::float32, nullptr, {});
-    mx::array count({rows * bands}, mx::int32, nullptr, {});
-    allocate(work, work.nbytes(), enc);
-    allocate(count, count.nbytes(), enc, /* zeroed */ true);
-    enc.add_temporary(work);
-    enc.add_temporary(count);
-    partials = mx::gpu_ptr<void>(work);
-    counters = mx::gpu_ptr<void>(count);
-  }
+  split_workspace(enc, rows, bands, splits, gs, partials, counters);
   CUfunction f = kernel(gemv_kernel_name(dtype_name(x.dtype()), p.bits(), gs, false, false), enc);
   for (const mx::array* a : {&x, &w, &scales, &biases, &experts}) {
     enc.set_input_array(*a);

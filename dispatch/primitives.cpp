@@ -54,6 +54,42 @@ void copy_strided(const mx::array& src, mx::array& dst) {
   }
 }
 
+// The inputs of a CPU primitive as its task reads them: row-contiguous stand-ins, registered with the
+// encoder (strided ones as temporaries), filled by materialize() inside the task.
+class CpuInputs {
+ public:
+  CpuInputs(const std::vector<mx::array>& inputs, mx::array& out, mx::cpu::CommandEncoder& encoder) {
+    for (const auto& a : inputs) {
+      bool needs_copy;
+      src_.push_back(mx::array::unsafe_weak_copy(a));
+      dst_.push_back(contiguous_like(a, needs_copy));
+      copy_.push_back(needs_copy);
+      encoder.set_input_array(a);
+      if (needs_copy) {
+        encoder.add_temporary(dst_.back());
+      }
+    }
+    encoder.set_output_array(out);
+    for (auto& d : dst_) {
+      d = mx::array::unsafe_weak_copy(d);
+    }
+  }
+
+  // Copies the strided inputs into their stand-ins; returns the row-contiguous inputs.
+  const std::vector<mx::array>& materialize() {
+    for (size_t i = 0; i < src_.size(); ++i) {
+      if (copy_[i]) {
+        copy_strided(src_[i], dst_[i]);
+      }
+    }
+    return dst_;
+  }
+
+ private:
+  std::vector<mx::array> src_, dst_;
+  std::vector<bool> copy_;
+};
+
 template <typename F>
 void dispatch_float(mx::Dtype t, F&& f) {
   if (t == mx::float32) {
@@ -201,25 +237,8 @@ std::vector<mx::array> ZigzagGemv::fused_vjp(
 void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  std::vector<mx::array> src, dst;
-  std::vector<bool> copy;
-  for (const auto& in : inputs) {
-    bool needs_copy;
-    src.push_back(mx::array::unsafe_weak_copy(in));
-    dst.push_back(contiguous_like(in, needs_copy));
-    copy.push_back(needs_copy);
-    encoder.set_input_array(in);
-    if (needs_copy) {
-      encoder.add_temporary(dst.back());
-    }
-  }
-  encoder.set_output_array(out);
-  for (auto& d : dst) {
-    d = mx::array::unsafe_weak_copy(d);
-  }
-  encoder.dispatch([src = std::move(src),
-                    dst = std::move(dst),
-                    copy = std::move(copy),
+  CpuInputs in(inputs, out, encoder);
+  encoder.dispatch([in = std::move(in),
                     out = mx::array::unsafe_weak_copy(out),
                     gs = group_size_,
                     bits = bits_,
@@ -230,11 +249,7 @@ void ZigzagGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
                     threshold = threshold_,
                     norm = norm_input(),
                     residual = residual_input()]() mutable {
-    for (size_t i = 0; i < src.size(); ++i) {
-      if (copy[i]) {
-        copy_strided(src[i], dst[i]);
-      }
-    }
+    const auto& dst = in.materialize();
     const auto& x = dst[0];
     const int K = dst[1].shape(1);
     const int M = int(out.size() / std::max(out.shape(-1), 1));
@@ -382,36 +397,15 @@ std::vector<mx::array> ZigzagGatherGemv::vjp(
 void ZigzagGatherGemv::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  std::vector<mx::array> src, dst;
-  std::vector<bool> copy;
-  for (const auto& in : inputs) {
-    bool needs_copy;
-    src.push_back(mx::array::unsafe_weak_copy(in));
-    dst.push_back(contiguous_like(in, needs_copy));
-    copy.push_back(needs_copy);
-    encoder.set_input_array(in);
-    if (needs_copy) {
-      encoder.add_temporary(dst.back());
-    }
-  }
-  encoder.set_output_array(out);
-  for (auto& d : dst) {
-    d = mx::array::unsafe_weak_copy(d);
-  }
-  encoder.dispatch([src = std::move(src),
-                    dst = std::move(dst),
-                    copy = std::move(copy),
+  CpuInputs in(inputs, out, encoder);
+  encoder.dispatch([in = std::move(in),
                     out = mx::array::unsafe_weak_copy(out),
                     gs = group_size_,
                     bits = bits_,
                     prologue = prologue_,
                     second = second_input(),
                     threshold = threshold_input()]() mutable {
-    for (size_t i = 0; i < src.size(); ++i) {
-      if (copy[i]) {
-        copy_strided(src[i], dst[i]);
-      }
-    }
+    const auto& dst = in.materialize();
     const auto& x = dst[0];
     const int E = dst[1].shape(0);
     const int K = dst[1].shape(2);
