@@ -364,6 +364,52 @@ def test_fused_experts_block_decodes_as_switch_glu(threshold, device):
         assert mx.abs(glu(x, idx) - SwitchGLU.__call__(glu, x, idx)).max().item() == 0
 
 
+def test_a_large_batch_decode_step_stays_sparse():
+    """A decode step of 40 sequences routes 80 rows per block: SwitchGLU would sort them and run
+    dense; the patched block keeps each sequence's result what it is alone (sparse), and the
+    statistics count tokens, not rows."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    from spqt_mlx.patch import achieved_sparsity, record_stats
+
+    model, _, _ = moe_model()
+    glu = model.model.layers[0].mlp.switch_mlp
+    set_thresholds(model, 0.5)
+    rng = np.random.default_rng(9)
+    x = mx.array(rng.normal(size=(40, 1, 128)).astype(np.float32))
+    idx = mx.array(rng.integers(0, 4, size=(40, 1, 2)).astype(np.uint32))
+    got = glu(x, idx)
+    alone = mx.concatenate([glu(x[i : i + 1], idx[i : i + 1]) for i in range(0, 40, 13)])
+    assert mx.abs(got[::13] - alone).max().item() < 1e-5
+    assert mx.abs(got - SwitchGLU.__call__(glu, x, idx)).max().item() > 1e-2  # SwitchGLU's sorted call: dense
+    record_stats(model)
+    glu(x, idx)
+    assert achieved_sparsity(model)[1] == 40
+
+
+def test_allocating_for_microscaled_experts_and_empty_steps():
+    """Experts in MLX's mxfp4 mode (uint8 scales) allocate bfloat16 zigzag layers to load into; a
+    step routing nothing (no experts per token) gives an empty result, statistics on."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    from spqt_mlx.patch import record_stats
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [SwitchGLU(64, 64, 4)]
+
+    model = Stack()
+    nn.quantize(model, group_size=32, bits=4, mode="mxfp4")
+    patch_model(model, group_size=32, bits=4, allocate_only=True)
+    assert model.layers[0].gate_proj.scales.dtype == mx.bfloat16
+    model = Stack()
+    patch_model(model, group_size=32, bits=4, thresholds=0.3)
+    record_stats(model)
+    y = model.layers[0](mx.ones((2, 1, 64)), mx.zeros((2, 1, 0), dtype=mx.uint32))
+    assert y.shape == (2, 1, 0, 64)
+
+
 def test_moe_calibration_and_round_trip(tmp_path):
     """Uniform calibration gives the experts' gate and up one threshold (one input); greedy runs
     through the MoE blocks; a saved checkpoint loads with its experts and thresholds."""

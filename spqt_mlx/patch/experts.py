@@ -203,6 +203,8 @@ class ZigzagSwitchLinear(nn.Module):
             self._stats_records = 0
 
     def _record(self, x_rows: mx.array, rows: int) -> None:
+        if rows == 0:
+            return
         # Each row of x feeds rows / x_rows.size * K expert rows, all with the same active set.
         per_x_row = rows // (x_rows.size // x_rows.shape[-1])
         count = mx.sum(self.active_mask(x_rows).astype(mx.int32)) * per_x_row
@@ -219,22 +221,15 @@ class ZigzagSwitchLinear(nn.Module):
         return self._stats_calls, int(self._active_total.item())
 
 
-_last_ids: list = [None, None, None]  # (indices, target, the kernels' ids)
-
-
 def _expert_ids(indices: mx.array, target: tuple) -> mx.array:
-    """The expert of every output row, int32 and contiguous as the kernels read them. The same array
-    again for the same ``indices``: gate, up and down of one call share it, so that a decode step
-    converts its router's choice once per block, not once per product (decode is host-bound)."""
-    if _last_ids[0] is not indices or _last_ids[1] != target:
-        ids = mx.broadcast_to(mx.expand_dims(indices, -1), target)
-        if indices.dtype not in (mx.int32, mx.uint32):
-            # The kernels read 32-bit ids; the op narrows 64-bit ones keeping those out of range out.
-            ids = ids if indices.dtype.size == 8 else ids.astype(mx.int32)
-        if indices.dtype.size <= 4:
-            ids = mx.contiguous(ids)  # a router's top-k is a slice of its scores' order
-        _last_ids[:] = [indices, target, ids]
-    return _last_ids[2]
+    """The expert of every output row (``target``: the rows' shape), 32-bit and contiguous as the
+    kernels read them. ZigzagSwitchGLU makes it once per call for its products: a decode step is
+    bound by host time per op."""
+    ids = mx.broadcast_to(mx.expand_dims(indices, -1), target)
+    if indices.dtype not in (mx.int32, mx.uint32):
+        # The kernels read 32-bit ids; the op narrows 64-bit ones keeping those out of range out.
+        ids = ids if indices.dtype.size == 8 else ids.astype(mx.int32)
+    return mx.contiguous(ids) if indices.dtype.size <= 4 else ids  # a router's top-k is a slice of its order
 
 
 def _shared_rows(x: mx.array, target: tuple) -> mx.array:
@@ -300,12 +295,18 @@ class ZigzagSwitchGLU(SwitchGLU):
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         if not all(isinstance(m, ZigzagSwitchLinear) for m in (gate, up, down)):
             return False  # calibration probes or wrappers stand in for them
-        few = indices.size <= GEMV_MAX_ROWS or _on_cuda(None) or (x.ndim >= 2 and x.shape[-2] == 1)
-        return (indices.size < 64 and few and x.dtype == gate["scales"].dtype
+        # A decode step (one position per sequence) of any batch, which SwitchGLU would sort (and
+        # so run dense) from 64 rows on; other calls of a few rows.
+        decode = x.ndim >= 2 and x.shape[-2] == 1
+        few = indices.size < 64 and (indices.size <= GEMV_MAX_ROWS or _on_cuda(None))
+        return ((decode or few) and x.dtype == gate["scales"].dtype
                 and gate._threshold_value == up._threshold_value and (gate.group_size, gate.bits) == (up.group_size, up.bits)
                 and "bias" not in gate and "bias" not in up)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        for layer in (self.gate_proj, self.up_proj, self.down_proj):
+            if isinstance(layer, ZigzagSwitchLinear):  # before SwitchGLU flattens a sorted call's ids
+                layer._experts_per_token = indices.shape[-1] if indices.ndim else 1
         if not self._fuses(x, indices):
             return super().__call__(x, indices)
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
@@ -322,8 +323,8 @@ class ZigzagSwitchGLU(SwitchGLU):
         if "bias" in down:
             y = y + mx.expand_dims(down["bias"][indices], -2)
         rows = indices.size
-        for layer in (gate, up, down):
-            layer._experts_per_token = indices.shape[-1] if indices.ndim else 1
+        if rows == 0:
+            return y.squeeze(-2)
         if t_in is not None and gate._stats_on:
             gate._record(x.reshape(-1, x.shape[-1]), rows)
         if t_in is not None and up._stats_on:

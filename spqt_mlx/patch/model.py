@@ -126,6 +126,14 @@ def _input_dims(module: nn.Linear | nn.QuantizedLinear) -> int:
     return module.weight.shape[1]
 
 
+def _float_dtype(module: nn.Module) -> mx.Dtype:
+    """The float dtype a layer computes in: its scales' (affine quantization), bfloat16 for the
+    microscaled modes (uint8 scales; what mx.dequantize gives for them), else its weight's."""
+    if "scales" in module:
+        return module.scales.dtype if mx.issubdtype(module.scales.dtype, mx.floating) else mx.bfloat16
+    return module.weight.dtype
+
+
 def _why_unsupported(module: nn.Module, group_size: int) -> str | None:
     n = _output_dims(module)
     if n % group_size:
@@ -217,10 +225,9 @@ def patch_model(
             return module
         if allocate_only:
             patched.append(path)
-            dtype = module.scales.dtype if isinstance(module, nn.QuantizedLinear) else module.weight.dtype
             return ZigzagLinear.empty(
                 _input_dims(module), _output_dims(module), bias="bias" in module,
-                group_size=group_size, bits=bits, dtype=dtype,
+                group_size=group_size, bits=bits, dtype=_float_dtype(module),
             )
         try:
             if isinstance(module, nn.QuantizedLinear):
@@ -242,9 +249,9 @@ def patch_model(
             return module
         if allocate_only:
             patched.append(path)
-            dtype = module.scales.dtype if "scales" in module else module.weight.dtype
             return ZigzagSwitchLinear.empty(module.input_dims, module.output_dims, module.num_experts,
-                                            bias="bias" in module, group_size=group_size, bits=bits, dtype=dtype)
+                                            bias="bias" in module, group_size=group_size, bits=bits,
+                                            dtype=_float_dtype(module))
         try:
             layer = ZigzagSwitchLinear.from_switch(module, group_size, bits, quantizer)
         except ValueError as e:
@@ -414,7 +421,7 @@ def achieved_sparsity(model: nn.Module) -> tuple[float, int] | None:
         size = layer.input_dims * layer.output_dims * getattr(layer, "experts_per_token", 1)
         skipped += size * (1.0 - active / (n * layer.input_dims))
         weight += size
-        calls = max(calls, n)
+        calls = max(calls, n // getattr(layer, "experts_per_token", 1))  # tokens, not expert rows
     if weight == 0:
         return None
     return skipped / weight, calls
