@@ -340,6 +340,30 @@ def test_moe_routers_stay_exact():
     mx.eval(model(random_tokens(3)))
 
 
+def test_linear_layers_beside_experts_that_do_not_route_are_projections():
+    """Beside the experts, the layers with one output per expert (the router) or one output (a
+    shared-expert gate) stay exact; a latent projection there is patched (nemotron_h's
+    fc1_latent_proj, deepseek_v41's attention in a block that holds its experts directly)."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.switch_mlp = SwitchGLU(64, 64, 4)
+            self.gate = nn.Linear(64, 4, bias=False)
+            self.shared_expert_gate = nn.Linear(64, 1, bias=False)
+            self.latent_proj = nn.Linear(64, 32, bias=False)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [Block()]
+
+    model = Stack()
+    assert routers(model) == {"layers.0.gate", "layers.0.shared_expert_gate"}
+    assert "layers.0.latent_proj" in patch_model(model, group_size=32)
+
+
 def test_routers_nested_in_a_router_module_stay_exact():
     """afmoe keeps its router one level down (mlp.router.gate): found by its output, one score per
     expert."""

@@ -60,10 +60,12 @@ def is_projection(path: str, module: nn.Module) -> bool:
 
 def routers(model: nn.Module) -> set[str]:
     """Paths of MoE routers: in a block that holds experts (``SwitchGLU``, ``SwitchMLP``,
-    ``SwitchLinear``), the linear layers beside the experts (``mlp.gate`` next to
-    ``mlp.switch_mlp``, ``shared_expert_gate``) and the single linear layer of a router module with
-    one output per expert (``mlp.router.gate``). Their outputs pick the experts, so they stay exact
-    and dense, as mlx-lm's quantization recipes keep them at higher precision."""
+    ``SwitchLinear``), the linear layers beside the experts with one output per expert or a single
+    one (``mlp.gate`` next to ``mlp.switch_mlp``, ``shared_expert_gate``), and the single linear
+    layer of a router module with one output per expert (``mlp.router.gate``). Their outputs pick
+    or weigh the experts, so they stay exact and dense, as mlx-lm's quantization recipes keep them
+    at higher precision. Other linear layers beside experts (a latent projection, attention in a
+    block that holds its experts directly) are projections."""
     _check_model(model)
     experts = (SwitchGLU, SwitchMLP, SwitchLinear, QuantizedSwitchLinear, ZigzagSwitchLinear)
     linears = (*_LINEAR_TYPES, ZigzagLinear)
@@ -82,8 +84,9 @@ def routers(model: nn.Module) -> set[str]:
         for sub, m in tree_flatten(children, is_leaf=nn.Module.is_module):
             if isinstance(m, experts):
                 continue
-            if isinstance(m, linears):  # beside the experts: a router or a shared-expert gate
-                found.add(prefix + sub)
+            if isinstance(m, linears):  # beside the experts: a router or a shared-expert gate?
+                if _output_dims(m) in counts or _output_dims(m) == 1:
+                    found.add(prefix + sub)
                 continue
             # A router module one level down holds a single linear layer with one output per
             # expert (a shared expert is an MLP of several).
