@@ -21,7 +21,8 @@ from lm_fixtures import random_tokens, tiny_model
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.5e-2}
-DEVICES = [mx.cpu] + ([mx.gpu] if mx.cuda.is_available() else [])
+# The GPU where there is one: CUDA here, Metal on a Mac (where the emulated tests in tests/metal also run).
+DEVICES = [mx.cpu] + ([mx.gpu] if mx.is_available(mx.gpu) else [])
 
 
 def experts(rng, E, N, K, gs, bits, dtype):
