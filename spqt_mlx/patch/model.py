@@ -218,47 +218,35 @@ def patch_model(
         if isinstance(module, ZIGZAG_TYPES) or not select(path, module):
             return module
         if isinstance(module, _expert_types()):
-            return experts(path, module)
+            return replaced(
+                path, module,
+                lambda: ZigzagSwitchLinear.empty(module.input_dims, module.output_dims, module.num_experts,
+                                                 bias="bias" in module, group_size=group_size, bits=bits,
+                                                 dtype=_float_dtype(module)),
+                lambda: ZigzagSwitchLinear.from_switch(module, group_size, bits, quantizer))
         if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
             skipped.append(f"{path} ({type(module).__name__} is not a linear layer)")
             return module
+        from_module = ZigzagLinear.from_quantized if isinstance(module, nn.QuantizedLinear) else ZigzagLinear.from_linear
+        return replaced(
+            path, module,
+            lambda: ZigzagLinear.empty(_input_dims(module), _output_dims(module), bias="bias" in module,
+                                       group_size=group_size, bits=bits, dtype=_float_dtype(module)),
+            lambda: from_module(module, group_size, bits, quantizer))
+
+    def replaced(path: str, module: nn.Module, empty, build):
+        """The zigzag layer for ``module``: ``empty()`` to load into, or ``build()`` quantizing it."""
         reason = _why_unsupported(module, group_size)
         if reason:
             skipped.append(f"{path} ({reason})")
             return module
         if allocate_only:
             patched.append(path)
-            return ZigzagLinear.empty(
-                _input_dims(module), _output_dims(module), bias="bias" in module,
-                group_size=group_size, bits=bits, dtype=_float_dtype(module),
-            )
+            return empty()
         try:
-            if isinstance(module, nn.QuantizedLinear):
-                layer = ZigzagLinear.from_quantized(module, group_size, bits, quantizer)
-            else:
-                layer = ZigzagLinear.from_linear(module, group_size, bits, quantizer)
+            layer = build()
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None  # nothing was replaced yet
-        if progress:
-            mx.eval(layer.parameters())
-            bar.update()
-        patched.append(path)
-        return layer
-
-    def experts(path: str, module: nn.Module):
-        reason = _why_unsupported(module, group_size)
-        if reason:
-            skipped.append(f"{path} ({reason})")
-            return module
-        if allocate_only:
-            patched.append(path)
-            return ZigzagSwitchLinear.empty(module.input_dims, module.output_dims, module.num_experts,
-                                            bias="bias" in module, group_size=group_size, bits=bits,
-                                            dtype=_float_dtype(module))
-        try:
-            layer = ZigzagSwitchLinear.from_switch(module, group_size, bits, quantizer)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
         if progress:
             mx.eval(layer.parameters())
             bar.update()
