@@ -78,8 +78,7 @@ class _Wrapped:
 
     def achieved(self) -> float:
         """Fraction of weight columns skipped, averaged over layers weighted by their sizes."""
-        sizes = [w.layer.input_dims * w.layer.output_dims * getattr(w.layer, "experts_per_token", 1)
-                 for w in self.wrappers]
+        sizes = [w.layer.input_dims * w.layer.output_dims * w.layer.rows_per_token for w in self.wrappers]
         total = sum(sizes)
         return sum(s * w.skipped_fraction() for s, w in zip(sizes, self.wrappers)) / total if total else 0.0
 

@@ -12,7 +12,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 from .. import _ext
 from ..layout import FLOAT_DTYPES, ZigzagWeight, check_bits_group_size, check_float_dtype, zigzag_dequantize, zigzag_quantize
 from ..ops import _on_cuda
-from .linear import GEMV_MAX_ROWS, _STATS_FLUSH_EVERY, check_threshold
+from .linear import GEMV_MAX_ROWS, ActiveColumnStats, check_threshold
 
 
 def _expert_weight(module) -> mx.array:
@@ -26,7 +26,7 @@ def _expert_weight(module) -> mx.array:
     raise TypeError(f"expected a SwitchLinear or QuantizedSwitchLinear, got {type(module).__name__}.")
 
 
-class ZigzagSwitchLinear(nn.Module):
+class ZigzagSwitchLinear(ActiveColumnStats, nn.Module):
     """The experts of a mixture-of-experts projection over zigzag-quantized weights, called as
     mlx-lm's ``SwitchLinear`` is: ``layer(x, indices, sorted_indices=False)`` multiplies x by the
     experts ``indices`` picks (``mx.gather_mm``'s broadcasting), plus their bias.
@@ -112,7 +112,7 @@ class ZigzagSwitchLinear(nn.Module):
         return self.weight.shape[1] * self.group_size
 
     @property
-    def experts_per_token(self) -> int:
+    def rows_per_token(self) -> int:
         """Experts a token was routed to in the last unsorted call (1 before any): what a token
         reads of this layer is that many experts' weights."""
         return self._experts_per_token
@@ -129,12 +129,6 @@ class ZigzagSwitchLinear(nn.Module):
         # One per expert, as the kernels take them; made once, not per call.
         self._threshold = mx.full((self.num_experts,), value, dtype=mx.float32)
         mx.eval(self._threshold)
-
-    @property
-    def column_scale(self) -> None:
-        """Experts run under TEAL's criterion (|x| alone): WINA's column norms differ from expert
-        to expert, and the experts of a token share one active set."""
-        return None
 
     def active_mask(self, x: mx.array) -> mx.array:
         """Which entries of ``x`` a sparse decode step reads: all of them at threshold 0."""
@@ -184,7 +178,7 @@ class ZigzagSwitchLinear(nn.Module):
         else:
             y = _gather_matmul(x_rows, self.qweight, experts.reshape(-1), sorted_indices).reshape(*target, -1)
         if self._stats_on and decode:
-            self._record(x_rows, rows)
+            self._record_rows(x_rows, rows)
         if not sorted_indices:
             self._experts_per_token = indices.shape[-1] if indices.ndim else 1
         if "bias" in self:
@@ -193,32 +187,13 @@ class ZigzagSwitchLinear(nn.Module):
 
     # ---- statistics ---------------------------------------------------------------------------
 
-    def record_stats(self, enabled: bool = True) -> None:
-        """Start (and reset) or stop counting the active columns of sparse decode steps, per
-        expert row (see :meth:`ZigzagLinear.record_stats`)."""
-        self._stats_on = bool(enabled)
-        if enabled:
-            self._active_total = mx.array(0, dtype=mx.int32)
-            self._stats_calls = 0
-            self._stats_records = 0
-
-    def _record(self, x_rows: mx.array, rows: int) -> None:
+    def _record_rows(self, x_rows: mx.array, rows: int) -> None:
+        """Counts one call's expert rows (record_stats counts per expert row)."""
         if rows == 0:
             return
         # Each row of x feeds rows / x_rows.size * K expert rows, all with the same active set.
         per_x_row = rows // (x_rows.size // x_rows.shape[-1])
-        count = mx.sum(self.active_mask(x_rows).astype(mx.int32)) * per_x_row
-        if self._stats_records and self._stats_records % _STATS_FLUSH_EVERY == 0:
-            mx.async_eval(self._active_total)
-        self._active_total = self._active_total + count
-        self._stats_calls += rows
-        self._stats_records += 1
-
-    def stats(self) -> tuple[int, int]:
-        """(sparse expert rows, total active columns over them) since ``record_stats``; synchronizes."""
-        if "_active_total" not in self:
-            return 0, 0
-        return self._stats_calls, int(self._active_total.item())
+        self._record(mx.sum(self.active_mask(x_rows).astype(mx.int32)) * per_x_row, rows)
 
 
 def _expert_ids(indices: mx.array, target: tuple) -> mx.array:
@@ -326,11 +301,11 @@ class ZigzagSwitchGLU(SwitchGLU):
         if rows == 0:
             return y.squeeze(-2)
         if t_in is not None and gate._stats_on:
-            gate._record(x.reshape(-1, x.shape[-1]), rows)
+            gate._record_rows(x.reshape(-1, x.shape[-1]), rows)
         if t_in is not None and up._stats_on:
-            up._record(x.reshape(-1, x.shape[-1]), rows)
+            up._record_rows(x.reshape(-1, x.shape[-1]), rows)
         if t_down is not None and down._stats_on:
-            down._record(_ext.apply_prologue(h, _ext.Prologue.SwiGLU).reshape(rows, -1), rows)
+            down._record_rows(_ext.apply_prologue(h, _ext.Prologue.SwiGLU).reshape(rows, -1), rows)
         return y.squeeze(-2)
 
 

@@ -87,7 +87,47 @@ def check_threshold(value) -> float:
     return value
 
 
-class ZigzagLinear(nn.Module):
+class ActiveColumnStats:
+    """Counts of the active input columns of a zigzag layer's sparse decode rows, kept lazily on the
+    device (ZigzagLinear, and ZigzagSwitchLinear per expert row)."""
+
+    # Decode rows a token makes in the layer, each reading one weight: 1 for a projection, the
+    # experts a token is routed to for ZigzagSwitchLinear.
+    rows_per_token = 1
+
+    def record_stats(self, enabled: bool = True) -> None:
+        """Start (and reset) or stop counting active columns of sparse decode tokens (single
+        tokens, and every row of a batch's decode step).
+
+        Counts accumulate lazily on the device; only :meth:`stats` reads them back. Counting adds a
+        small count per call (the fused kernel never writes its active list), so leave it off when
+        timing kernels.
+        """
+        self._stats_on = bool(enabled)
+        if enabled:
+            self._active_total = mx.array(0, dtype=mx.int32)
+            self._stats_calls = 0
+            self._stats_records = 0
+
+    def _record(self, count: mx.array, rows: int = 1) -> None:
+        if self._stats_records and self._stats_records % _STATS_FLUSH_EVERY == 0:
+            # Earlier steps are already scheduled, so this does not wait for the current one.
+            mx.async_eval(self._active_total)
+        self._active_total = self._active_total + count
+        self._stats_calls += rows
+        self._stats_records += 1
+
+    def stats(self) -> tuple[int, int]:
+        """(sparse decode rows, total active columns over them) since ``record_stats``.
+
+        Reads the device counters, so it synchronizes; call it after generation.
+        """
+        if "_active_total" not in self:
+            return 0, 0
+        return self._stats_calls, int(self._active_total.item())
+
+
+class ZigzagLinear(ActiveColumnStats, nn.Module):
     """A linear layer over a zigzag-quantized weight with a per-layer activation threshold.
 
     Parameters are the arrays of a :class:`~spqt_mlx.ZigzagWeight` (``weight``, ``scales``,
@@ -301,36 +341,3 @@ class ZigzagLinear(nn.Module):
         if "bias" in self:
             y = y + self["bias"]
         return y
-
-    # ---- statistics ---------------------------------------------------------------------------
-
-    def record_stats(self, enabled: bool = True) -> None:
-        """Start (and reset) or stop counting active columns of sparse decode tokens (single
-        tokens, and every row of a batch's decode step).
-
-        Counts accumulate lazily on the device; only :meth:`stats` reads them back. Counting adds a
-        small count per call (the fused kernel never writes its active list), so leave it off when
-        timing kernels.
-        """
-        self._stats_on = bool(enabled)
-        if enabled:
-            self._active_total = mx.array(0, dtype=mx.int32)
-            self._stats_calls = 0
-            self._stats_records = 0
-
-    def _record(self, count: mx.array, tokens: int = 1) -> None:
-        if self._stats_records and self._stats_records % _STATS_FLUSH_EVERY == 0:
-            # Earlier steps are already scheduled, so this does not wait for the current one.
-            mx.async_eval(self._active_total)
-        self._active_total = self._active_total + count
-        self._stats_calls += tokens
-        self._stats_records += 1
-
-    def stats(self) -> tuple[int, int]:
-        """(sparse decode tokens, total active columns over them) since ``record_stats``.
-
-        Reads the device counters, so it synchronizes; call it after generation.
-        """
-        if "_active_total" not in self:
-            return 0, 0
-        return self._stats_calls, int(self._active_total.item())

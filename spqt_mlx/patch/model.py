@@ -409,10 +409,10 @@ def achieved_sparsity(model: nn.Module) -> tuple[float, int] | None:
         if n == 0:
             continue
         # Bytes a token reads: a ZigzagSwitchLinear's n counts expert rows, each one expert's weight.
-        size = layer.input_dims * layer.output_dims * getattr(layer, "experts_per_token", 1)
+        size = layer.input_dims * layer.output_dims * layer.rows_per_token
         skipped += size * (1.0 - active / (n * layer.input_dims))
         weight += size
-        calls = max(calls, n // getattr(layer, "experts_per_token", 1))  # tokens, not expert rows
+        calls = max(calls, n // layer.rows_per_token)  # tokens, not expert rows
     if weight == 0:
         return None
     return skipped / weight, calls
