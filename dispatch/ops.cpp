@@ -3,6 +3,7 @@
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
+#include <string_view>
 
 #include "mlx/backend/cuda/cuda.h"
 #include "mlx/compile.h"
@@ -97,8 +98,9 @@ void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s, int residual 
       continue;  // read with its stride, like x
     }
     auto& a = inputs[i];
-    // What mx::contiguous and these products make is row-contiguous already.
-    const std::string made_by = a.has_primitive() ? a.primitive().name() : "";
+    // What mx::contiguous and these products make is row-contiguous already (compared without
+    // allocating: this runs for every input of every decode product).
+    const std::string_view made_by = a.has_primitive() ? a.primitive().name() : "";
     const bool made_contiguous = made_by == "Contiguous" || made_by == "ZigzagGemv" || made_by == "ZigzagGatherGemv";
     if (!made_contiguous && !(a.is_available() && a.flags().row_contiguous)) {
       a = mx::contiguous(a, false, s);
