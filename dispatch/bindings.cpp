@@ -106,6 +106,18 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none());
 
   m.def(
+      "zigzag_matmul",
+      &spqt::zigzag_matmul,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "group_size"_a,
+      "bits"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
       "apply_prologue",
       &spqt::apply_prologue,
       "x"_a,

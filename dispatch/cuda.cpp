@@ -32,6 +32,12 @@ constexpr int kMmaMinColumnsPerSplit = 256;
 // 4096x4096 up for dense walks, lists at density 0.5 and fused collection; below, where a call's
 // fixed costs dominate, it is not faster.
 constexpr int64_t kMmaMinWeights = int64_t(1) << 24;
+// The zigzag matmul's tile (kernels/cuda/zigzag_matmul.cu) and up to how many rows it runs. Beyond,
+// dequantizing the weight once and multiplying with cuBLAS measured faster on an H200: at 512 rows
+// for 14336x4096 and 4096x14336 (4-bit g64 fp16), at 1024 for 4096x4096 (BENCHMARKS.md).
+constexpr int kMatmulTileRows = 64;
+constexpr int kMatmulTileColumns = 128;
+constexpr int kMatmulMaxRows = 384;
 
 std::string dtype_name(mx::Dtype t) {
   if (t == mx::float32) return "float32";
@@ -51,6 +57,16 @@ const char* gemv_kernel_name(const std::string& dtype, int bits, int group_size,
   throw std::invalid_argument(
       "[zigzag_gemv] no CUDA kernel was built for " + dtype + ", " + std::to_string(bits) + " bits, group size " +
       std::to_string(group_size) + (tensor_cores ? " (tensor cores" : " (") + (many_rows ? ", several rows)." : ")."));
+}
+
+const char* matmul_kernel_name(const std::string& dtype, int bits, int group_size) {
+  for (const auto& k : cuda_kernels::kMatmul) {
+    if (dtype == k.dtype && bits == k.bits && group_size == k.group_size) {
+      return k.name;
+    }
+  }
+  throw std::invalid_argument("[zigzag_matmul] no CUDA kernel was built for " + dtype + ", " + std::to_string(bits) +
+                              " bits, group size " + std::to_string(group_size) + ".");
 }
 
 const char* collect_kernel_name(const std::string& dtype) {
@@ -298,6 +314,38 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
         rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits,
         norm_ptr, residual_ptr, residual_stride, prologue, eps, none, n_experts, x_div, none, none, none, first_bands);
   }
+}
+
+bool matmul_runs(mx::Dtype dtype, int rows) {
+  return (dtype == mx::float16 || dtype == mx::bfloat16) && rows <= kMatmulMaxRows;
+}
+
+void zigzag_matmul(ZigzagMatmul& p, const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cu::get_command_encoder(p.stream());
+  const mx::array& x = contiguous(inputs[0], "x");
+  const mx::array& w = contiguous(inputs[1], "weight");
+  const mx::array& scales = contiguous(inputs[2], "scales");
+  const mx::array& biases = contiguous(inputs[3], "biases");
+  int K = w.shape(1);
+  int N = out.shape(-1);
+  int M = int(out.size() / N);
+  allocate(out, out.nbytes(), enc);
+  if (out.size() == 0) {
+    return;
+  }
+  CUfunction f = kernel(matmul_kernel_name(dtype_name(x.dtype()), p.bits(), p.group_size()), enc);
+  for (const mx::array* a : {&x, &w, &scales, &biases}) {
+    enc.set_input_array(*a);
+  }
+  enc.set_output_array(out);
+  void* x_ptr = mx::gpu_ptr<void>(x);
+  void* w_ptr = mx::gpu_ptr<void>(w);
+  void* scales_ptr = mx::gpu_ptr<void>(scales);
+  void* biases_ptr = mx::gpu_ptr<void>(biases);
+  void* out_ptr = mx::gpu_ptr<void>(out);
+  // Rows of x fastest: the blocks that share a weight tile run together.
+  const dim3 grid((M + kMatmulTileRows - 1) / kMatmulTileRows, (N + kMatmulTileColumns - 1) / kMatmulTileColumns);
+  enc.add_kernel_node_ex(f, grid, dim3(kThreads), {}, 0, x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K);
 }
 
 bool gather_collects(int K) {

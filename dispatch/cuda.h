@@ -15,6 +15,10 @@ void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& input
 // Whether the kernels collect a gathered product's active sets themselves (else the op zeroes the
 // inactive entries with MLX ops and runs a dense product).
 bool gather_collects(int K);
+void zigzag_matmul(ZigzagMatmul& p, const std::vector<mx::array>& inputs, mx::array& out);
+// Whether zigzag_matmul of x with this dtype and number of rows runs the tensor-core kernel (else
+// the op dequantizes the weight into a transient copy for one batched matmul).
+bool matmul_runs(mx::Dtype dtype, int rows);
 void collect_active(CollectActive& p, const std::vector<mx::array>& inputs, mx::array& out);
 
 } // namespace spqt::cuda

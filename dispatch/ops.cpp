@@ -58,6 +58,59 @@ void check_bits_group_size(const std::string& where, int group_size, int bits) {
   check_one_of(where, "group_size", group_size, kSupportedGroupSizes);
 }
 
+// Checks a zigzag-quantized weight (w (N/group_size, K, words), scales and biases (N/group_size, K));
+// returns K.
+int check_weight(
+    const std::string& where, const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
+    int bits) {
+  check_bits_group_size(where, group_size, bits);
+  if (w.dtype() != mx::uint32 || w.ndim() != 3) {
+    fail(where, "the packed weight must be uint32 of shape (N/group_size, K, group_size*bits/32), got " +
+                    dtype_str(w.dtype()) + " " + shape_str(w.shape()) + ".");
+  }
+  const int bands = w.shape(0);
+  const int K = w.shape(1);
+  if (bands == 0 || K == 0) {
+    fail(where, "the packed weight " + shape_str(w.shape()) +
+                    " is empty: it needs at least one band of output rows and one input column.");
+  }
+  if (w.shape(2) != group_size * bits / 32) {
+    fail(where, "the packed weight's last dimension is " + std::to_string(w.shape(2)) +
+                    " words, but group_size=" + std::to_string(group_size) + " and bits=" +
+                    std::to_string(bits) + " need " + std::to_string(group_size * bits / 32) + ".");
+  }
+  const mx::Shape sb_shape{bands, K};
+  if (scales.shape() != sb_shape || biases.shape() != sb_shape) {
+    fail(where, "scales and biases must have shape " + shape_str(sb_shape) + ", got " +
+                    shape_str(scales.shape()) + " and " + shape_str(biases.shape()) + ".");
+  }
+  if (scales.dtype() != biases.dtype() || !is_float_dtype(scales.dtype())) {
+    fail(where, "scales and biases must share one float dtype, got " + dtype_str(scales.dtype()) +
+                    " and " + dtype_str(biases.dtype()) + ".");
+  }
+  return K;
+}
+
+// Checks the activation of a product: a float array (..., columns) in the dtype of the weight's
+// scales; `why` ends the message about a wrong column count.
+void check_x(
+    const std::string& where, const mx::array& x, int columns, int K, mx::Dtype dtype, const std::string& why) {
+  if (!is_float_dtype(x.dtype())) {
+    fail(where, "x must be float32, float16 or bfloat16, got " + dtype_str(x.dtype()) + ".");
+  }
+  if (x.ndim() < 1) {
+    fail(where, "x must have at least one dimension (..., K).");
+  }
+  if (x.shape(-1) != columns) {
+    fail(where, "x has " + std::to_string(x.shape(-1)) + " input features but the weight has K=" +
+                    std::to_string(K) + why);
+  }
+  if (x.dtype() != dtype) {
+    fail(where, "x is " + dtype_str(x.dtype()) + " but the weight's scales are " + dtype_str(dtype) +
+                    "; convert one to the other.");
+  }
+}
+
 // Checks an activation and its threshold over K columns; collect_active takes a single row.
 void validate_threshold(
     const std::string& where, const mx::array& x, const mx::array& threshold, int K, bool one_row) {
@@ -86,13 +139,13 @@ mx::array check_threshold(
   return mx::astype(threshold, mx::float32, s);
 }
 
-// The CUDA kernels read one row of x (and of a residual) with any stride, everything else
-// row-contiguous. Evaluated arrays show their layout now; the rest go through mx::contiguous, which
-// copies only when needed but is one more array to evaluate, so decode's single row skips it, as does
-// what mx::contiguous made already.
-void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s, int residual = -1) {
+// The CUDA GEMV kernels read one row of x (and of a residual) with any stride (`strided_row`),
+// everything else row-contiguous. Evaluated arrays show their layout now; the rest go through
+// mx::contiguous, which copies only when needed but is one more array to evaluate, so decode's single
+// row skips it, as does what mx::contiguous made already.
+void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s, int residual = -1, bool strided_row = true) {
   const auto& x = inputs[0];
-  const bool one_row = x.ndim() > 0 && x.size() == static_cast<size_t>(x.shape(-1));
+  const bool one_row = strided_row && x.ndim() > 0 && x.size() == static_cast<size_t>(x.shape(-1));
   for (size_t i = one_row ? 1 : 0; i < inputs.size(); ++i) {
     if (one_row && int(i) == residual) {
       continue;  // read with its stride, like x
@@ -101,7 +154,8 @@ void make_contiguous(std::vector<mx::array>& inputs, mx::Stream s, int residual 
     // What mx::contiguous and these products make is row-contiguous already (compared without
     // allocating: this runs for every input of every decode product).
     const std::string_view made_by = a.has_primitive() ? a.primitive().name() : "";
-    const bool made_contiguous = made_by == "Contiguous" || made_by == "ZigzagGemv" || made_by == "ZigzagGatherGemv";
+    const bool made_contiguous = made_by == "Contiguous" || made_by == "ZigzagGemv" || made_by == "ZigzagGatherGemv" ||
+        made_by == "ZigzagMatmul";
     if (!made_contiguous && !(a.is_available() && a.flags().row_contiguous)) {
       a = mx::contiguous(a, false, s);
     }
@@ -234,47 +288,10 @@ mx::array zigzag_gemv(
     const Fusion& fusion,
     mx::StreamOrDevice s) {
   const std::string where = "zigzag_gemv";
-  check_bits_group_size(where, group_size, bits);
-  if (!is_float_dtype(x.dtype())) {
-    fail(where, "x must be float32, float16 or bfloat16, got " + dtype_str(x.dtype()) + ".");
-  }
-  if (x.ndim() < 1) {
-    fail(where, "x must have at least one dimension (..., K).");
-  }
-  if (w.dtype() != mx::uint32 || w.ndim() != 3) {
-    fail(where, "the packed weight must be uint32 of shape (N/group_size, K, group_size*bits/32), got " +
-                    dtype_str(w.dtype()) + " " + shape_str(w.shape()) + ".");
-  }
-  const int bands = w.shape(0);
-  const int K = w.shape(1);
-  const int N = bands * group_size;
-  if (bands == 0 || K == 0) {
-    fail(where, "the packed weight " + shape_str(w.shape()) +
-                    " is empty: it needs at least one band of output rows and one input column.");
-  }
-  if (w.shape(2) != group_size * bits / 32) {
-    fail(where, "the packed weight's last dimension is " + std::to_string(w.shape(2)) +
-                    " words, but group_size=" + std::to_string(group_size) + " and bits=" +
-                    std::to_string(bits) + " need " + std::to_string(group_size * bits / 32) + ".");
-  }
-  const mx::Shape sb_shape{bands, K};
-  if (scales.shape() != sb_shape || biases.shape() != sb_shape) {
-    fail(where, "scales and biases must have shape " + shape_str(sb_shape) + ", got " +
-                    shape_str(scales.shape()) + " and " + shape_str(biases.shape()) + ".");
-  }
-  if (scales.dtype() != biases.dtype() || !is_float_dtype(scales.dtype())) {
-    fail(where, "scales and biases must share one float dtype, got " + dtype_str(scales.dtype()) +
-                    " and " + dtype_str(biases.dtype()) + ".");
-  }
+  const int K = check_weight(where, w, scales, biases, group_size, bits);
+  const int N = w.shape(0) * group_size;
   const bool swiglu = fusion.prologue == Prologue::SwiGLU;
-  if (x.shape(-1) != (swiglu ? 2 * K : K)) {
-    fail(where, "x has " + std::to_string(x.shape(-1)) + " input features but the weight has K=" +
-                    std::to_string(K) + (swiglu ? " (SwiGLU reads gate and up: 2K)." : "."));
-  }
-  if (x.dtype() != scales.dtype()) {
-    fail(where, "x is " + dtype_str(x.dtype()) + " but the weight's scales are " +
-                    dtype_str(scales.dtype()) + "; convert one to the other.");
-  }
+  check_x(where, x, swiglu ? 2 * K : K, K, scales.dtype(), swiglu ? " (SwiGLU reads gate and up: 2K)." : ".");
 
   auto stream = mx::to_stream(s);
   auto out_shape = x.shape();
@@ -362,6 +379,49 @@ mx::array zigzag_gemv(
       std::make_shared<ZigzagGemv>(
           stream, group_size, bits, kind, fused.prologue, fused.eps, fused.residual.has_value(), threshold),
       std::move(inputs));
+}
+
+mx::array zigzag_matmul(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  const std::string where = "zigzag_matmul";
+  const int K = check_weight(where, w, scales, biases, group_size, bits);
+  const int bands = w.shape(0);
+  check_x(where, x, K, K, scales.dtype(), ".");
+  auto stream = mx::to_stream(s);
+  auto out_shape = x.shape();
+  out_shape.back() = bands * group_size;
+  const int rows = int(x.size() / K);
+  if (rows == 0) {
+    // An empty batch or sequence: an empty result, as nn.Linear gives (MLX's quantized matmul
+    // would divide by the zero row count).
+    return mx::zeros(out_shape, x.dtype(), stream);
+  }
+  const bool on_cuda = stream.device == mx::Device::gpu && mx::cu::is_available();
+  if (on_cuda && cuda::matmul_runs(x.dtype(), rows)) {
+    std::vector<mx::array> inputs{x, w, scales, biases};
+    make_contiguous(inputs, stream, -1, /* strided_row = */ false);
+    return mx::array(
+        out_shape, x.dtype(), std::make_shared<ZigzagMatmul>(stream, group_size, bits), std::move(inputs));
+  }
+  // Band b is an MLX-quantized (K, group_size) matrix with one group per row: all bands are one
+  // batched quantized matmul with transpose=false, (bands, rows, group_size). MLX's CUDA backend
+  // has only a naive kernel for that case (about 30 s to build on its first call for each format,
+  // and slow), so on CUDA the bands are dequantized into a transient copy for one batched matmul
+  // instead (in float32 it follows MLX's TF32 setting, MLX_ENABLE_TF32).
+  auto x_rows = mx::reshape(x, {1, rows, K}, stream);
+  auto s3 = mx::expand_dims(scales, -1, stream);
+  auto b3 = mx::expand_dims(biases, -1, stream);
+  auto y = on_cuda
+      ? mx::matmul(x_rows, mx::dequantize(w, s3, b3, group_size, bits, "affine", std::nullopt, std::nullopt, stream),
+                   stream)
+      : mx::quantized_matmul(x_rows, w, s3, b3, false, group_size, bits, "affine", stream);
+  return mx::reshape(mx::swapaxes(y, 0, 1, stream), out_shape, stream);
 }
 
 namespace {

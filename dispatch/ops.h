@@ -44,6 +44,18 @@ mx::array zigzag_gemv(
     const Fusion& fusion = {},
     mx::StreamOrDevice s = {});
 
+// Dense y = x @ W.T for any number of rows of x (..., K): the product of prefill. CUDA runs float16
+// and bfloat16 on the tensor cores straight from the zigzag layout; elsewhere, and for float32,
+// the product is composed of MLX ops (dispatch/ops.cpp says which).
+mx::array zigzag_matmul(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
 // A second set of stacked experts for zigzag_gather_gemv: (w, scales, biases) as the first's.
 struct SecondExperts {
   mx::array w, scales, biases;

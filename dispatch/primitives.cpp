@@ -103,6 +103,39 @@ void dispatch_float(mx::Dtype t, F&& f) {
   }
 }
 
+// dy @ W for a zigzag-quantized W (bands, K, words), dy (..., N): the (rows, K) gradient of x @ W.T.
+// Band b is an MLX-quantized (K, group_size) matrix with one group per row, so dy_b @ W_b^T is MLX's
+// quantized matmul with transpose=true, batched over the bands. On CUDA that batched call gave
+// non-finite rows (mlx 0.32.4, H200: 40 rows, K = 320, group size 64, after other work had used
+// the memory pool), so there W is dequantized into a transient copy for one matmul.
+mx::array times_weight(
+    const mx::array& dy, const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
+    int bits, mx::Stream s) {
+  const int bands = w.shape(0);
+  const int K = w.shape(1);
+  auto s3 = mx::expand_dims(scales, -1, s);
+  auto b3 = mx::expand_dims(biases, -1, s);
+  if (s.device == mx::Device::gpu && mx::cu::is_available()) {
+    // (bands, K, gs) -> W (N, K)
+    auto W = mx::dequantize(w, s3, b3, group_size, bits, "affine", std::nullopt, std::nullopt, s);
+    W = mx::reshape(mx::swapaxes(W, 1, 2, s), {bands * group_size, K}, s);
+    return mx::matmul(mx::reshape(dy, {-1, bands * group_size}, s), W, s);
+  }
+  auto dy_bands = mx::transpose(mx::reshape(dy, {-1, bands, group_size}, s), {1, 0, 2}, s);
+  auto dx = mx::quantized_matmul(dy_bands, w, s3, b3, true, group_size, bits, "affine", s);
+  return mx::sum(dx, 0, false, s); // float32 accumulation is MLX's
+}
+
+void refuse_weight_gradient(const char* op, const std::vector<int>& argnums, int first, int last) {
+  for (int a : argnums) {
+    if (a >= first && a <= last) {
+      throw std::invalid_argument(
+          std::string("[") + op + "] the zigzag-quantized weight has no gradient: it is not trainable "
+          "(freeze it, as nn.QuantizedLinear is).");
+    }
+  }
+}
+
 } // namespace
 
 bool ZigzagGemv::is_equivalent(const mx::Primitive& other) const {
@@ -121,28 +154,14 @@ std::vector<mx::array> ZigzagGemv::vjp(
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
-  for (int a : argnums) {
-    if (a >= 1 && a <= 3) {
-      throw std::invalid_argument(
-          "[zigzag_gemv] the zigzag-quantized weight has no gradient: it is not trainable "
-          "(freeze it, as nn.QuantizedLinear is).");
-    }
-  }
+  refuse_weight_gradient("zigzag_gemv", argnums, 1, 3);
   auto s = stream();
   if (prologue_ != Prologue::Identity || has_residual_) {
     return fused_vjp(primals, cotangents, argnums);
   }
   const auto& x = primals[0];
-  const auto& w = primals[1];
   const int K = x.shape(-1);
-  const int bands = w.shape(0);
-  // dx = dy @ W. Band b is an MLX-quantized (K, group_size) matrix with one group per row, so
-  // dy_b @ W_b^T is MLX's quantized matmul with transpose=true, batched over the bands.
-  auto dy = mx::transpose(mx::reshape(cotangents[0], {-1, bands, group_size_}, s), {1, 0, 2}, s);
-  auto dx = mx::quantized_matmul(
-      dy, w, mx::expand_dims(primals[2], -1, s), mx::expand_dims(primals[3], -1, s), true, group_size_, bits_,
-      "affine", s);
-  dx = mx::sum(dx, 0, false, s); // (rows, K), float32 accumulation is MLX's
+  auto dx = times_weight(cotangents[0], primals[1], primals[2], primals[3], group_size_, bits_, s);
   // Only the active columns took part: the others get no gradient, a column listed twice twice.
   auto times_listed = [&](const mx::array& idx, const mx::array& valid) {
     auto safe = mx::where(valid, idx, mx::array(0, mx::int32), s);
@@ -470,6 +489,40 @@ void ZigzagGatherGemv::eval_gpu(const std::vector<mx::array>& inputs, mx::array&
   } else {
     metal::zigzag_gather_gemv(*this, inputs, out);
   }
+}
+
+bool ZigzagMatmul::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const ZigzagMatmul*>(&other);
+  return o && o->state() == state();
+}
+
+std::vector<mx::Shape> ZigzagMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0) * group_size_;
+  return {shape};
+}
+
+std::vector<mx::array> ZigzagMatmul::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  refuse_weight_gradient("zigzag_matmul", argnums, 1, 3);
+  auto s = stream();
+  const auto& x = primals[0];
+  auto dx = times_weight(cotangents[0], primals[1], primals[2], primals[3], group_size_, bits_, s);
+  return {mx::astype(mx::reshape(dx, x.shape(), s), x.dtype(), s)};
+}
+
+void ZigzagMatmul::eval_cpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::logic_error("[zigzag_matmul] the tensor-core product runs on CUDA only; the op composes MLX ops elsewhere.");
+}
+
+void ZigzagMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  if (!mx::cu::is_available()) {
+    throw std::logic_error("[zigzag_matmul] the tensor-core product runs on CUDA only; the op composes MLX ops elsewhere.");
+  }
+  cuda::zigzag_matmul(*this, inputs, out);
 }
 
 std::vector<mx::Shape> CollectActive::output_shapes(const std::vector<mx::array>& inputs) {

@@ -169,6 +169,45 @@ class ZigzagGatherGemv : public mx::UnaryPrimitive {
   bool paired_;
 };
 
+// The dense product of many rows (prefill) on CUDA's tensor cores, read from the zigzag layout with
+// no dequantized copy. Inputs: x (..., K), row-contiguous, float16 or bfloat16; w, scales, biases.
+// Output x.shape[:-1] + (N,). zigzag_matmul creates it only where the CUDA kernel runs
+// (cuda::matmul_runs); elsewhere it composes MLX ops, so eval_cpu is never reached.
+class ZigzagMatmul : public mx::UnaryPrimitive {
+ public:
+  ZigzagMatmul(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override {
+    return "ZigzagMatmul";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  // The gradient with respect to x, as for ZigzagGemv.
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  auto state() const {
+    return std::make_tuple(group_size_, bits_);
+  }
+
+  int group_size() const {
+    return group_size_;
+  }
+  int bits() const {
+    return bits_;
+  }
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
 class CollectActive : public mx::UnaryPrimitive {
  public:
   explicit CollectActive(mx::Stream stream) : mx::UnaryPrimitive(stream) {}

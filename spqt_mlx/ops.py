@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from . import _ext
 from ._ext import ActiveKind
-from .layout import ZigzagWeight, check_weight, dequantize_bands
+from .layout import ZigzagWeight, check_weight
 
 
 class ActiveColumns:
@@ -176,31 +176,17 @@ def _single(qweight: ZigzagWeight) -> None:
 def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.array:
     """Dense ``x @ W.T`` for any number of rows: the path for prefill.
 
-    Band b of the zigzag layout is an MLX-quantized (K, group_size) matrix with one group per row.
-    Metal and CPU run all bands as one batched ``mx.quantized_matmul(transpose=False)``. MLX's CUDA
-    backend has only a naive kernel for that case, which takes about 30 s on its first call for
-    each dtype, bits and group size and is slower than dequantizing from a few dozen rows on
-    (benchmarks/prefill_cuda.py). So on CUDA the bands are dequantized and go through one batched
-    matmul (in float32 it follows MLX's TF32 setting, ``MLX_ENABLE_TF32``). Single tokens are
-    cheaper through ``zigzag_gemv``.
+    On CUDA, float16 and bfloat16 run a tensor-core kernel that reads the zigzag layout directly.
+    Elsewhere band b of the layout, an MLX-quantized (K, group_size) matrix with one group per row,
+    goes through MLX's quantized matmul (all bands as one batched call); float32 on CUDA through a
+    transient dequantized copy (in TF32 where MLX's ``MLX_ENABLE_TF32`` says so). Single tokens
+    are cheaper through ``zigzag_gemv``.
     """
     if not isinstance(x, mx.array):
         raise TypeError(f"x must be an mx.array, got {type(x).__name__}.")
     _single(qweight)
-    N, K = qweight.shape
-    if x.ndim < 1 or x.shape[-1] != K:
-        raise ValueError(f"x must have shape (..., {K}), got {tuple(x.shape)}.")
-    if x.dtype != qweight.dtype:
-        raise ValueError(f"x is {x.dtype} but the weight's scales are {qweight.dtype}; convert one to the other.")
-    lead = x.shape[:-1]
-    if x.size == 0:
-        # No rows (an empty batch or sequence): an empty result, as nn.Linear gives; MLX's quantized
-        # matmul would divide by the zero row count.
-        return mx.zeros((*lead, N), dtype=x.dtype)
-    rows = x.reshape(1, -1, K)
-    product = _matmul_dequantized if _on_cuda(stream) else _matmul_per_band
-    y = product(rows, qweight, stream)  # (bands, M, gs)
-    return y.swapaxes(0, 1).reshape(*lead, N)
+    return _ext.zigzag_matmul(x, qweight.weight, qweight.scales, qweight.biases, qweight.group_size, qweight.bits,
+                              stream=stream)
 
 
 def _on_cuda(stream) -> bool:
@@ -211,21 +197,3 @@ def _on_cuda(stream) -> bool:
         stream = stream.device
     kind = stream.type if isinstance(stream, mx.Device) else stream
     return kind == mx.gpu and mx.cuda.is_available()
-
-
-def _matmul_per_band(rows: mx.array, qweight: ZigzagWeight, stream) -> mx.array:
-    return mx.quantized_matmul(
-        rows,
-        qweight.weight,
-        qweight.scales[..., None],
-        qweight.biases[..., None],
-        transpose=False,
-        group_size=qweight.group_size,
-        bits=qweight.bits,
-        stream=stream,
-    )
-
-
-def _matmul_dequantized(rows: mx.array, qweight: ZigzagWeight, stream) -> mx.array:
-    w = dequantize_bands(qweight, stream=stream)  # transient, in float
-    return mx.matmul(rows, w, stream=stream)

@@ -210,16 +210,57 @@ def test_strided_inputs():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [2, 7, 63, 130])
+@pytest.mark.parametrize("rows", [2, 7, 63, 130, 520])
 @pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (8, 128)])
 def test_prefill_matmul(bits, gs, rows, dtype):
-    # CUDA dequantizes and runs one batched matmul, in TF32 for float32 as MLX's own float32
-    # matmuls do there by default.
+    # float16 and bfloat16 run the tensor-core kernel; float32 a dequantized copy and one batched
+    # matmul, in TF32 as MLX's own float32 matmuls do there by default.
     qw = make(3 * gs, 200, bits, gs, dtype, seed=bits + rows)
     x = (mx.random.normal((rows, 200)) * 0.5).astype(dtype)
     y = sq.zigzag_matmul(x, qw)
     assert y.dtype == dtype
     check(y, reference(x, qw), mx.float16 if dtype == mx.float32 else dtype)
+
+
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=str)
+@pytest.mark.parametrize("gs", GROUP_SIZES)
+@pytest.mark.parametrize("bits", BITS)
+def test_prefill_kernel_every_format(bits, gs, dtype):
+    # The tensor-core matmul's tiles are 64 rows x 128 outputs x 64 columns: every one has a tail.
+    N, K, M = 5 * gs, 200, 70
+    qw = make(N, K, bits, gs, dtype, seed=bits * 100 + gs)
+    x = (mx.random.normal((2, M // 2, K)) * 0.5).astype(dtype)
+    y = sq.zigzag_matmul(x, qw)
+    assert y.shape == (2, M // 2, N) and y.dtype == dtype
+    check(y, reference(x, qw), dtype)
+    # Bit for bit the same on every call, and a row's result does not depend on its neighbours.
+    assert mx.array_equal(y, sq.zigzag_matmul(x, qw)).item()
+    assert mx.array_equal(y[1, 3:], sq.zigzag_matmul(x[1, 3:], qw)).item()
+
+
+@pytest.mark.parametrize("K", [203, 256])
+def test_prefill_kernel_unaligned_rows(K):
+    # Rows of x that do not start on 16 bytes (K not a multiple of 8, or a view at an odd offset)
+    # are read element by element.
+    qw = make(192, K, 4, 64, mx.float16, seed=K)
+    flat = mx.random.normal((37 * K + 1,)).astype(mx.float16)
+    mx.eval(flat)
+    x = flat[1:].reshape(37, K)
+    check(sq.zigzag_matmul(x, qw), reference(x, qw), mx.float16)
+
+
+def test_prefill_kernel_large_and_gradient():
+    qw = make(4096, 4096, 4, 64, mx.bfloat16, seed=3)
+    x = (mx.random.normal((300, 4096)) * 0.5).astype(mx.bfloat16)
+    check(sq.zigzag_matmul(x, qw), reference(x, qw), mx.bfloat16)
+    # The gradient with respect to x: dy @ W, as on the CPU.
+    small = make(256, 320, 4, 64, mx.float16, seed=4)
+    xs = mx.random.normal((40, 320)).astype(mx.float16)
+    dy = mx.random.normal((40, 256)).astype(mx.float16)
+    grad = mx.vjp(lambda v: sq.zigzag_matmul(v, small), [xs], [dy])[1][0]
+    with mx.stream(mx.cpu):
+        W = np.array(sq.zigzag_dequantize(small).astype(mx.float32), dtype=np.float64)
+    check(grad, np.array(dy.astype(mx.float32), dtype=np.float64) @ W, mx.float16)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.8], ids=["dense", "sparse"])

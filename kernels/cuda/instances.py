@@ -25,11 +25,17 @@ BITS = _contract("kSupportedBits")
 GROUP_SIZES = _contract("kSupportedGroupSizes")
 MMA_BITS = _contract("kTensorCoreBits")
 MMA_GROUP_SIZES = _contract("kTensorCoreGroupSizes")
+# The zigzag matmul (prefill) multiplies on the tensor cores in the input's own 16-bit type.
+MATMUL_DTYPES = ("float16", "bfloat16")
 
 
 def gemv_name(dtype: str, bits: int, group_size: int, mma: bool = False, many_rows: bool = False) -> str:
     kind = ("_mma" if mma else "") + ("_rows" if many_rows else "")
     return f"spqt_zigzag_gemv{kind}_{dtype}_b{bits}_g{group_size}"
+
+
+def matmul_name(dtype: str, bits: int, group_size: int) -> str:
+    return f"spqt_zigzag_matmul_{dtype}_b{bits}_g{group_size}"
 
 
 def instances():
@@ -44,15 +50,21 @@ def instances():
             for gs in MMA_GROUP_SIZES:
                 for many in (0, 1):
                     yield gemv_name(dtype, bits, gs, True, bool(many)), "zigzag_gemv_mma.cu", ctype, bits, gs, many
+        if dtype in MATMUL_DTYPES:
+            for bits in BITS:
+                for gs in GROUP_SIZES:
+                    yield matmul_name(dtype, bits, gs), "zigzag_matmul.cu", ctype, bits, gs, 0
 
 
 def header() -> str:
     """The kernel names as a C++ table for dispatch/cuda.cpp (``spqt::cuda_kernels``)."""
-    gemv, collect = [], []
+    gemv, matmul, collect = [], [], []
     for name, source, ctype, bits, gs, many_rows in instances():
         dtype = next(d for d, c in DTYPES.items() if c == ctype)
         if source == "collect_active.cu":
             collect.append(f'    {{"{dtype}", "{name}"}},')
+        elif source == "zigzag_matmul.cu":
+            matmul.append(f'    {{"{dtype}", {bits}, {gs}, "{name}"}},')
         else:
             mma = "true" if source == "zigzag_gemv_mma.cu" else "false"
             many = "true" if many_rows else "false"
@@ -72,6 +84,15 @@ def header() -> str:
         "};",
         "inline constexpr GemvKernel kGemv[] = {",
         *gemv,
+        "};",
+        "",
+        "struct MatmulKernel {",
+        "  const char* dtype;",
+        "  int bits, group_size;",
+        "  const char* name;",
+        "};",
+        "inline constexpr MatmulKernel kMatmul[] = {",
+        *matmul,
         "};",
         "",
         "struct CollectKernel {",

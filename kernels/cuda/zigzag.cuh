@@ -98,26 +98,36 @@ __device__ __forceinline__ Input<T> input_row(
   return in;
 }
 
-// Loads the BITS words that hold 32 consecutive codes, as wide as their alignment allows.
-// Streaming loads: every weight byte is read once per call.
-template <int BITS>
+// Loads the BITS words that hold 32 consecutive codes, as wide as their alignment allows. Streaming
+// loads (evict first) where every weight byte is read once per call; cached ones where other
+// blocks read the same bytes soon after.
+template <typename V, bool STREAMING>
+__device__ __forceinline__ V load_words(const V* p) {
+  if constexpr (STREAMING) {
+    return __ldcs(p);
+  } else {
+    return __ldg(p);
+  }
+}
+
+template <int BITS, bool STREAMING = true>
 __device__ __forceinline__ void load_chunk(const uint32_t* p, uint32_t (&w)[BITS]) {
   if constexpr (BITS % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < BITS / 4; ++i) {
-      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p) + i);
+      const uint4 v = load_words<uint4, STREAMING>(reinterpret_cast<const uint4*>(p) + i);
       w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
     }
   } else if constexpr (BITS % 2 == 0) {
 #pragma unroll
     for (int i = 0; i < BITS / 2; ++i) {
-      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p) + i);
+      const uint2 v = load_words<uint2, STREAMING>(reinterpret_cast<const uint2*>(p) + i);
       w[2 * i] = v.x; w[2 * i + 1] = v.y;
     }
   } else {
 #pragma unroll
     for (int i = 0; i < BITS; ++i) {
-      w[i] = __ldcs(p + i);
+      w[i] = load_words<uint32_t, STREAMING>(p + i);
     }
   }
 }
