@@ -10,13 +10,14 @@ prompt time, the median of three runs after a warm-up one, the two models' runs 
 both fit in memory (all but 70B). Rows `size, model, prompt_tokens, prefill_tps`.
 
 Without: per shape and row count, MLX's `quantized_matmul` on the row-wise layout (what mlx-lm's
-prefill runs), and the two zigzag products of `spqt_mlx.ops`: all bands through MLX's non-transposed
-quantized matmul (Metal's and the CPU's path), and the bands dequantized then one batched fp16
-matmul (the CUDA path). Each figure is the median of chained calls, as in gemv_cuda.py.
+prefill runs), `spqt_mlx.zigzag_matmul` (CUDA's tensor-core kernel on the zigzag layout), the bands
+dequantized into a transient fp16 copy and one batched matmul (the CUDA path before that kernel,
+and float32's), optionally all bands through MLX's non-transposed quantized matmul (Metal's and the
+CPU's path), and up to 16 rows the GEMV layers run there. Each figure is the median of chained
+calls, as in gemv_cuda.py.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_cuda import chain_time, copies  # noqa: E402
 
 import spqt_mlx as sq  # noqa: E402
-from spqt_mlx import ops  # noqa: E402
+from spqt_mlx.layout import dequantize_bands  # noqa: E402
 from spqt_mlx.patch.linear import GEMV_MAX_ROWS  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -92,7 +93,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", choices=["8b", "70b", "1b"], help="whole models instead of products")
     p.add_argument("--prompts", type=int, nargs="+", default=[128, 512, 2048], help="prompt lengths (with --sizes)")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 128, 512])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 128, 512, 1024, 2048])
     p.add_argument("--per-band", action="store_true", help="also time MLX's non-transposed quantized matmul (slow)")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -112,15 +113,22 @@ def main(argv=None):
             mlx = chain_time(lambda x, w_, s_, b_: mx.quantized_matmul(x, w_, s_, b_, True, 64, 4),
                              [(x, *a) for a in rw], 20, 3)
 
-            def zig(product):
-                def call(x, w_, s_, b_):
-                    y = product(x.reshape(1, M, K), sq.ZigzagWeight(w_, s_, b_, 64, 4), None)
-                    return y.swapaxes(0, 1).reshape(M, N)
-                return call
+            def per_band(x, w_, s_, b_):
+                y = mx.quantized_matmul(x.reshape(1, M, K), w_, s_[..., None], b_[..., None], transpose=False,
+                                        group_size=64, bits=4)
+                return y.swapaxes(0, 1).reshape(M, N)
 
-            per_band = chain_time(zig(ops._matmul_per_band), [(x, *a) for a in zz], 20, 3) if args.per_band else 0.0
-            dequant = chain_time(zig(ops._matmul_dequantized), [(x, *a) for a in zz], 20, 3)
-            r = dict(N=N, K=K, M=M, mlx_us=1e6 * mlx, per_band_us=1e6 * per_band, dequantized_us=1e6 * dequant)
+            def dequantized(x, w_, s_, b_):
+                y = x.reshape(1, M, K) @ dequantize_bands(sq.ZigzagWeight(w_, s_, b_, 64, 4))
+                return y.swapaxes(0, 1).reshape(M, N)
+
+            args_ = [(x, *a) for a in zz]
+            band = chain_time(per_band, args_, 20, 3) if args.per_band else 0.0
+            dequant = chain_time(dequantized, args_, 20, 3)
+            ours = chain_time(lambda x, w_, s_, b_: sq.zigzag_matmul(x, sq.ZigzagWeight(w_, s_, b_, 64, 4)),
+                              args_, 20, 3)
+            r = dict(N=N, K=K, M=M, mlx_us=1e6 * mlx, matmul_us=1e6 * ours, per_band_us=1e6 * band,
+                     dequantized_us=1e6 * dequant)
             if M <= GEMV_MAX_ROWS:
                 # The GEMV of several rows (what layers run up to GEMV_MAX_ROWS rows): dense, and
                 # every row over its own half of the columns.
@@ -131,13 +139,15 @@ def main(argv=None):
                                                                         threshold=t), [(x, *a) for a in zz], 20, 3)
                 r.update(gemv_us=1e6 * gemv, gemv_half_us=1e6 * half)
             results.append(r)
-            print(f"{N:>6}x{K:<6} M={M:<4} mlx q4 {r['mlx_us']:8.1f} us  per-band {r['per_band_us']:8.1f} us"
-                  f"  dequantized {r['dequantized_us']:8.1f} us  gemv {r.get('gemv_us', 0):8.1f} us"
-                  f"  gemv d=.5 {r.get('gemv_half_us', 0):8.1f} us", flush=True)
+            print(f"{N:>6}x{K:<6} M={M:<4} mlx q4 {r['mlx_us']:8.1f} us  zigzag_matmul {r['matmul_us']:8.1f} us"
+                  f"  per-band {r['per_band_us']:8.1f} us  dequantized {r['dequantized_us']:8.1f} us"
+                  f"  gemv {r.get('gemv_us', 0):8.1f} us  gemv d=.5 {r.get('gemv_half_us', 0):8.1f} us", flush=True)
         del zz, rw
         mx.clear_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        from decode_cuda import write_results
+
+        write_results(args.json, results)
 
 
 if __name__ == "__main__":
