@@ -36,8 +36,9 @@ def add_quantizer_argument(parser) -> None:
     from .layout import DEFAULT_QUANTIZER, QUANTIZERS
 
     parser.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
-                        help="how each group's scale and bias are chosen: minmax (as mx.quantize) or search (the "
-                        f"lowest squared error; default {DEFAULT_QUANTIZER})")
+                        help="how each group's scale and bias are chosen: minmax (as mx.quantize), search (the "
+                        "lowest squared error) or gptq (search plus GPTQ's error feedback from the calibration "
+                        f"text's input statistics; slower); default {DEFAULT_QUANTIZER}")
 
 
 _DEFAULT = object()

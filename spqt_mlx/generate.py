@@ -138,7 +138,17 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     from .patch.linear import DEFAULT_CRITERION
 
     t0 = time.perf_counter()
-    paths = patch_model(model, group_size=args.group_size, bits=args.bits, quantizer=args.quantizer, progress=True)
+    hessians = None
+    if args.quantizer == "gptq":
+        from .gptq import input_hessians
+        from .texts import calibration_tokens
+
+        tokens, described = calibration_tokens(model, tokenizer, text_file=args.calibration_text,
+                                               n_tokens=args.calibration_tokens)
+        _log(f"gptq: input statistics of the float model on {described}")
+        hessians = input_hessians(model, tokens, progress=True)
+    paths = patch_model(model, group_size=args.group_size, bits=args.bits, quantizer=args.quantizer,
+                        hessians=hessians, progress=True)
     if not paths:
         raise ValueError("--spqt: the model has no attention or MLP projections that can be patched.")
     set_criterion(model, args.criterion or DEFAULT_CRITERION)

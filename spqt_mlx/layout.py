@@ -18,8 +18,11 @@ FLOAT_DTYPES = tuple(DTYPES.values())
 # How a group's scale and bias are chosen (its codes follow from them):
 #   "minmax": as mx.quantize, from the group's minimum and maximum;
 #   "search": the lowest squared error over a range of scales around min/max, each refitted by
-#             least squares (as llama.cpp's K-quants search), never worse than "minmax".
-QUANTIZERS = ("minmax", "search")
+#             least squares (as llama.cpp's K-quants search), never worse than "minmax";
+#   "gptq":   GPTQ in zigzag order: column by column, each group fitted as "search" fits it, the
+#             rounding error spread over the later columns by the layer's input statistics
+#             (spqt_mlx.gptq; needs calibration text).
+QUANTIZERS = ("minmax", "search", "gptq")
 # What the command-line tools use (BENCHMARKS.md measures both); the library's default stays "minmax",
 # which matches mx.quantize group for group and quantizes lazily.
 DEFAULT_QUANTIZER = "search"
@@ -88,7 +91,8 @@ def check_float_dtype(dtype, what: str) -> None:
 
 
 def zigzag_quantize(
-    w: mx.array, group_size: int = 64, bits: int = 4, *, quantizer: str = "minmax", lazy: bool = False, stream=None
+    w: mx.array, group_size: int = 64, bits: int = 4, *, quantizer: str = "minmax", lazy: bool = False, stream=None,
+    hessian=None,
 ) -> ZigzagWeight:
     """Quantize ``w`` (N, K), or the (E, N, K) weights of E experts, into the zigzag layout.
 
@@ -98,13 +102,20 @@ def zigzag_quantize(
     with codes in the same format. N must be a multiple of ``group_size``. Non-finite values raise
     a ValueError. With ``lazy`` (how layers are patched, like ``nn.quantize``), a ``w`` that is not
     evaluated yet stays unevaluated: a non-finite value then makes its group's scale NaN, so the
-    outputs show it, instead of raising here. "search" always evaluates ``w``.
+    outputs show it, instead of raising here. "search" and "gptq" always evaluate ``w``. "gptq"
+    needs ``hessian``, the (K, K) second moment of the layer's inputs
+    (:func:`spqt_mlx.gptq.input_hessians`), and a single (N, K) weight.
     """
     check_quantizer(quantizer)
+    if (quantizer == "gptq") != (hessian is not None):
+        raise ValueError("the gptq quantizer, and only it, takes the hessian of the layer's inputs "
+                         "(spqt_mlx.gptq.input_hessians).")
     if not isinstance(w, mx.array):
         raise TypeError(f"w must be an mx.array, got {type(w).__name__}.")
     check_bits_group_size(group_size, bits)
     check_float_dtype(w.dtype, "w")
+    if w.ndim == 3 and quantizer == "gptq":
+        raise ValueError("the gptq quantizer takes one (N, K) weight; quantize experts with 'search'.")
     if w.ndim == 3:
         # Experts: the bands of each are whole (N is a multiple of group_size), so quantizing the
         # experts stacked row-wise gives every expert exactly its own groups.
@@ -128,6 +139,13 @@ def zigzag_quantize(
     evaluated = not lazy or quantizer != "minmax" or _ext.is_evaluated(w)
     if evaluated and not mx.all(mx.isfinite(w), stream=stream).item():
         raise ValueError("w has non-finite values (NaN or inf); they cannot be quantized.")
+    if quantizer == "gptq":
+        from .gptq import gptq_quantize
+
+        codes, scales, biases = gptq_quantize(w, hessian, group_size, bits)
+        packed = _pack_codes(codes.reshape(-1, group_size), bits).reshape(N // group_size, K, -1)
+        return ZigzagWeight(mx.array(packed), mx.array(scales, dtype=w.dtype), mx.array(biases, dtype=w.dtype),
+                            group_size, bits)
     z = w.reshape(N // group_size, group_size, K).swapaxes(1, 2)
     wq, scales, biases = mx.quantize(z, group_size=group_size, bits=bits, stream=stream)
     if quantizer == "search":

@@ -317,12 +317,12 @@ def evaluate(
 
     log(f"Perplexity of {model} on {Path(text_file).name}: {len(tokens)} tokens")
     log(f"Protocol: {describe_protocol(protocol, window, stride, mode)}")
-    needs_calibration = any(s > 0 for s in sparsities)
+    needs_calibration = any(s > 0 for s in sparsities) or (quantizer == "gptq" and not is_spqt)
     if needs_calibration:
         cal_tokens, described = calibration_tokens(
             net, tokenizer, text_file=calibration_text, n_tokens=calibration_tokens_count, seed=seed
         )
-        log(f"Thresholds calibrated on {described}")
+        log(f"Thresholds{' and gptq' if quantizer == 'gptq' and not is_spqt else ''} calibrated on {described}")
     else:
         cal_tokens, described = [], None
     log(f"  {'model':<18} {'criterion':<9} {'method':<8} {'target':>6} {'achieved':>8} {'perplexity':>11}")
@@ -335,7 +335,12 @@ def evaluate(
         t = time.perf_counter()
         add("float", "-", None, perplexity(net, tokens, **run), time.perf_counter() - t)
     if not is_spqt:
-        layers = patch_model(net, group_size=group_size, bits=bits, quantizer=quantizer)
+        hessians = None
+        if quantizer == "gptq":
+            from .gptq import input_hessians
+
+            hessians = input_hessians(net, cal_tokens)
+        layers = patch_model(net, group_size=group_size, bits=bits, quantizer=quantizer, hessians=hessians)
         if not layers:
             raise ValueError(f"no projection of {model} can be zigzag-quantized with group size {group_size}.")
         if baselines:

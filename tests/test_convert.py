@@ -149,9 +149,9 @@ def test_bad_arguments(tiny_model_dir, tmp_path, text_file):
     with pytest.raises(SystemExit):
         convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calibration-method", "best"])
     with pytest.raises(SystemExit):
-        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--quantizer", "gptq"])
+        convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--quantizer", "nearest"])
     with pytest.raises(ValueError, match="quantizer"):
-        convert.convert(str(tiny_model_dir), tmp_path / "o", quantizer="gptq")
+        convert.convert(str(tiny_model_dir), tmp_path / "o", quantizer="nearest")
     with pytest.raises(SystemExit):
         convert.run(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--criterion", "largest"])
     with pytest.raises(ValueError, match="criterion"):
@@ -173,6 +173,22 @@ def test_the_quantizer_option_chooses_the_saved_weights(tiny_model_dir, tmp_path
         assert mx.array_equal(layer.weight, expected.weight) and mx.array_equal(layer.scales, expected.scales)
         errors[quantizer] = mx.sum(mx.square(zigzag_dequantize(expected) - weight)).item()
     assert errors["search"] < errors["minmax"]
+
+
+def test_gptq_quantizer_uses_the_calibration_text(tiny_model_dir, tmp_path):
+    from lm_fixtures import TEXT
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(TEXT * 8)
+    outs = {}
+    for quantizer in ("search", "gptq"):
+        outs[quantizer] = tmp_path / quantizer
+        convert.run(["--model", str(tiny_model_dir), "--out", str(outs[quantizer]), "--sparsity", "0",
+                     "--quantizer", quantizer, "--calibration-text", str(text), "--calibration-tokens", "128"])
+    spqt = json.loads((outs["gptq"] / "config.json").read_text())["spqt"]
+    assert spqt["quantizer"] == "gptq" and "calibration.txt" in spqt["calibration"]
+    search, gptq = (checkpoint.load(outs[q])[0].model.layers[0].mlp.down_proj for q in ("search", "gptq"))
+    assert search.weight.shape == gptq.weight.shape and not mx.array_equal(search.weight, gptq.weight)
 
 
 def cli(module, *args):

@@ -200,7 +200,11 @@ def test_bad_arguments():
         ZigzagLinear.from_linear(nn.Embedding(10, 64))
     untouched = tiny_llama()
     with pytest.raises(ValueError, match="quantizer must be one of"):
+        patch_model(untouched, quantizer="nearest")
+    with pytest.raises(ValueError, match="takes hessians"):
         patch_model(untouched, quantizer="gptq")
+    with pytest.raises(ValueError, match="needs the input statistics of model.layers.0.self_attn.q_proj"):
+        patch_model(untouched, quantizer="gptq", hessians={})
     assert not zigzag_layers(untouched)
 
 

@@ -165,18 +165,21 @@ class ZigzagLinear(ActiveColumnStats, nn.Module):
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 64, bits: int = 4, quantizer: str = "minmax") -> "ZigzagLinear":
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, bits: int = 4, quantizer: str = "minmax",
+                    hessian=None) -> "ZigzagLinear":
         """Quantize the float weight of an ``nn.Linear`` (a single rounding: the preferred source)
-        with ``quantizer`` (:data:`spqt_mlx.layout.QUANTIZERS`)."""
+        with ``quantizer`` (:data:`spqt_mlx.layout.QUANTIZERS`; "gptq" takes the ``hessian`` of
+        the layer's inputs)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}.")
         bias = linear.bias if "bias" in linear else None
-        return cls(zigzag_quantize(linear.weight, group_size, bits, quantizer=quantizer, lazy=True), bias)
+        return cls(zigzag_quantize(linear.weight, group_size, bits, quantizer=quantizer, lazy=True, hessian=hessian),
+                   bias)
 
     @classmethod
     def from_quantized(
         cls, qlinear: nn.QuantizedLinear, group_size: int | None = None, bits: int | None = None,
-        quantizer: str = "minmax",
+        quantizer: str = "minmax", hessian=None,
     ) -> "ZigzagLinear":
         """Re-quantize an ``nn.QuantizedLinear`` into the zigzag layout.
 
@@ -200,7 +203,7 @@ class ZigzagLinear(ActiveColumnStats, nn.Module):
         group_size = qlinear.group_size if group_size is None else group_size
         bits = qlinear.bits if bits is None else bits
         bias = qlinear.bias if "bias" in qlinear else None
-        return cls(zigzag_quantize(w, group_size, bits, quantizer=quantizer, lazy=True), bias)
+        return cls(zigzag_quantize(w, group_size, bits, quantizer=quantizer, lazy=True, hessian=hessian), bias)
 
     @classmethod
     def empty(

@@ -154,6 +154,7 @@ def patch_model(
     allocate_only: bool = False,
     progress: bool = False,
     quantizer: str = "minmax",
+    hessians: Mapping[str, object] | None = None,
 ) -> list[str]:
     """Replace the attention and MLP projections of ``model`` with :class:`ZigzagLinear`, in place.
 
@@ -171,7 +172,10 @@ def patch_model(
             loading saved zigzag weights with ``model.load_weights``.
         quantizer: how each group's scale and bias are chosen (:data:`spqt_mlx.layout.QUANTIZERS`):
             "minmax" as ``mx.quantize``, or "search" for the lowest squared error per group (a
-            smaller weight error; it quantizes each layer when the layer is replaced, not lazily).
+            smaller weight error; it quantizes each layer when the layer is replaced, not lazily),
+            or "gptq" (GPTQ in zigzag order, :mod:`spqt_mlx.gptq`; experts use "search").
+        hessians: with "gptq", ``{path: H}`` for every projection: the second moment of its
+            inputs on calibration text (:func:`spqt_mlx.gptq.input_hessians` of the float model).
         progress: quantize (evaluate) each layer as it is replaced, with a progress bar: peak
             memory stays near one float layer above the model's own, and the call takes the time
             the quantization takes. By default the quantization is lazy, as ``nn.quantize``'s: it
@@ -187,6 +191,8 @@ def patch_model(
     _check_model(model)
     check_bits_group_size(group_size, bits)
     check_quantizer(quantizer)
+    if (quantizer == "gptq") != (hessians is not None) and not allocate_only:
+        raise ValueError("the gptq quantizer, and only it, takes hessians (spqt_mlx.gptq.input_hessians).")
     if predicate is None:
         chosen = set(projections(model))
 
@@ -223,7 +229,8 @@ def patch_model(
                 lambda: ZigzagSwitchLinear.empty(module.input_dims, module.output_dims, module.num_experts,
                                                  bias="bias" in module, group_size=group_size, bits=bits,
                                                  dtype=_float_dtype(module)),
-                lambda: ZigzagSwitchLinear.from_switch(module, group_size, bits, quantizer))
+                lambda: ZigzagSwitchLinear.from_switch(module, group_size, bits,
+                                                       "search" if quantizer == "gptq" else quantizer))
         if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
             skipped.append(f"{path} ({type(module).__name__} is not a linear layer)")
             return module
@@ -232,7 +239,15 @@ def patch_model(
             path, module,
             lambda: ZigzagLinear.empty(_input_dims(module), _output_dims(module), bias="bias" in module,
                                        group_size=group_size, bits=bits, dtype=_float_dtype(module)),
-            lambda: from_module(module, group_size, bits, quantizer))
+            lambda: from_module(module, group_size, bits, quantizer, hessian=_hessian(path, module)))
+
+    def _hessian(path: str, module: nn.Module):
+        if quantizer != "gptq":
+            return None
+        from ..gptq import check_hessians
+
+        check_hessians(hessians, [path], {path: _input_dims(module)})
+        return hessians[path]
 
     def replaced(path: str, module: nn.Module, empty, build):
         """The zigzag layer for ``module``: ``empty()`` to load into, or ``build()`` quantizing it."""

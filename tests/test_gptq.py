@@ -1,0 +1,93 @@
+"""GPTQ in zigzag order (spqt_mlx.gptq): the same format, a lower output error on the calibration inputs."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from lm_fixtures import tiny_llama
+
+from spqt_mlx import zigzag_dequantize, zigzag_quantize
+from spqt_mlx.gptq import input_hessians
+from spqt_mlx.patch import patch_model, zigzag_layers
+
+
+def correlated_inputs(K, rows=2048, seed=0):
+    """Inputs with correlated columns and a few large ones, as a transformer's are."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((K, K)) / np.sqrt(K)
+    return rng.standard_normal((rows, K)) @ mix * (1 + 4 * (rng.random(K) < 0.05))
+
+
+def errors(w, q, X):
+    W = np.array(w.astype(mx.float32), dtype=np.float64)
+    Wq = np.array(zigzag_dequantize(q).astype(mx.float32), dtype=np.float64)
+    return np.linalg.norm(Wq - W) / np.linalg.norm(W), np.linalg.norm(X @ (Wq - W).T) / np.linalg.norm(X @ W.T)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (8, 128)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=str)
+def test_gptq_lowers_the_output_error(bits, group_size, dtype):
+    K = 200
+    w = (mx.random.normal((2 * group_size, K), key=mx.random.key(bits)) * 0.02).astype(dtype)
+    X = correlated_inputs(K, seed=bits)
+    search = zigzag_quantize(w, group_size, bits, quantizer="search")
+    gptq = zigzag_quantize(w, group_size, bits, quantizer="gptq", hessian=X.T @ X / len(X))
+    assert gptq.weight.shape == search.weight.shape and gptq.scales.dtype == dtype
+    _, out_search = errors(w, search, X)
+    _, out_gptq = errors(w, gptq, X)
+    assert out_gptq < 0.9 * out_search, (out_gptq, out_search)
+
+
+def test_without_correlation_gptq_is_the_search():
+    # With H = I no error is fed forward: every column is fitted as the search quantizer fits it.
+    w = mx.random.normal((128, 96), key=mx.random.key(5)).astype(mx.float16)
+    search = zigzag_quantize(w, 64, 4, quantizer="search")
+    gptq = zigzag_quantize(w, 64, 4, quantizer="gptq", hessian=np.eye(96))
+    X = np.eye(96)
+    assert errors(w, gptq, X)[0] == pytest.approx(errors(w, search, X)[0], rel=2e-3)
+
+
+def test_dead_columns_and_bad_hessians():
+    # Columns no input reached (a zero row and column of H) are quantized as they are.
+    K = 64
+    X = correlated_inputs(K)
+    X[:, :5] = 0
+    w = mx.random.normal((64, K), key=mx.random.key(1))
+    q = zigzag_quantize(w, 64, 4, quantizer="gptq", hessian=X.T @ X)
+    deq = np.array(zigzag_dequantize(q))
+    assert np.all(np.isfinite(deq))
+    assert np.abs(deq[:, :5] - np.array(w)[:, :5]).max() < 0.5
+    with pytest.raises(ValueError, match="hessian must be a finite"):
+        zigzag_quantize(w, 64, 4, quantizer="gptq", hessian=np.eye(K + 1))
+    with pytest.raises(ValueError, match="only it, takes the hessian"):
+        zigzag_quantize(w, 64, 4, quantizer="gptq")
+    with pytest.raises(ValueError, match="only it, takes the hessian"):
+        zigzag_quantize(w, 64, 4, quantizer="search", hessian=np.eye(K))
+    with pytest.raises(ValueError, match="experts with 'search'"):
+        zigzag_quantize(mx.zeros((2, 64, K)), 64, 4, quantizer="gptq", hessian=np.eye(K))
+
+
+def test_input_hessians_of_a_model():
+    model = tiny_llama()
+    tokens = mx.random.randint(0, 320, (700,), key=mx.random.key(0)).tolist()
+    H = input_hessians(model, tokens, window=256)
+    assert len(H) == 14 and all(p.startswith("model.layers.") for p in H)
+    q, k, o = (H[f"model.layers.0.self_attn.{n}_proj"] for n in "qko")
+    assert q.shape == (128, 128) and H["model.layers.1.mlp.down_proj"].shape == (256, 256)
+    assert np.array_equal(q, k)  # siblings read one input
+    assert not np.allclose(q, o)
+    assert np.allclose(q, q.T) and np.linalg.eigvalsh(q).min() > -1e-6
+    assert all(type(m).__name__ != "_Tap" for _, m in model.named_modules())  # the model is restored
+
+
+def test_gptq_model_is_closer_to_the_float_model():
+    # On its calibration tokens the GPTQ-quantized model's logits are closer to the float model's.
+    tokens = mx.random.randint(0, 320, (512,), key=mx.random.key(3)).tolist()
+    reference = tiny_llama()(mx.array(tokens)[None])
+    gaps = {}
+    for quantizer in ("search", "gptq"):
+        model = tiny_llama()
+        hessians = input_hessians(model, tokens) if quantizer == "gptq" else None
+        patched = patch_model(model, quantizer=quantizer, hessians=hessians)
+        assert len(patched) == len(zigzag_layers(model)) == 14
+        gaps[quantizer] = mx.mean(mx.square(model(mx.array(tokens)[None]) - reference)).item()
+    assert gaps["gptq"] < gaps["search"], gaps
