@@ -72,6 +72,17 @@ def test_calibration_text_and_quiet_output(model_dir, tmp_path, capsys):
     assert SPARSITY_LINE.search(out.err) and "tokens-per-sec overall" in out.err
 
 
+def test_gptq_quantizer_collects_statistics_before_patching(model_dir, tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text(TEXT * 4)
+    main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0", "--quantizer", "gptq",
+          "--calibration-text", str(text)])
+    out = capsys.readouterr()
+    assert "gptq: input statistics of the float model on" in out.err and "calibration.txt" in out.err
+    assert "4-bit zigzag (group size 64, gptq quantizer)" in out.err
+    assert generated_text(out.out)
+
+
 def test_bad_options(model_dir, tmp_path, capsys):
     for bad in (["--sparsity", "1.5"], ["--bits", "7"], ["--calibration-text", str(tmp_path / "missing.txt")]):
         with pytest.raises(SystemExit):
