@@ -126,6 +126,13 @@ mx::array times_weight(
   return mx::sum(dx, 0, false, s); // float32 accumulation is MLX's
 }
 
+// The shape of x @ W.T for inputs x (..., K) and w (N/group_size, K, words): x's, N columns.
+mx::Shape product_shape(const std::vector<mx::array>& inputs, int group_size) {
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0) * group_size;
+  return shape;
+}
+
 void refuse_weight_gradient(const char* op, const std::vector<int>& argnums, int first, int last) {
   for (int a : argnums) {
     if (a >= first && a <= last) {
@@ -144,9 +151,7 @@ bool ZigzagGemv::is_equivalent(const mx::Primitive& other) const {
 }
 
 std::vector<mx::Shape> ZigzagGemv::output_shapes(const std::vector<mx::array>& inputs) {
-  auto shape = inputs[0].shape();
-  shape.back() = inputs[1].shape(0) * group_size_;
-  return {shape};
+  return {product_shape(inputs, group_size_)};
 }
 
 std::vector<mx::array> ZigzagGemv::vjp(
@@ -497,9 +502,7 @@ bool ZigzagMatmul::is_equivalent(const mx::Primitive& other) const {
 }
 
 std::vector<mx::Shape> ZigzagMatmul::output_shapes(const std::vector<mx::array>& inputs) {
-  auto shape = inputs[0].shape();
-  shape.back() = inputs[1].shape(0) * group_size_;
-  return {shape};
+  return {product_shape(inputs, group_size_)};
 }
 
 std::vector<mx::array> ZigzagMatmul::vjp(
@@ -514,13 +517,17 @@ std::vector<mx::array> ZigzagMatmul::vjp(
   return {mx::astype(mx::reshape(dx, x.shape(), s), x.dtype(), s)};
 }
 
+// zigzag_matmul creates the primitive only for CUDA streams.
+constexpr const char* kMatmulCudaOnly =
+    "[zigzag_matmul] the tensor-core product runs on CUDA only; the op composes MLX ops elsewhere.";
+
 void ZigzagMatmul::eval_cpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::logic_error("[zigzag_matmul] the tensor-core product runs on CUDA only; the op composes MLX ops elsewhere.");
+  throw std::logic_error(kMatmulCudaOnly);
 }
 
 void ZigzagMatmul::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   if (!mx::cu::is_available()) {
-    throw std::logic_error("[zigzag_matmul] the tensor-core product runs on CUDA only; the op composes MLX ops elsewhere.");
+    throw std::logic_error(kMatmulCudaOnly);
   }
   cuda::zigzag_matmul(*this, inputs, out);
 }
