@@ -116,33 +116,32 @@ def _rounder(dtype: mx.Dtype):
     return lambda a: a.astype(np.float32).astype(np.float64)
 
 
+# The search's candidate scales: n + step codes over the group's range (layout.py's "search").
+_STEPS = np.linspace(-1.0, 1.0, 11)
+
+
 def _fit_groups(v: np.ndarray, bits: int, rounded) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For groups v (G, gs): codes, scale, bias and dequantized values with the lowest squared error
-    among min/max and the search's candidate scales (layout.py's "search", in numpy)."""
+    among min/max and the search's candidate scales (layout.py's "search", in numpy; all candidates
+    at once, min/max first so that it wins ties)."""
     n = (1 << bits) - 1
     lo = v.min(axis=1, keepdims=True)
     span = v.max(axis=1, keepdims=True) - lo
     mv = v.mean(axis=1, keepdims=True)
-
-    def scored(s, b):
-        s, b = rounded(s), rounded(b)
-        q = np.where(s == 0, 0.0, np.clip(np.round((v - b) / np.where(s == 0, 1.0, s)), 0, n))
-        deq = rounded(rounded(s * q) + b)
-        return q, s, b, deq, np.sum(np.square(deq - v), axis=1, keepdims=True)
-
-    best = scored(span / n, lo)
-    safe_span = np.maximum(span, 1e-30)
-    for step in np.linspace(-1.0, 1.0, 11):
-        q = np.clip(np.round((v - lo) * ((n + step) / safe_span)), 0, n)
-        mq = q.mean(axis=1, keepdims=True)
-        var = np.mean(np.square(q - mq), axis=1, keepdims=True)
-        cov = np.mean((q - mq) * (v - mv), axis=1, keepdims=True)
-        s = np.where(var > 0, cov / np.maximum(var, 1e-30), 0.0)
-        cand = scored(s, mv - s * mq)
-        better = cand[4] < best[4]
-        best = tuple(np.where(better, c, o) for c, o in zip(cand, best))
-    q, s, b, deq, _ = best
-    return q, s[:, 0], b[:, 0], deq
+    # Candidate codes from the range, each refitted by least squares: (steps, G, 1) scales and biases.
+    q = np.clip(np.round((v - lo) * ((n + _STEPS[:, None, None]) / np.maximum(span, 1e-30))), 0, n)
+    mq = q.mean(axis=2, keepdims=True)
+    var = np.mean(np.square(q - mq), axis=2, keepdims=True)
+    cov = np.mean((q - mq) * (v - mv), axis=2, keepdims=True)
+    s = np.where(var > 0, cov / np.maximum(var, 1e-30), 0.0)
+    s = np.concatenate([(span / n)[None], s])
+    b = np.concatenate([lo[None], mv - s[1:] * mq])
+    s, b = rounded(s), rounded(b)
+    q = np.where(s == 0, 0.0, np.clip(np.round((v - b) / np.where(s == 0, 1.0, s)), 0, n))
+    deq = rounded(rounded(s * q) + b)
+    best = np.argmin(np.sum(np.square(deq - v), axis=2), axis=0)  # (G,): the first of equal errors
+    g = np.arange(v.shape[0])
+    return q[best, g], s[best, g, 0], b[best, g, 0], deq[best, g]
 
 
 def gptq_quantize(w: mx.array, hessian, group_size: int, bits: int, *, damping: float = DAMPING,
