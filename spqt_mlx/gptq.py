@@ -64,7 +64,7 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     (MoE experts excluded: they keep the per-group quantizer).
     """
     from .calibrate import _modules_at, _token_batch
-    from .patch.model import _expert_types, projections
+    from .patch.model import _expert_types, _input_dims, projections
 
     ids = np.asarray(_token_batch(tokens, model)).reshape(-1)
     if paths is None:
@@ -83,12 +83,6 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     finally:
         model.update_modules(tree_unflatten(list(layers.items())))
     return {p: np.array(m.xtx, dtype=np.float64) / max(m.rows, 1) for p, m in moments.items()}
-
-
-def _input_dims(layer: nn.Module) -> int:
-    from .patch.model import _input_dims
-
-    return _input_dims(layer)
 
 
 def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> None:
