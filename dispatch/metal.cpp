@@ -109,6 +109,14 @@ class Encoder {
     return out;
   }
 
+  std::vector<mx::array> contiguous(const std::vector<mx::array>& inputs) {
+    std::vector<mx::array> out;
+    for (const auto& a : inputs) {
+      out.push_back(contiguous(a));
+    }
+    return out;
+  }
+
  private:
   // A fresh array the command buffer keeps alive until it completes.
   mx::array temporary(mx::Shape shape, mx::Dtype dtype) {
@@ -132,10 +140,7 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     return;
   }
   Encoder enc(p.stream());
-  std::vector<mx::array> in;
-  for (const auto& a : inputs) {
-    in.push_back(enc.contiguous(a));
-  }
+  const auto in = enc.contiguous(inputs);
   const int K = in[1].shape(1);
   const int active = p.active_input();
   Gemv<mx::array> g{
@@ -171,10 +176,7 @@ void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& input
     return;
   }
   Encoder enc(p.stream());
-  std::vector<mx::array> in;
-  for (const auto& a : inputs) {
-    in.push_back(enc.contiguous(a));
-  }
+  const auto in = enc.contiguous(inputs);
   // x (..., K) of R_x rows (2K with the SwiGLU prologue), w (E, bands, K, words), y (..., N) of R rows,
   // R a multiple of R_x (ops.cpp checks the shapes). Ids may be int32 or uint32: the kernel reads
   // both as unsigned.

@@ -58,34 +58,37 @@ void check_bits_group_size(const std::string& where, int group_size, int bits) {
   check_one_of(where, "group_size", group_size, kSupportedGroupSizes);
 }
 
-// Checks a zigzag-quantized weight (w (N/group_size, K, words), scales and biases (N/group_size, K));
-// returns K.
+// Checks a zigzag-quantized weight: w (N/group_size, K, words), or with `experts` the stacked
+// (E, N/group_size, K, words) of E experts, and scales and biases shaped as w without its words.
+// `what` names the weight in messages. Returns K.
 int check_weight(
     const std::string& where, const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
-    int bits) {
+    int bits, bool experts = false, const std::string& what = "the") {
   check_bits_group_size(where, group_size, bits);
-  if (w.dtype() != mx::uint32 || w.ndim() != 3) {
-    fail(where, "the packed weight must be uint32 of shape (N/group_size, K, group_size*bits/32), got " +
-                    dtype_str(w.dtype()) + " " + shape_str(w.shape()) + ".");
+  const int lead = experts ? 1 : 0;
+  if (w.dtype() != mx::uint32 || w.ndim() != 3 + lead) {
+    fail(where, what + " packed weight must be uint32 of shape (" + (experts ? "E, " : "") +
+                    "N/group_size, K, group_size*bits/32), got " + dtype_str(w.dtype()) + " " + shape_str(w.shape()) +
+                    ".");
   }
-  const int bands = w.shape(0);
-  const int K = w.shape(1);
-  if (bands == 0 || K == 0) {
-    fail(where, "the packed weight " + shape_str(w.shape()) +
-                    " is empty: it needs at least one band of output rows and one input column.");
+  const int K = w.shape(lead + 1);
+  if (w.size() == 0) {
+    fail(where, what + " packed weight " + shape_str(w.shape()) +
+                    " is empty: it needs at least one band of output rows and one input column" +
+                    (experts ? ", and one expert." : "."));
   }
-  if (w.shape(2) != group_size * bits / 32) {
-    fail(where, "the packed weight's last dimension is " + std::to_string(w.shape(2)) +
+  if (w.shape(-1) != group_size * bits / 32) {
+    fail(where, what + " packed weight's last dimension is " + std::to_string(w.shape(-1)) +
                     " words, but group_size=" + std::to_string(group_size) + " and bits=" +
                     std::to_string(bits) + " need " + std::to_string(group_size * bits / 32) + ".");
   }
-  const mx::Shape sb_shape{bands, K};
+  const mx::Shape sb_shape(w.shape().begin(), w.shape().end() - 1);
   if (scales.shape() != sb_shape || biases.shape() != sb_shape) {
-    fail(where, "scales and biases must have shape " + shape_str(sb_shape) + ", got " +
+    fail(where, what + " scales and biases must have shape " + shape_str(sb_shape) + ", got " +
                     shape_str(scales.shape()) + " and " + shape_str(biases.shape()) + ".");
   }
   if (scales.dtype() != biases.dtype() || !is_float_dtype(scales.dtype())) {
-    fail(where, "scales and biases must share one float dtype, got " + dtype_str(scales.dtype()) +
+    fail(where, what + " scales and biases must share one float dtype, got " + dtype_str(scales.dtype()) +
                     " and " + dtype_str(biases.dtype()) + ".");
   }
   return K;
@@ -424,43 +427,6 @@ mx::array zigzag_matmul(
   return mx::reshape(mx::swapaxes(y, 0, 1, stream), out_shape, stream);
 }
 
-namespace {
-
-// Checks the stacked experts (w, scales, biases) against the first set's E, K and dtype (E < 0:
-// the first set itself); returns their bands.
-int check_experts(const std::string& where, const char* what, const mx::array& w, const mx::array& scales,
-                  const mx::array& biases, int group_size, int bits, int E, int K, mx::Dtype dtype) {
-  if (w.dtype() != mx::uint32 || w.ndim() != 4) {
-    fail(where, std::string(what) + " packed weight must be uint32 of shape (E, N/group_size, K, group_size*bits/32), got " +
-                    dtype_str(w.dtype()) + " " + shape_str(w.shape()) + ".");
-  }
-  if (w.shape(0) == 0 || w.shape(1) == 0 || w.shape(2) == 0) {
-    fail(where, std::string(what) + " packed weight " + shape_str(w.shape()) + " is empty.");
-  }
-  if (w.shape(3) != group_size * bits / 32) {
-    fail(where, std::string(what) + " packed weight's last dimension is " + std::to_string(w.shape(3)) +
-                    " words, but group_size=" + std::to_string(group_size) + " and bits=" + std::to_string(bits) +
-                    " need " + std::to_string(group_size * bits / 32) + ".");
-  }
-  if (E >= 0 && (w.shape(0) != E || w.shape(2) != K)) {
-    fail(where, "the second experts must have the first's " + std::to_string(E) + " experts and K=" +
-                    std::to_string(K) + ", got " + shape_str(w.shape()) + ".");
-  }
-  const mx::Shape sb_shape{w.shape(0), w.shape(1), w.shape(2)};
-  if (scales.shape() != sb_shape || biases.shape() != sb_shape) {
-    fail(where, std::string(what) + " scales and biases must have shape " + shape_str(sb_shape) + ", got " +
-                    shape_str(scales.shape()) + " and " + shape_str(biases.shape()) + ".");
-  }
-  if (scales.dtype() != biases.dtype() || !is_float_dtype(scales.dtype()) || (E >= 0 && scales.dtype() != dtype)) {
-    fail(where, std::string(what) + " scales and biases must share one float dtype" +
-                    (E >= 0 ? " with the first experts'" : std::string()) + ", got " + dtype_str(scales.dtype()) +
-                    " and " + dtype_str(biases.dtype()) + ".");
-  }
-  return w.shape(1);
-}
-
-} // namespace
-
 mx::array zigzag_gather_gemv(
     const mx::array& x,
     const mx::array& w,
@@ -474,32 +440,27 @@ mx::array zigzag_gather_gemv(
     const std::optional<SecondExperts>& second,
     mx::StreamOrDevice s) {
   const std::string where = "zigzag_gather_gemv";
-  check_bits_group_size(where, group_size, bits);
-  if (!is_float_dtype(x.dtype()) || x.ndim() < 1) {
-    fail(where, "x must be a float32, float16 or bfloat16 array of shape (..., K), got " + dtype_str(x.dtype()) +
-                    " " + shape_str(x.shape()) + ".");
-  }
-  const int bands = check_experts(where, "the experts'", w, scales, biases, group_size, bits, -1, 0, x.dtype());
+  const int K = check_weight(where, w, scales, biases, group_size, bits, /* experts = */ true, "the experts'");
   const int E = w.shape(0);
-  const int K = w.shape(2);
-  int all_bands = bands;
+  int all_bands = w.shape(1);
   if (second) {
-    all_bands += check_experts(where, "the second experts'", second->w, second->scales, second->biases, group_size,
-                               bits, E, K, scales.dtype());
+    check_weight(where, second->w, second->scales, second->biases, group_size, bits, true, "the second experts'");
+    if (second->w.shape(0) != E || second->w.shape(2) != K) {
+      fail(where, "the second experts must have the first's " + std::to_string(E) + " experts and K=" +
+                      std::to_string(K) + ", got " + shape_str(second->w.shape()) + ".");
+    }
+    if (second->scales.dtype() != scales.dtype()) {
+      fail(where, "the second experts' scales and biases must share the first experts' dtype " +
+                      dtype_str(scales.dtype()) + ", got " + dtype_str(second->scales.dtype()) + ".");
+    }
+    all_bands += second->w.shape(1);
   }
   const int N = all_bands * group_size;
   if (prologue != Prologue::Identity && prologue != Prologue::SwiGLU) {
     fail(where, "a gathered product takes no prologue but SwiGLU.");
   }
   const bool swiglu = prologue == Prologue::SwiGLU;
-  if (x.shape(-1) != (swiglu ? 2 * K : K)) {
-    fail(where, "x has " + std::to_string(x.shape(-1)) + " input features but the weight has K=" +
-                    std::to_string(K) + (swiglu ? " (SwiGLU reads gate and up: 2K)." : "."));
-  }
-  if (x.dtype() != scales.dtype()) {
-    fail(where, "x is " + dtype_str(x.dtype()) + " but the weight's scales are " + dtype_str(scales.dtype()) +
-                    "; convert one to the other.");
-  }
+  check_x(where, x, swiglu ? 2 * K : K, K, scales.dtype(), swiglu ? " (SwiGLU reads gate and up: 2K)." : ".");
   if (!mx::issubdtype(experts.dtype(), mx::integer)) {
     fail(where, "experts must be an integer array, got " + dtype_str(experts.dtype()) + ".");
   }

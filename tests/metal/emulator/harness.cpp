@@ -415,6 +415,21 @@ int report(const std::exception& e, char* err, int err_len) {
 }
 
 
+// Encodes (runs) a GEMV, keeps its dispatch log (also when the encoding throws), checks the guarded
+// output and copies it out.
+template <typename T, typename G>
+void encode_and_read(FakeEncoder& enc, const G& g, Guarded<T>& y, void* out) {
+  try {
+    spqt::metal::encode_gemv(enc, g);
+  } catch (...) {
+    last_log = enc.log();
+    throw;
+  }
+  last_log = enc.log();
+  y.check("y");
+  y.copy_to(out);
+}
+
 struct GemvArgs {
   int bits, gs, kind;
   const void *x, *scales, *biases, *active;
@@ -477,15 +492,7 @@ void gemv(const std::string& type, const GemvArgs& a) {
     g.active = buf(thresholds);
     g.active_len = a.active_len;
   }
-  try {
-    spqt::metal::encode_gemv(enc, g);
-  } catch (...) {
-    last_log = enc.log();
-    throw;
-  }
-  last_log = enc.log();
-  y.check("y");
-  y.copy_to(a.y);
+  encode_and_read(enc, g, y, a.y);
 }
 
 // The experts' product, as spqt_emu_zigzag_gather_gemv takes it (mirrored by metal_emulator.GatherArgs).
@@ -555,15 +562,7 @@ void gather_gemv(const GatherArgs& a) {
   if (a.w2) {
     g.experts->second = spqt::metal::SecondExperts<Buf>{buf(w2), buf(scales2), buf(biases2), a.bands};
   }
-  try {
-    spqt::metal::encode_gemv(enc, g);
-  } catch (...) {
-    last_log = enc.log();
-    throw;
-  }
-  last_log = enc.log();
-  y.check("y");
-  y.copy_to(a.y);
+  encode_and_read(enc, g, y, a.y);
 }
 
 } // namespace
