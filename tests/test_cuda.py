@@ -17,10 +17,10 @@ pytestmark = pytest.mark.skipif(
 
 from spqt_mlx.layout import SUPPORTED_BITS as BITS
 from spqt_mlx.layout import SUPPORTED_GROUP_SIZES as GROUP_SIZES
+from zigzag_reference import check_close as check
 from zigzag_reference import gap_threshold
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.5e-2}
 
 
 def make(N, K, bits, gs, dtype, seed):
@@ -41,14 +41,6 @@ def reference(x, qw, idx=None):
     idx = np.asarray(idx)
     idx = idx[(idx >= 0) & (idx < W.shape[1])]
     return xs[..., idx] @ W[:, idx].T
-
-
-def check(y, ref, dtype):
-    y = np.array(y.astype(mx.float32), dtype=np.float64)
-    assert y.shape == ref.shape
-    assert np.all(np.isfinite(y))
-    err = np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
-    assert err < TOL[dtype], err
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

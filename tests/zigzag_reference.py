@@ -37,3 +37,16 @@ def gap_threshold(values: np.ndarray, quantile: float) -> float:
     lo, hi = int(len(a) * (quantile - 0.1)), int(len(a) * (quantile + 0.1))
     i = lo + int(np.argmax(np.diff(a[lo:hi + 1])))
     return float((a[i] + a[i + 1]) / 2)
+
+
+# Relative error a product may have against float64, by the dtype it ran in.
+TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.5e-2}
+
+
+def check_close(y, ref, dtype):
+    """y is finite, has ref's shape and lies within TOL[dtype] of ref (relative Frobenius norm)."""
+    y = np.array(y.astype(mx.float32), dtype=np.float64)
+    assert y.shape == ref.shape
+    assert np.all(np.isfinite(y))
+    err = np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err < TOL[dtype], err
