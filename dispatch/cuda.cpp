@@ -32,11 +32,9 @@ constexpr int kMmaMinColumnsPerSplit = 256;
 // 4096x4096 up for dense walks, lists at density 0.5 and fused collection; below, where a call's
 // fixed costs dominate, it is not faster.
 constexpr int64_t kMmaMinWeights = int64_t(1) << 24;
-// The zigzag matmul's tile (kernels/cuda/zigzag_matmul.cu) and up to how many rows it runs. Beyond,
-// dequantizing the weight once and multiplying with cuBLAS measured faster on an H200: at 512 rows
-// for 14336x4096 and 4096x14336 (4-bit g64 fp16), at 1024 for 4096x4096 (BENCHMARKS.md).
-constexpr int kMatmulTileRows = 64;
-constexpr int kMatmulTileColumns = 128;
+// Up to how many rows the zigzag matmul runs. Beyond, dequantizing the weight once and multiplying
+// with cuBLAS measured as fast on an H200: from 512 rows for 14336x4096 and 4096x14336 (4-bit g64
+// fp16), from 1024 for 4096x4096 (BENCHMARKS.md).
 constexpr int kMatmulMaxRows = 384;
 
 std::string dtype_name(mx::Dtype t) {

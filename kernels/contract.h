@@ -47,4 +47,9 @@ SPQT_HOST_DEVICE constexpr int tensor_core_rows(int itemsize) {
   return 8 / tensor_core_terms(itemsize);
 }
 
+// The CUDA zigzag matmul's tile (kernels/cuda/zigzag_matmul.cu): rows of x by output columns per
+// block, which the dispatch's grid follows.
+constexpr int kMatmulTileRows = 64;
+constexpr int kMatmulTileColumns = 128;
+
 } // namespace spqt

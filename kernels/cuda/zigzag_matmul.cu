@@ -26,9 +26,9 @@ namespace spqt {
 
 namespace matmul {
 
-constexpr int kBM = 64;   // rows of x per block
-constexpr int kBN = 128;  // output columns per block
-constexpr int kBK = 64;   // columns of x per step
+constexpr int kBM = kMatmulTileRows;     // rows of x per block
+constexpr int kBN = kMatmulTileColumns;  // output columns per block
+constexpr int kBK = 64;                  // columns of x per step
 // Shared rows padded by 16 bytes: the 8 rows an ldmatrix reads then fall in distinct banks.
 constexpr int kPad = 8;
 constexpr int kCodes = 32;  // codes a thread dequantizes per step

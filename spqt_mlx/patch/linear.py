@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from ..layout import FLOAT_DTYPES, ZigzagWeight, check_bits_group_size, check_float_dtype, zigzag_dequantize, zigzag_quantize
 from .. import _ext
-from ..ops import ActiveKind, zigzag_matmul
+from ..ops import ActiveKind
 
 # How many decode steps a layer's lazy statistics may accumulate before they are scheduled for
 # evaluation; bounds the graph (and the activations it keeps alive) without a host sync.
@@ -59,7 +59,7 @@ def zigzag_product(x, weight, scales, biases, group_size, bits, threshold_value,
         return _ext.zigzag_gemv(x, weight, scales, biases, None, ActiveKind.Dense, group_size, bits, *fusion)
     if decode:
         x = mx.where(mx.abs(x) > threshold, x, mx.zeros_like(x))
-    return zigzag_matmul(x, ZigzagWeight(weight, scales, biases, group_size, bits))
+    return _ext.zigzag_matmul(x, weight, scales, biases, group_size, bits)
 
 
 _last_cast: list = [None, None, None]  # (x, dtype, x cast to dtype)
