@@ -66,9 +66,14 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     from .calibrate import _modules_at, _token_batch
     from .patch.model import _expert_types, _input_dims, projections
 
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer of at least 2 tokens, got {window!r}.")
     ids = np.asarray(_token_batch(tokens, model)).reshape(-1)
     if paths is None:
         paths = projections(model)
+    unknown = sorted(set(paths) - set(projections(model)))
+    if unknown:
+        raise ValueError(f"paths name layers that are not projections of this model: {unknown}")
     layers = _modules_at(model, list(paths))
     layers = {p: m for p, m in layers.items() if not isinstance(m, _expert_types())}
     if not layers:

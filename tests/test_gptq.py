@@ -77,6 +77,12 @@ def test_input_hessians_of_a_model():
     assert not np.allclose(q, o)
     assert np.allclose(q, q.T) and np.linalg.eigvalsh(q).min() > -1e-6
     assert all(type(m).__name__ != "_Tap" for _, m in model.named_modules())  # the model is restored
+    with pytest.raises(ValueError, match="not projections of this model"):
+        input_hessians(model, tokens, paths=["model.layers.0.self_attn.nope"])
+    with pytest.raises(ValueError, match="window must be"):
+        input_hessians(model, tokens, window=0)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        input_hessians(model, [0, 5000, 1])
 
 
 def test_gptq_model_is_closer_to_the_float_model():
