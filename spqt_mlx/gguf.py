@@ -1,8 +1,10 @@
-"""Import Llama-family GGUF files (llama.cpp's format) as mlx-lm model directories.
+"""Import GGUF files (llama.cpp's format) of Llama and Gemma 3 models as mlx-lm model directories.
 
-The tensors are read and dequantized with the ``gguf`` package, renamed to mlx-lm's names, and the
-query/key rows that llama.cpp interleaves for its rotary embedding are put back in Hugging Face
-order. The tokenizer is rebuilt from the vocabulary stored in the file with ``tokenizers``.
+The tensors are read and dequantized with the ``gguf`` package and renamed to mlx-lm's names. What
+llama.cpp's converter changed is undone: for Llama the query/key rows it interleaves for its rotary
+embedding are put back in Hugging Face order; for Gemma 3 the 1 it adds to every RMSNorm weight is
+taken off again (mlx-lm's Gemma norms multiply by ``1 + weight``). The tokenizer is rebuilt from the
+vocabulary stored in the file with ``tokenizers``: byte-level BPE, or SentencePiece BPE from scores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import numpy as np
 from .files import atomic_directory
 from .layout import DTYPES, dtype_from_name
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# GGUF architecture -> mlx-lm model_type and Hugging Face architecture of the directory written.
+_MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+SUPPORTED_ARCHITECTURES = tuple(_MODEL_TYPES)
 
 # Tensor types this importer accepts, all dequantized by gguf.quants.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
@@ -29,9 +33,7 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 
-_BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
+_PROJECTION_NAMES = {
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
@@ -40,6 +42,30 @@ _BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+
+# Per architecture, the block tensors' GGUF names -> mlx-lm names. llama.cpp calls Gemma 3's norm in
+# front of the MLP ``ffn_norm``, Llama's ``ffn_norm`` is its post-attention norm.
+_BLOCK_NAMES = {
+    "llama": {
+        "attn_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        **_PROJECTION_NAMES,
+    },
+    "gemma3": {
+        "attn_norm.weight": "input_layernorm.weight",
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+        "attn_q_norm.weight": "self_attn.q_norm.weight",
+        "attn_k_norm.weight": "self_attn.k_norm.weight",
+        **_PROJECTION_NAMES,
+    },
+}
+
+# Gemma 3 values llama.cpp does not store but fixes for the architecture (its llama-model.cpp):
+# every sixth layer attends globally, the others over a sliding window with a RoPE base of 10000.
+_GEMMA3_SLIDING_WINDOW_PATTERN = 6
+_GEMMA3_ROPE_LOCAL_BASE = 10000.0
 
 # llama.cpp token types (llama_token_type) that the import treats specially.
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
@@ -114,8 +140,6 @@ def gguf_config(meta: dict, tensor_names) -> dict:
         raise ValueError("the GGUF metadata gives no vocabulary size.")
     vocab = count("vocab_size", vocab)
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
         "hidden_size": hidden,
         "num_hidden_layers": blocks,
         "intermediate_size": count("feed_forward_length", get("feed_forward_length")),
@@ -127,9 +151,20 @@ def gguf_config(meta: dict, tensor_names) -> dict:
         "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": False,
-        "mlp_bias": False,
     }
+    config["model_type"], architecture = _MODEL_TYPES[arch]
+    config["architectures"] = [architecture]
+    if arch == "llama":
+        config.update({"attention_bias": False, "mlp_bias": False})
+    else:
+        config.update({
+            "sliding_window": count("attention.sliding_window", get("attention.sliding_window")),
+            "sliding_window_pattern": _GEMMA3_SLIDING_WINDOW_PATTERN,
+            "rope_local_base_freq": _GEMMA3_ROPE_LOCAL_BASE,
+            # Queries are scaled by head_dim**-0.5, except in the 27B model (62 layers), whose
+            # scale comes from hidden / heads; llama.cpp tells the two apart the same way.
+            "query_pre_attn_scalar": hidden // heads if blocks == 62 else head_dim,
+        })
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
@@ -146,14 +181,14 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
-def mlx_name(gguf_name: str) -> str:
-    """The mlx-lm parameter path of a GGUF tensor name."""
+def mlx_name(gguf_name: str, arch: str = "llama") -> str:
+    """The mlx-lm parameter path of a GGUF tensor name in a model of architecture ``arch``."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in an mlx-lm Llama model.")
+    if m and m.group(2) in _BLOCK_NAMES[arch]:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[arch][m.group(2)]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in an mlx-lm {_MODEL_TYPES[arch][0]} model.")
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -191,38 +226,29 @@ def gguf_weights(reader, config: dict, dtype: str = "float32", *, progress: bool
     from tqdm.auto import tqdm
 
     dtype_from_name(dtype)
+    arch = next(a for a, (model_type, _) in _MODEL_TYPES.items() if model_type == config["model_type"])
     heads = {"self_attn.q_proj.weight": config["num_attention_heads"],
              "self_attn.k_proj.weight": config["num_key_value_heads"]}
     weights = {}
     for tensor in tqdm(reader.tensors, desc="reading GGUF tensors", unit="tensor", disable=not progress, leave=False):
-        name = mlx_name(tensor.name)
+        name = mlx_name(tensor.name, arch)
         w = dequantize_tensor(tensor)
-        for suffix, n in heads.items():
-            if name.endswith(suffix):
-                w = unpermute_rows(w, n)
+        if arch == "llama":
+            for suffix, n in heads.items():
+                if name.endswith(suffix):
+                    w = unpermute_rows(w, n)
+        elif name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's 1 + weight; mlx-lm adds the 1 itself
         weights[name] = mx.array(w).astype(dtype_from_name(dtype))
         mx.eval(weights[name])
     return weights
 
 
-def gguf_tokenizer(meta: dict):
-    """Rebuild a byte-level BPE tokenizer from the GGUF vocabulary.
+def _byte_level_bpe(meta: dict, tokens: list[str]):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    Returns ``(tokenizer, tokenizer_config)``: a ``tokenizers.Tokenizer`` and the dict for
-    ``tokenizer_config.json`` (special tokens, chat template).
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(
-            f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') vocabularies are."
-        )
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}
-
     tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=False))
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -232,8 +258,6 @@ def gguf_tokenizer(meta: dict):
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
         )
     elif pre in ("llama-bpe", "llama3", "smaug-bpe"):
-        from tokenizers import Regex
-
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
@@ -245,6 +269,65 @@ def gguf_tokenizer(meta: dict):
     else:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, llama-bpe, gpt2 are).")
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int]):
+    """SentencePiece's BPE (llama.cpp's "llama" vocabularies: Gemma, Llama 2) from pieces and scores.
+
+    SentencePiece merges, at each step, the adjacent pair of pieces whose joined piece scores
+    highest. As ranked merges that is every split of a normal piece into two normal pieces, ranked
+    by the joined piece's score. Characters outside the vocabulary fall back to byte pieces.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ValueError("the GGUF SentencePiece vocabulary lacks one score per token (tokenizer.ggml.scores).")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    normal = {tok: float(score) for tok, kind, score in zip(tokens, types, scores) if kind == _NORMAL}
+    ranked = []
+    for piece, score in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, vocab[piece], left, right))
+    ranked.sort()
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    model = models.BPE(vocab, [(left, right) for _, _, left, right in ranked], fuse_unk=True, byte_fallback=True,
+                       unk_token=tokens[int(unk)] if unk is not None else None)
+    tokenizer = Tokenizer(model)
+    # Spaces become "▁"; pieces never cross a word start, so splitting there first changes no
+    # result and keeps BPE's words short.
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=True)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer
+
+
+def gguf_tokenizer(meta: dict):
+    """Rebuild the tokenizer from the GGUF vocabulary: byte-level BPE or SentencePiece BPE.
+
+    Returns ``(tokenizer, tokenizer_config)``: a ``tokenizers.Tokenizer`` and the dict for
+    ``tokenizer_config.json`` (special tokens, chat template).
+    """
+    from tokenizers import AddedToken, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(
+            f"GGUF tokenizer model {kind!r} is not supported; byte-level BPE ('gpt2') and SentencePiece "
+            "('llama') vocabularies are."
+        )
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
+    if len(types) != len(tokens):
+        raise ValueError(f"the GGUF vocabulary has {len(tokens)} tokens but {len(types)} token types.")
+    tokenizer = _byte_level_bpe(meta, tokens) if kind == "gpt2" else _sentencepiece_bpe(meta, tokens, types)
 
     special = [AddedToken(tok, special=True, normalized=False)
                for tok, t in zip(tokens, types) if t == _CONTROL]

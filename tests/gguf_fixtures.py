@@ -118,3 +118,98 @@ def write_tiny_gguf(path, weights, encode=None, *, arch="llama", permute=True, e
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---- a tiny Gemma 3 with a SentencePiece vocabulary ----------------------------------------------
+
+# Six layers: mlx-lm's Gemma 3 needs one whole pattern of five sliding-window layers and a global one.
+GEMMA_TINY = dict(hidden=64, ff=128, layers=6, heads=2, kv_heads=1, head_dim=32, window=8)
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+GEMMA_USER = ["\n\n"]
+# Normal pieces with their scores. "bc" outscores "ab", so SentencePiece splits "abc" as a + bc
+# although "ab" comes first in the vocabulary.
+GEMMA_PIECES = [("▁", -1.0), ("a", -2.0), ("b", -3.0), ("c", -4.0), ("h", -5.0), ("i", -6.0), ("ab", -20.0),
+                ("bc", -10.0), ("▁h", -11.0), ("▁hi", -12.0), ("hi", -13.0)]
+
+
+def gemma_vocab():
+    """``(tokens, scores, types)`` in vocabulary order: specials, user-defined, bytes, pieces."""
+    tokens = GEMMA_SPECIALS + GEMMA_USER + [f"<0x{b:02X}>" for b in range(256)] + [p for p, _ in GEMMA_PIECES]
+    scores = [-1000.0] * (len(tokens) - len(GEMMA_PIECES)) + [s for _, s in GEMMA_PIECES]
+    types = [3] * len(GEMMA_SPECIALS) + [4] * len(GEMMA_USER) + [6] * 256 + [1] * len(GEMMA_PIECES)
+    return tokens, scores, types
+
+
+def gemma_source_weights(seed=0):
+    """Float weights of a tiny Gemma 3 in mlx-lm names; norms as mlx-lm keeps them (it adds the 1)."""
+    rng = np.random.default_rng(seed)
+    g = GEMMA_TINY
+    h, ff, hd = g["hidden"], g["ff"], g["head_dim"]
+    q, kv = g["heads"] * hd, g["kv_heads"] * hd
+    w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (len(gemma_vocab()[0]), h)),
+         "model.norm.weight": 0.1 * rng.normal(size=h)}
+    for i in range(g["layers"]):
+        p = f"model.layers.{i}."
+        for norm, size in (("input_layernorm", h), ("post_attention_layernorm", h), ("pre_feedforward_layernorm", h),
+                           ("post_feedforward_layernorm", h), ("self_attn.q_norm", hd), ("self_attn.k_norm", hd)):
+            w[p + norm + ".weight"] = 0.1 * rng.normal(size=size)
+        for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (ff, h)), ("mlp.up_proj", (ff, h)),
+                            ("mlp.down_proj", (h, ff))):
+            w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+GEMMA_GGUF_NAMES = {
+    **GGUF_NAMES,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+
+
+def write_tiny_gemma3_gguf(path, weights):
+    """Write ``weights`` as llama.cpp's converter writes Gemma 3: norms stored as 1 + weight."""
+    import gguf
+
+    g = GEMMA_TINY
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(g["layers"])
+    w.add_context_length(128)
+    w.add_embedding_length(g["hidden"])
+    w.add_feed_forward_length(g["ff"])
+    w.add_head_count(g["heads"])
+    w.add_head_count_kv(g["kv_heads"])
+    w.add_key_length(g["head_dim"])
+    w.add_value_length(g["head_dim"])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1000000.0)
+    w.add_sliding_window(g["window"])
+    tokens, scores, types = gemma_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+    for name, value in weights.items():
+        if name.endswith("norm.weight"):
+            value = value + 1
+        if name in GEMMA_GGUF_NAMES:
+            gname = GEMMA_GGUF_NAMES[name]
+        else:
+            _, _, i, rest = name.split(".", 3)
+            gname = f"blk.{i}.{GEMMA_GGUF_NAMES[rest]}"
+        w.add_tensor(gname, np.ascontiguousarray(value, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

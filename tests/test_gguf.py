@@ -8,7 +8,18 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from gguf_fixtures import SPECIALS, TINY, llama_cpp_permute, tiny_source_weights, tiny_vocab, write_tiny_gguf
+from gguf_fixtures import (
+    GEMMA_TINY,
+    SPECIALS,
+    TINY,
+    gemma_source_weights,
+    gemma_vocab,
+    llama_cpp_permute,
+    tiny_source_weights,
+    tiny_vocab,
+    write_tiny_gemma3_gguf,
+    write_tiny_gguf,
+)
 from spqt_mlx.gguf import gguf_to_mlx, mlx_name, unpermute_rows
 
 # ---- encoders for the k-quants, which gguf.quants can decode but not encode -----------------
@@ -287,3 +298,75 @@ finally:
     assert time.perf_counter() - start < 1.0, "took a second or more"
 """, "ValueError", message, timeout=60)
     assert not (tmp_path / "out").exists()
+
+
+# ---- Gemma 3 ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma3")
+    weights = gemma_source_weights()
+    return gguf_to_mlx(write_tiny_gemma3_gguf(root / "g.gguf", weights), root / "mlx", dtype="float32"), weights
+
+
+def test_gemma3_weights_norms_and_config(gemma_dir):
+    out, source = gemma_dir
+    config = json.loads((out / "config.json").read_text())
+    g = GEMMA_TINY
+    assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3ForCausalLM"]
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (
+        g["hidden"], g["ff"], g["layers"])
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (
+        g["heads"], g["kv_heads"], g["head_dim"])
+    assert config["sliding_window"] == g["window"] and config["sliding_window_pattern"] == 6
+    assert config["query_pre_attn_scalar"] == g["head_dim"] and config["rope_local_base_freq"] == 10000.0
+    assert config["rope_theta"] == 1e6 and config["rms_norm_eps"] == 1e-6 and config["tie_word_embeddings"]
+    weights = mx.load(str(out / "model.safetensors"))
+    assert set(weights) == set(source)
+    for name, src in source.items():  # norms lose the 1 llama.cpp added; nothing is permuted
+        np.testing.assert_allclose(np.array(weights[name]), src, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_gemma3_loads_and_generates(gemma_dir):
+    from mlx_lm import generate, load
+    from mlx_lm.models import gemma3_text
+
+    model, tok = load(str(gemma_dir[0]))
+    assert isinstance(model, gemma3_text.Model)
+    ids = tok.encode("hi abc")
+    prompt_len = len(ids)
+    for _ in range(3):
+        ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1])))
+    assert generate(model, tok, "hi abc", max_tokens=3) == tok.decode(ids[prompt_len:])
+
+
+def test_sentencepiece_tokenizer(gemma_dir):
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(gemma_dir[0])
+    tokens = gemma_vocab()[0]
+
+    def pieces(text):
+        return [tokens[i] for i in tok.encode(text, add_special_tokens=False)]
+
+    assert pieces("abc") == ["a", "bc"]  # the higher-scoring merge wins, not the earlier piece
+    assert pieces("hi hi") == ["hi", "▁hi"]  # no space prefix; spaces become ▁
+    assert pieces("ab\n\nhi") == ["ab", "\n\n", "hi"]  # user-defined pieces are atomic
+    assert pieces("hé") == ["h", "<0xC3>", "<0xA9>"]  # unknown characters fall back to bytes
+    assert tok.encode("hi")[0] == 2 and tok.bos_token == "<bos>" and tok.eos_token_id == 1
+    for text in ("hi abc", "ab\n\nhi é!", "  hi"):
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+
+
+def test_sentencepiece_vocabulary_needs_scores(tmp_path):
+    from spqt_mlx.gguf import gguf_tokenizer
+
+    tokens, _, types = gemma_vocab()
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+    with pytest.raises(ValueError, match="one score per token"):
+        gguf_tokenizer(meta)
+    with pytest.raises(ValueError, match="token types"):
+        gguf_tokenizer({**meta, "tokenizer.ggml.token_type": types[:-1]})
+    with pytest.raises(ValueError, match="'bert' is not supported"):
+        gguf_tokenizer({**meta, "tokenizer.ggml.model": "bert"})
