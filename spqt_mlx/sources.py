@@ -13,8 +13,10 @@ import mlx.core as mx
 
 from .layout import dtype_from_name
 
+from .assets import MODELS
+
 # Models known by a short name, fetched without the Hugging Face hub (see spqt_mlx.assets).
-SHORT_NAMES = ("smollm2",)
+SHORT_NAMES = tuple(MODELS)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -25,16 +27,16 @@ def default_dtype() -> str:
 
 
 def resolve_short_name(model: str, *, dtype: str | None = None) -> str:
-    """``model``, or for a short name (``"smollm2"``) the cached mlx-lm directory of that model.
+    """``model``, or for a short name (``"smollm2"``, ``"gemma3"``) the cached mlx-lm directory of that model.
 
     The directory holds ``dtype`` weights (default ``default_dtype()``); it is fetched and
     converted on first use.
     """
     if model not in SHORT_NAMES or Path(model).exists():  # a local directory of that name comes first
         return model
-    from .assets import default_model_dir
+    from .assets import model_dir
 
-    return str(default_model_dir(dtype=dtype or default_dtype()))
+    return str(model_dir(model, dtype=dtype or default_dtype()))
 
 
 def load_source(model: str, *, dtype: str | None = None, progress: bool = True):
