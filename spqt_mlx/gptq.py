@@ -56,11 +56,12 @@ class _Tap(nn.Module):
 
 
 def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = None, window: int = WINDOW,
-                   progress: bool = False) -> dict[str, np.ndarray]:
+                   bos: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """``{path: H}`` with H = X^T X / rows (float64, (K, K)) of each projection's input over ``tokens``.
 
     ``model`` is the float model before patching; ``tokens`` token ids (a list or a 1-D array), run
-    in windows of ``window`` tokens. ``paths`` defaults to the layers ``patch_model`` replaces
+    in windows of ``window`` tokens, each started with ``bos`` (``texts.leading_token``) where it
+    does not start with it already. ``paths`` defaults to the layers ``patch_model`` replaces
     (MoE experts excluded: they keep the per-group quantizer).
     """
     from .calibrate import _modules_at, _token_batch
@@ -83,7 +84,10 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     try:
         starts = range(0, len(ids) - 1, window)
         for start in tqdm(starts, desc="input statistics", unit="window", leave=False, disable=not progress):
-            model(mx.array(ids[start:start + window])[None])
+            part = ids[start:start + window]
+            if bos is not None and part[0] != bos:
+                part = np.concatenate([[bos], part])
+            model(mx.array(part)[None])
             mx.eval([m.xtx for m in moments.values()])
     finally:
         model.update_modules(tree_unflatten(list(layers.items())))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import time
@@ -31,12 +32,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import _cli
-from .calibrate import METHODS, sparsify
+from .calibrate import METHODS, check_budget, choose_sparsity, describe_choice, sparsify
 from .files import atomic_write_text
 from .layout import DEFAULT_QUANTIZER, DTYPES, dtype_from_name
 from .patch.linear import DEFAULT_CRITERION, check_criterion
 from .sources import load_source
-from .texts import calibration_tokens, read_text, text_tokens
+from .texts import calibration_tokens, leading_token, read_text, text_tokens
 
 PROTOCOLS = ("nonoverlap", "sliding")
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5)
@@ -168,34 +169,39 @@ def _decode_losses(model, ids: mx.array, first: int) -> mx.array:
 
 
 def token_losses(model, tokens, *, window: int = 512, protocol: str = "nonoverlap", stride: int | None = None,
-                 mode: str = "masked", also_eval=list, progress: bool = True) -> np.ndarray:
+                 mode: str = "masked", bos: int | None = None, also_eval=list, progress: bool = True) -> np.ndarray:
     """Negative log-likelihood of every scored token (natural log), in text order.
 
+    ``bos`` (``texts.leading_token``) goes in front of every window, unscored: the window's
+    tokens are scored as without it, now with the start a model like Gemma expects.
     ``also_eval()`` returns arrays to evaluate with each window's losses (e.g. counters), so no
     window's activations stay alive in a lazy graph.
     """
     check_protocol(protocol, window, stride, mode)
     ids = mx.array(np.asarray(tokens, dtype=np.int32))
+    lead = mx.array([] if bos is None else [bos], dtype=mx.int32)
     out = []
     step = _decode_losses if mode == "decode" else _window_losses
     spans = list(windows(ids.size, window, protocol, stride))
     for start, end, first in tqdm(spans, desc="perplexity windows", unit="window", disable=not progress, leave=False):
-        losses = step(model, ids[start:end], first - start)
+        losses = step(model, mx.concatenate([lead, ids[start:end]]), first - start + lead.size)
         mx.eval(losses, also_eval())
         out.append(np.array(losses))
     return np.concatenate(out)
 
 
 def perplexity(model, tokens, *, window: int = 512, protocol: str = "nonoverlap", stride: int | None = None,
-               mode: str = "masked", sparse_prefill: bool = True, progress: bool = True) -> dict:
+               mode: str = "masked", bos: int | None = None, sparse_prefill: bool = True,
+               progress: bool = True) -> dict:
     """Perplexity of ``model`` on ``tokens``: ``{"perplexity", "stderr", "tokens", "achieved_sparsity"}``.
 
+    ``bos`` starts every window (see ``token_losses``).
     With ``sparse_prefill`` (and ``mode="masked"``) zigzag layers sparsify every token as decode
     does; otherwise multi-token calls run dense, as mlx-lm's prefill does.
     """
     from .patch import zigzag_layers
 
-    kwargs = dict(window=window, protocol=protocol, stride=stride, mode=mode, progress=progress)
+    kwargs = dict(window=window, protocol=protocol, stride=stride, mode=mode, bos=bos, progress=progress)
     achieved = None
     if sparse_prefill and mode == "masked" and zigzag_layers(model):
         with thresholded_inputs(model) as wrapped:
@@ -209,14 +215,14 @@ def perplexity(model, tokens, *, window: int = 512, protocol: str = "nonoverlap"
     return {"perplexity": ppl, "stderr": stderr, "tokens": int(losses.size), "achieved_sparsity": achieved}
 
 
-def describe_protocol(protocol: str, window: int, stride: int | None, mode: str) -> str:
+def describe_protocol(protocol: str, window: int, stride: int | None, mode: str, bos: int | None = None) -> str:
     if protocol == "nonoverlap":
         text = f"non-overlapping windows of {window} tokens, all but the first token of each window scored"
     else:
         stride = window // 2 if stride is None else stride
         text = (f"sliding windows of {window} tokens, stride {stride}; each token scored once, "
                 f"with at least {window - stride} tokens of context after the first window")
-    text += "; no BOS"
+    text += "; no BOS" if bos is None else f"; each window after the tokenizer's BOS (id {bos}), not scored"
     if mode == "decode":
         text += "; tokens decoded one at a time through the sparse kernels"
     else:
@@ -256,6 +262,7 @@ def evaluate(
     group_size: int = 64,
     dtype: str | None = None,
     baselines: bool = False,
+    auto: float | None = None,
     mode: str = "masked",
     seed: int = 0,
     log=print,
@@ -264,7 +271,10 @@ def evaluate(
 
     ``model`` is anything ``spqt-convert`` takes, or a saved SpQt directory: that one is scored
     as saved, and re-calibrated for each of ``sparsities`` if given. For other models
-    ``sparsities`` defaults to ``DEFAULT_SPARSITIES``. Returns a dict with the protocol and rows.
+    ``sparsities`` defaults to ``DEFAULT_SPARSITIES``. ``auto`` (a perplexity budget in percent)
+    adds a row at the sparsity ``--sparsity auto`` picks within it, as spqt-generate and
+    spqt-convert choose it (uniform thresholds, the default criterion, on the calibration tokens).
+    Returns a dict with the device, date, protocol and rows.
     """
     from . import checkpoint
     from .layout import check_bits_group_size, check_quantizer
@@ -275,6 +285,8 @@ def evaluate(
             raise ValueError(f"calibration method must be one of {METHODS}, got {m!r}.")
     for c in criteria:
         check_criterion(c)
+    if auto is not None:
+        check_budget(auto)
     is_spqt = Path(model).is_dir() and checkpoint.is_spqt_checkpoint(model)
     if sparsities is None:
         sparsities = () if is_spqt else DEFAULT_SPARSITIES
@@ -302,7 +314,7 @@ def evaluate(
     tokens = text_tokens(tokenizer, text, max_tokens)
     if len(tokens) < 2:
         raise ValueError(f"{text_file} has fewer than 2 tokens.")
-    run = dict(window=window, protocol=protocol, stride=stride, mode=mode)
+    run = dict(window=window, protocol=protocol, stride=stride, mode=mode, bos=leading_token(tokenizer))
     rows = []
     label = f"spqt {bits}-bit g{group_size} {quantizer}"
 
@@ -316,8 +328,8 @@ def evaluate(
             f"({seconds:.1f} s)")
 
     log(f"Perplexity of {model} on {Path(text_file).name}: {len(tokens)} tokens")
-    log(f"Protocol: {describe_protocol(protocol, window, stride, mode)}")
-    needs_calibration = any(s > 0 for s in sparsities) or (quantizer == "gptq" and not is_spqt)
+    log(f"Protocol: {describe_protocol(protocol, window, stride, mode, run['bos'])}")
+    needs_calibration = any(s > 0 for s in sparsities) or auto is not None or (quantizer == "gptq" and not is_spqt)
     if needs_calibration:
         cal_tokens, described = calibration_tokens(
             net, tokenizer, text_file=calibration_text, n_tokens=calibration_tokens_count, seed=seed
@@ -339,7 +351,7 @@ def evaluate(
         if quantizer == "gptq":
             from .gptq import input_hessians
 
-            hessians = input_hessians(net, cal_tokens)
+            hessians = input_hessians(net, cal_tokens, bos=run["bos"])
         layers = patch_model(net, group_size=group_size, bits=bits, quantizer=quantizer, hessians=hessians)
         if not layers:
             raise ValueError(f"no projection of {model} can be zigzag-quantized with group size {group_size}.")
@@ -356,13 +368,22 @@ def evaluate(
                 sparsify(net, cal_tokens, s, "uniform" if method == "-" else method,
                          criterion=None if criterion == "-" else criterion)
                 add(label, method, s, perplexity(net, tokens, **run), time.perf_counter() - t, criterion)
+    if auto is not None:
+        t = time.perf_counter()
+        chosen, _, tried = choose_sparsity(net, cal_tokens, max_increase=auto, criterion=DEFAULT_CRITERION,
+                                           bos=run["bos"])
+        log(f"  {describe_choice(chosen, tried, auto, described)}")
+        add(label, "auto", chosen, perplexity(net, tokens, **run), time.perf_counter() - t, DEFAULT_CRITERION)
 
     return {
+        "device": mx.device_info().get("device_name", "") or str(mx.default_device()),
+        "date": datetime.date.today().isoformat(),
         "model": str(model),
         "text": Path(text_file).name,
         "tokens": len(tokens),
         "protocol": {"name": protocol, "window": window, "stride": stride if protocol == "sliding" else None,
-                     "mode": mode, "description": describe_protocol(protocol, window, stride, mode)},
+                     "mode": mode, "bos": run["bos"],
+                     "description": describe_protocol(protocol, window, stride, mode, run["bos"])},
         "calibration": described,
         "rows": rows,
     }
@@ -382,7 +403,8 @@ def plot(results: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     dense = [r for r in rows if r["target_sparsity"] == 0]
     # One line per criterion and method (rows of older files have no criterion: TEAL's).
-    lines = sorted({(r.get("criterion", "teal"), r["method"]) for r in rows if r["target_sparsity"] not in (None, 0)})
+    lines = sorted({(r.get("criterion", "teal"), r["method"]) for r in rows
+                    if r["target_sparsity"] not in (None, 0) and r["method"] != "auto"})
     for criterion, method in lines or [("-", "-")]:
         pts = dense + [r for r in rows if (r.get("criterion", "teal"), r["method"]) == (criterion, method)
                        and r["target_sparsity"]]
@@ -390,7 +412,10 @@ def plot(results: dict, path) -> None:
         ax.plot([r["target_sparsity"] for r in pts], [r["perplexity"] for r in pts], marker="o",
                 label=f"{pts[0]['model'] if pts else 'spqt'} ({criterion}, {method})")
     for r in rows:
-        if r["target_sparsity"] is None:
+        if r["method"] == "auto":
+            ax.plot([r["target_sparsity"]], [r["perplexity"]], marker="*", markersize=12, linestyle="none",
+                    color="black", label=f"sparsity auto ({r['target_sparsity']:.0%})")
+        elif r["target_sparsity"] is None:
             ax.axhline(r["perplexity"], linestyle="--", linewidth=1, label=r["model"], color="gray" if r["model"] == "float" else "C3")
     ax.set_xlabel("target activation sparsity")
     ax.set_ylabel("perplexity")
@@ -403,7 +428,8 @@ def plot(results: dict, path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spqt-perplexity", description="Perplexity of SpQt models at several sparsities.")
-    p.add_argument("--model", required=True, help="model directory, Hugging Face repo id, .gguf file, or SpQt checkpoint")
+    p.add_argument("--model", required=True, help="model directory, Hugging Face repo id, .gguf file, SpQt checkpoint, "
+                   "or a short name (smollm2, gemma3)")
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("--sparsity", type=float, nargs="+",
                    help="target sparsities (default 0 0.25 0.4 0.5; for an SpQt checkpoint: only as saved)")
@@ -422,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="masked",
                    help="masked: batched windows with thresholded inputs (default); decode: one token at a time")
     p.add_argument("--baselines", action="store_true", help="add the float model and MLX's own quantization")
+    p.add_argument("--auto", type=float, metavar="P",
+                   help="add a row at the sparsity that --sparsity auto picks within a perplexity budget of P percent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="write a plot (PNG) here")
     p.add_argument("--json", help="write the results here")
@@ -437,7 +465,7 @@ def run(argv=None) -> dict:
         calibration_tokens_count=args.calibration_tokens, window=args.window, stride=args.stride,
         protocol=args.protocol, max_tokens=args.max_tokens, bits=args.bits, group_size=args.group_size,
         quantizer=args.quantizer,
-        dtype=args.dtype, baselines=args.baselines, mode=args.mode, seed=args.seed,
+        dtype=args.dtype, baselines=args.baselines, auto=args.auto, mode=args.mode, seed=args.seed,
     )
     if args.json:
         atomic_write_text(args.json, json.dumps(results, indent=2))

@@ -33,6 +33,18 @@ def text_tokens(tokenizer, text: str, max_tokens: int | None = None) -> list[int
     return ids[:max_tokens] if max_tokens else ids
 
 
+def leading_token(tokenizer) -> int | None:
+    """The id the tokenizer puts in front of every text (a BOS, as Gemma's does), or None.
+
+    Models trained that way need it at the start of every sequence they see: Gemma 3's
+    perplexity triples without it. Token streams cut from a text carry none, so whoever starts a
+    sequence from them (a window, a calibration run) puts this in front.
+    """
+    full = list(tokenizer.encode("a"))
+    bare = list(tokenizer.encode("a", add_special_tokens=False))
+    return full[0] if len(full) == len(bare) + 1 and full[1:] == bare else None
+
+
 def read_text(path) -> str:
     path = Path(path)
     if not path.is_file():
@@ -66,6 +78,7 @@ def self_generated_tokens(
         return mx.random.categorical(logprobs * (1 / temperature), key=draw)
 
     eos = set(getattr(tokenizer, "eos_token_ids", []) or [])
+    bos = leading_token(tokenizer)
     tokens: list[int] = []
     prompts = iter(CALIBRATION_PROMPTS * (1 + n_tokens // 16))
     with tqdm(total=n_tokens, desc="writing calibration text", unit="tok", disable=not progress, leave=False) as bar:
@@ -74,7 +87,7 @@ def self_generated_tokens(
             if getattr(tokenizer, "chat_template", None):
                 ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
             else:
-                ids = text_tokens(tokenizer, prompt + "\n")
+                ids = ([] if bos is None else [bos]) + text_tokens(tokenizer, prompt + "\n")
             ids = list(ids)
             budget = max(n_tokens - len(tokens) - len(ids), 8)
             out = []
@@ -90,11 +103,14 @@ def self_generated_tokens(
 
 
 def calibration_tokens(model, tokenizer, *, text_file=None, n_tokens: int = 512, seed: int = 0, progress: bool = True):
-    """``(tokens, description)``: the first ``n_tokens`` of ``text_file``, else self-generated text."""
+    """``(tokens, description)``: the first ``n_tokens`` of ``text_file`` (after the tokenizer's
+    leading token, if it has one), else self-generated text."""
     if n_tokens <= 0:
         raise ValueError(f"calibration tokens must be positive, got {n_tokens}.")
     if text_file is not None:
-        tokens = text_tokens(tokenizer, read_text(text_file), n_tokens)
+        bos = leading_token(tokenizer)
+        lead = [] if bos is None else [bos]
+        tokens = lead + text_tokens(tokenizer, read_text(text_file), n_tokens)[: n_tokens - len(lead)]
         if len(tokens) < 2:
             raise ValueError(f"{text_file} holds fewer than 2 tokens.")
         return tokens, f"{len(tokens)} tokens of {Path(text_file).name}"

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 
 import mlx_lm
@@ -210,15 +211,16 @@ def test_short_name_of_the_default_model(model_dir, monkeypatch, capsys):
 
     asked = []
 
-    def default_model_dir(cache_dir=None, *, dtype="float16"):
-        asked.append(dtype)
+    def cached_model_dir(name, cache_dir=None, *, dtype="float16"):
+        asked.append((name, dtype))
         return model_dir
 
-    monkeypatch.setattr(assets, "default_model_dir", default_model_dir)
+    monkeypatch.setattr(assets, "model_dir", cached_model_dir)
     main(["--model", "smollm2", *COMMON, "--spqt", "--sparsity", "0.4"])
     assert SPARSITY_LINE.search(capsys.readouterr().out)
-    model, tokenizer, config = sources.load_source("smollm2")
-    assert config["hidden_size"] == 128 and asked == [sources.default_dtype()] * 2
+    model, tokenizer, config = sources.load_source("gemma3")
+    assert config["hidden_size"] == 128
+    assert asked == [("smollm2", sources.default_dtype()), ("gemma3", sources.default_dtype())]
 
 
 # ---- the other mlx-lm tools, through the import hook ---------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from spqt_mlx import checkpoint, perplexity
+from spqt_mlx.calibrate import AUTO_CANDIDATES as AUTO
 from spqt_mlx.patch import ZigzagLinear, patch_model, set_thresholds, zigzag_layers
 
 TEXT = (
@@ -66,6 +67,26 @@ def test_nonoverlap_matches_mlx_lm(tiny):
     assert math.isclose(math.log(ours["perplexity"]), math.log(theirs), abs_tol=1e-5)
 
 
+@pytest.mark.parametrize("protocol,stride", [("nonoverlap", None), ("sliding", 6)])
+@pytest.mark.parametrize("mode", ["masked", "decode"])
+def test_bos_starts_every_window_unscored(tiny, protocol, stride, mode):
+    model, _, tokens = tiny
+    tokens = tokens[:30]
+    bos = 1
+    got = perplexity.token_losses(model, tokens, window=12, protocol=protocol, stride=stride, mode=mode, bos=bos)
+    plain = perplexity.token_losses(model, tokens, window=12, protocol=protocol, stride=stride, mode=mode)
+    assert got.shape == plain.shape  # the same tokens are scored
+    # each scored token by hand: the model sees BOS, then the window up to that token
+    expected = []
+    for start, end, first in perplexity.windows(len(tokens), 12, protocol, stride):
+        ids = mx.array([bos] + tokens[start:end])
+        logits = model(ids[None, :-1])[0]
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        expected += [-logp[j, ids[j + 1]].item() for j in range(first - start, end - start)]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, plain, rtol=1e-3)
+
+
 def test_sliding_gives_more_context(tiny):
     model, _, tokens = tiny
     full = perplexity.token_losses(model, tokens, window=40, protocol="nonoverlap")
@@ -116,8 +137,28 @@ def test_cli_with_baselines_and_methods(tiny_model_dir, tmp_path, text_file, cap
             assert 0.4 < ppl[(criterion, method, 0.5)]["achieved_sparsity"] < 0.6  # calibrated on the same text
     assert ppl[("teal", "uniform", 0.5)]["perplexity"] != ppl[("wina", "uniform", 0.5)]["perplexity"]
     assert ppl[("-", "-", 0.0)]["achieved_sparsity"] == 0
-    assert json.loads((tmp_path / "r.json").read_text())["protocol"]["name"] == "nonoverlap"
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["protocol"]["name"] == "nonoverlap" and saved["protocol"]["bos"] is None
+    assert saved["device"] and saved["date"] == __import__("datetime").date.today().isoformat()
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_auto_row(tiny_model_dir, tmp_path, text_file, capsys):
+    pytest.importorskip("matplotlib")
+    results = perplexity.run([
+        "--model", str(tiny_model_dir), "--text", str(text_file), "--sparsity", "0", "--auto", "5",
+        "--calibration-text", str(text_file), "--calibration-tokens", "64", "--window", "16", "--max-tokens", "32",
+        "--plot", str(tmp_path / "r.png"),
+    ])
+    printed = capsys.readouterr().out
+    dense, auto = results["rows"]
+    assert (auto["method"], auto["criterion"]) == ("auto", "teal") and auto["target_sparsity"] in (0.0, *AUTO)
+    assert f"sparsity auto: {auto['target_sparsity']:.0%}" in printed and "budget 5 %" in printed
+    if auto["target_sparsity"]:
+        assert abs(auto["achieved_sparsity"] - auto["target_sparsity"]) < 0.15
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="budget"):
+        perplexity.run(["--model", str(tiny_model_dir), "--text", str(text_file), "--auto", "-1"])
 
 
 def test_cli_on_a_saved_checkpoint(tiny_model_dir, tmp_path, text_file, capsys):
