@@ -192,15 +192,16 @@ def recalibrate(model, tokenizer, args, sparsity) -> None:
     _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
 
 
-def report(model, elapsed: float | None = None, file=None) -> str:
-    """Print and return one line on the sparsity achieved per token since ``record_stats``.
+def report(model, result, elapsed: float | None = None, file=None) -> str:
+    """Print and return one line on the sparsity achieved per decoded token.
 
-    With ``elapsed`` (seconds), the line also gives the overall rate of decoded tokens.
+    ``result`` is ``(sparsity, tokens)`` as ``perplexity.decoded_sparsity`` or
+    ``patch.achieved_sparsity`` give it, None when nothing was skipped. With ``elapsed``
+    (seconds), the line also gives the overall rate of decoded tokens.
     """
-    from .patch import achieved_sparsity, zigzag_layers
+    from .patch import zigzag_layers
 
     layers = len(zigzag_layers(model))
-    result = achieved_sparsity(model)
     if result is None:
         line = f"SpQt: {layers} zigzag projections, all thresholds 0: no sparse steps"
     else:
@@ -396,28 +397,61 @@ def _wrap_parser(namespace: dict, parsed) -> callable:
     return restore
 
 
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    # The ids mlx-lm's stream_generate decodes from: a string is encoded with the tokenizer's BOS
+    # unless it already starts with it.
+    import mlx.core as mx
+
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+    return [int(t) for t in (prompt.tolist() if isinstance(prompt, mx.array) else prompt)]
+
+
 def _install_generate(namespace: dict, state: dict) -> None:
-    """Wrap ``generate`` for this run so that the achieved sparsity is reported after it."""
+    """Wrap ``generate`` for this run so that the achieved sparsity is reported after it.
+
+    The sparsity is measured after generation from the tokens it decoded (``decoded_sparsity``),
+    so the decode steps run as fast as without the report (counting in every layer would cost
+    kernels per projection and keep fused decoder blocks from fusing). Runs whose steps that
+    cannot replay (a prompt cache from an earlier run, a draft model) count in the layers.
+    """
     current = namespace["generate"]
     base = getattr(current, "__wrapped_generate__", current)
 
     @functools.wraps(base)
-    def generate(model, *a, **kw):
-        from .patch import record_stats
+    def generate(model, tokenizer, prompt, *a, **kw):
+        from .patch import achieved_sparsity, record_stats
+        from .perplexity import decoded_sparsity
 
         if model is not state.get("model"):
-            return base(model, *a, **kw)
-        record_stats(model)
+            return base(model, tokenizer, prompt, *a, **kw)
+        verbose = kw.get("verbose", a[0] if a else False)
+        replay = kw.get("prompt_cache") is None and kw.get("draft_model") is None
+        stream = namespace["stream_generate"]
+        tokens = []
+
+        def recording_stream(*args, **kwargs):
+            for response in stream(*args, **kwargs):
+                tokens.append(response.token)
+                yield response
+
+        if replay:
+            namespace["stream_generate"] = recording_stream
+        else:
+            record_stats(model)
         try:
             t0 = time.perf_counter()
-            text = base(model, *a, **kw)
+            text = base(model, tokenizer, prompt, *a, **kw)
             elapsed = time.perf_counter() - t0
-            verbose = kw.get("verbose", a[2] if len(a) > 2 else False)
-            # Verbose runs already print mlx-lm's tokens-per-sec; quiet ones keep stdout for the text.
-            report(model, None if verbose else elapsed, file=None if verbose else sys.stderr)
-            return text
         finally:
-            record_stats(model, False)
+            namespace["stream_generate"] = stream
+            if not replay:
+                record_stats(model, False)
+        result = decoded_sparsity(model, _prompt_ids(tokenizer, prompt), tokens) if replay else achieved_sparsity(model)
+        # Verbose runs already print mlx-lm's tokens-per-sec; quiet ones keep stdout for the text.
+        report(model, result, None if verbose else elapsed, file=None if verbose else sys.stderr)
+        return text
 
     generate.__wrapped_generate__ = base
     namespace["generate"] = generate

@@ -108,6 +108,38 @@ def thresholded_inputs(model):
         model.update_modules(originals)
 
 
+def decoded_sparsity(model, prompt, generated) -> tuple[float, int] | None:
+    """``(sparsity, steps)`` that the decode steps of a finished generation reached, or None
+    when ``model`` skips nothing.
+
+    mlx-lm prefills all of ``prompt`` but its last token, then decodes one token per step: the
+    prompt's last token and every ``generated`` token. The same prefill into a cache, then the
+    decoded tokens in one thresholded call, sees the active sets the decode kernels saw, so
+    generation itself runs without counting anything. Layers are weighted by size, as
+    ``patch.achieved_sparsity`` weighs them.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .patch import zigzag_layers
+
+    if not any(layer.threshold > 0 for layer in zigzag_layers(model).values()):
+        return None
+    ids = [int(t) for t in prompt] + [int(t) for t in generated]
+    prefill = max(len(prompt) - 1, 0)
+    if len(ids) == prefill:
+        return None
+    cache = make_prompt_cache(model)
+    step = 2048  # tokens per call, as mlx-lm prefills, so memory stays bounded
+    for start in range(0, prefill, step):
+        model(mx.array(ids[start:min(start + step, prefill)])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    with thresholded_inputs(model) as wrapped:
+        for start in range(prefill, len(ids), step):
+            mx.eval(model(mx.array(ids[start:start + step])[None], cache=cache)[:, -1], wrapped.counters(),
+                    [c.state for c in cache])
+        return wrapped.achieved(), len(ids) - prefill
+
+
 # ---- windows and losses -------------------------------------------------------------------------
 
 

@@ -40,6 +40,66 @@ def test_spqt_run_reports_speed_and_sparsity(model_dir, capsys):
     assert "self-generated text" in out.err
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_sparsity_measured_after_generation_equals_counting_while_decoding(model_dir, fused):
+    """The report replays the decoded tokens (decoded_sparsity) instead of counting in every
+    layer while decoding; both give the same steps and sparsity."""
+    from mlx_lm import load, stream_generate
+
+    from spqt_mlx.calibrate import sparsify
+    from spqt_mlx.patch import achieved_sparsity, fuse_shared_inputs, patch_model, record_stats
+    from spqt_mlx.perplexity import decoded_sparsity
+
+    model, tokenizer = load(str(model_dir))
+    model.set_dtype(mx.float32)
+    patch_model(model, group_size=64, bits=4)
+    sparsify(model, tokenizer.encode(TEXT)[:64], 0.5, progress=False)
+    if fused:
+        fuse_shared_inputs(model)
+    prompt = tokenizer.encode("the quick brown fox jumps")
+    assert decoded_sparsity(model, prompt, []) is not None
+    record_stats(model)
+    generated = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=10)]
+    counted = achieved_sparsity(model)
+    record_stats(model, False)
+    replayed = decoded_sparsity(model, prompt, generated)
+    assert replayed[1] == counted[1] == len(generated) + 1  # the prompt's last token and each generated one
+    assert abs(replayed[0] - counted[0]) < 2e-3 and 0.3 < replayed[0] < 0.7
+    sparsify(model, [], 0.0)
+    assert decoded_sparsity(model, prompt, generated) is None
+
+
+def test_report_without_replay_counts_in_the_layers(model_dir, capsys):
+    """With a prompt cache the steps cannot be replayed (the cache may hold an earlier run's
+    context): the layers count instead, and the line is the same."""
+    import importlib
+
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from spqt_mlx.calibrate import sparsify
+    from spqt_mlx.generate import _install_generate, _uninstall_generate
+    from spqt_mlx.patch import patch_model
+
+    model, tokenizer = load(str(model_dir))
+    model.set_dtype(mx.float32)
+    patch_model(model, group_size=64, bits=4)
+    sparsify(model, tokenizer.encode(TEXT)[:64], 0.5, progress=False)
+    namespace = vars(importlib.import_module("mlx_lm.generate"))
+    original = namespace["generate"]
+    _install_generate(namespace, {"model": model})
+    try:
+        lines = []
+        for kw in ({}, {"prompt_cache": make_prompt_cache(model)}):
+            namespace["generate"](model, tokenizer, "the quick brown fox", max_tokens=6, **kw)
+            lines.append(SPARSITY_LINE.search(capsys.readouterr().err))
+    finally:
+        _uninstall_generate(namespace)
+    assert namespace["generate"] is original
+    assert all(lines) and [m.group(2) for m in lines] == ["7", "7"]
+    assert abs(float(lines[0].group(1)) - float(lines[1].group(1))) < 0.5
+
+
 def test_runs_without_spqt_are_unchanged(model_dir, capsys):
     main(["--model", str(model_dir), *COMMON])
     out = capsys.readouterr()
