@@ -25,21 +25,26 @@ def llama_cpp_permute(w, n_heads):
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def projection_weights(rng, prefix, sizes):
+    """A block's seven projections (mlx-lm names under ``prefix``), scaled by 1/sqrt(inputs)."""
+    h, ff, hd = sizes["hidden"], sizes["ff"], sizes["head_dim"]
+    q, kv = sizes["heads"] * hd, sizes["kv_heads"] * hd
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q), "mlp.gate_proj": (ff, h), "mlp.up_proj": (ff, h), "mlp.down_proj": (h, ff)}
+    return {f"{prefix}{name}.weight": rng.normal(0, 1 / np.sqrt(shape[1]), shape) for name, shape in shapes.items()}
+
+
 def tiny_source_weights(seed=0):
     """Float weights of a tiny Llama, in mlx-lm names and Hugging Face row order."""
     rng = np.random.default_rng(seed)
-    h, ff, hd = TINY["hidden"], TINY["ff"], TINY["head_dim"]
-    q, kv = TINY["heads"] * hd, TINY["kv_heads"] * hd
+    h, sizes = TINY["hidden"], TINY
     vocab = len(tiny_vocab())
     w = {"model.embed_tokens.weight": rng.normal(0, 0.1, (vocab, h)), "model.norm.weight": 1 + 0.1 * rng.normal(size=h)}
     for i in range(TINY["layers"]):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)
         w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)
-        for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
-                            ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (ff, h)), ("mlp.up_proj", (ff, h)),
-                            ("mlp.down_proj", (h, ff))):
-            w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+        w.update(projection_weights(rng, p, sizes))
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
@@ -143,9 +148,8 @@ def gemma_vocab():
 def gemma_source_weights(seed=0):
     """Float weights of a tiny Gemma 3 in mlx-lm names; norms as mlx-lm keeps them (it adds the 1)."""
     rng = np.random.default_rng(seed)
-    g = GEMMA_TINY
-    h, ff, hd = g["hidden"], g["ff"], g["head_dim"]
-    q, kv = g["heads"] * hd, g["kv_heads"] * hd
+    g = sizes = GEMMA_TINY
+    h, hd = g["hidden"], g["head_dim"]
     w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (len(gemma_vocab()[0]), h)),
          "model.norm.weight": 0.1 * rng.normal(size=h)}
     for i in range(g["layers"]):
@@ -153,10 +157,7 @@ def gemma_source_weights(seed=0):
         for norm, size in (("input_layernorm", h), ("post_attention_layernorm", h), ("pre_feedforward_layernorm", h),
                            ("post_feedforward_layernorm", h), ("self_attn.q_norm", hd), ("self_attn.k_norm", hd)):
             w[p + norm + ".weight"] = 0.1 * rng.normal(size=size)
-        for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
-                            ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (ff, h)), ("mlp.up_proj", (ff, h)),
-                            ("mlp.down_proj", (h, ff))):
-            w[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+        w.update(projection_weights(rng, p, sizes))
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
