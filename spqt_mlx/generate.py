@@ -408,13 +408,19 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     return [int(t) for t in (prompt.tolist() if isinstance(prompt, mx.array) else prompt)]
 
 
+# stream_generate options under which a plain forward pass does not see what decoding saw.
+_NOT_REPLAYED = ("prompt_cache", "draft_model", "max_kv_size", "kv_bits", "input_embeddings")
+
+
 def _install_generate(namespace: dict, state: dict) -> None:
     """Wrap ``generate`` for this run so that the achieved sparsity is reported after it.
 
     The sparsity is measured after generation from the tokens it decoded (``decoded_sparsity``),
     so the decode steps run as fast as without the report (counting in every layer would cost
-    kernels per projection and keep fused decoder blocks from fusing). Runs whose steps that
-    cannot replay (a prompt cache from an earlier run, a draft model) count in the layers.
+    kernels per projection and keep fused decoder blocks from fusing). Runs whose steps a plain
+    forward pass cannot replay (a prompt cache from an earlier run, a draft model, a rotating or
+    quantized KV cache, input embeddings) count in the layers. The swap of ``stream_generate``
+    is visible to the whole process for the call, like the rest of this CLI wrapper.
     """
     current = namespace["generate"]
     base = getattr(current, "__wrapped_generate__", current)
@@ -427,7 +433,7 @@ def _install_generate(namespace: dict, state: dict) -> None:
         if model is not state.get("model"):
             return base(model, tokenizer, prompt, *a, **kw)
         verbose = kw.get("verbose", a[0] if a else False)
-        replay = kw.get("prompt_cache") is None and kw.get("draft_model") is None
+        replay = all(kw.get(k) is None for k in _NOT_REPLAYED)
         stream = namespace["stream_generate"]
         tokens = []
 
@@ -448,7 +454,13 @@ def _install_generate(namespace: dict, state: dict) -> None:
             namespace["stream_generate"] = stream
             if not replay:
                 record_stats(model, False)
-        result = decoded_sparsity(model, _prompt_ids(tokenizer, prompt), tokens) if replay else achieved_sparsity(model)
+        if replay and not tokens:
+            return text  # nothing was decoded (or the call did not go through stream_generate)
+        try:
+            result = decoded_sparsity(model, _prompt_ids(tokenizer, prompt), tokens) if replay else achieved_sparsity(model)
+        except Exception as e:  # the text is what was asked for; the report is extra
+            _log(f"could not measure the achieved sparsity: {e}")
+            return text
         # Verbose runs already print mlx-lm's tokens-per-sec; quiet ones keep stdout for the text.
         report(model, result, None if verbose else elapsed, file=None if verbose else sys.stderr)
         return text

@@ -173,6 +173,10 @@ def gguf_config(meta: dict, tensor_names) -> dict:
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
         if f"tokenizer.ggml.{name}_token_id" in meta:
             config[key] = int(meta[f"tokenizer.ggml.{name}_token_id"])
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    if eot is not None and int(eot) != config.get("eos_token_id"):
+        # Chat models end a turn with their own token (Gemma's <end_of_turn>); mlx-lm stops on any listed.
+        config["eos_token_id"] = [i for i in (config.get("eos_token_id"), int(eot)) if i is not None]
     return config
 
 

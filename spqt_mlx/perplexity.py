@@ -204,19 +204,21 @@ def token_losses(model, tokens, *, window: int = 512, protocol: str = "nonoverla
                  mode: str = "masked", bos: int | None = None, also_eval=list, progress: bool = True) -> np.ndarray:
     """Negative log-likelihood of every scored token (natural log), in text order.
 
-    ``bos`` (``texts.leading_token``) goes in front of every window, unscored: the window's
-    tokens are scored as without it, now with the start a model like Gemma expects.
+    ``bos`` (``texts.leading_token``) goes in front of every window that does not start with
+    it, unscored: the window's tokens are scored as without it, now with the start a model like
+    Gemma expects.
     ``also_eval()`` returns arrays to evaluate with each window's losses (e.g. counters), so no
     window's activations stay alive in a lazy graph.
     """
     check_protocol(protocol, window, stride, mode)
-    ids = mx.array(np.asarray(tokens, dtype=np.int32))
-    lead = mx.array([] if bos is None else [bos], dtype=mx.int32)
+    host = np.asarray(tokens, dtype=np.int32)
+    ids = mx.array(host)
     out = []
     step = _decode_losses if mode == "decode" else _window_losses
     spans = list(windows(ids.size, window, protocol, stride))
     for start, end, first in tqdm(spans, desc="perplexity windows", unit="window", disable=not progress, leave=False):
-        losses = step(model, mx.concatenate([lead, ids[start:end]]), first - start + lead.size)
+        lead = [] if bos is None or host[start] == bos else [bos]  # a window that starts with it keeps one
+        losses = step(model, mx.concatenate([mx.array(lead, dtype=mx.int32), ids[start:end]]), first - start + len(lead))
         mx.eval(losses, also_eval())
         out.append(np.array(losses))
     return np.concatenate(out)
@@ -433,7 +435,7 @@ def plot(results: dict, path) -> None:
 
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    dense = [r for r in rows if r["target_sparsity"] == 0]
+    dense = [r for r in rows if r["target_sparsity"] == 0 and r["method"] != "auto"]
     # One line per criterion and method (rows of older files have no criterion: TEAL's).
     lines = sorted({(r.get("criterion", "teal"), r["method"]) for r in rows
                     if r["target_sparsity"] not in (None, 0) and r["method"] != "auto"})

