@@ -66,6 +66,7 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     """
     from .calibrate import _modules_at, _token_batch
     from .patch.model import _expert_types, _input_dims, projections
+    from .texts import with_leading
 
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise ValueError(f"window must be an integer of at least 2 tokens, got {window!r}.")
@@ -84,10 +85,7 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     try:
         starts = range(0, len(ids) - 1, window)
         for start in tqdm(starts, desc="input statistics", unit="window", leave=False, disable=not progress):
-            part = ids[start:start + window]
-            if bos is not None and part[0] != bos:
-                part = np.concatenate([[bos], part])
-            model(mx.array(part)[None])
+            model(mx.array(with_leading(ids[start:start + window], bos))[None])
             mx.eval([m.xtx for m in moments.values()])
     finally:
         model.update_modules(tree_unflatten(list(layers.items())))

@@ -37,7 +37,7 @@ from .files import atomic_write_text
 from .layout import DEFAULT_QUANTIZER, DTYPES, dtype_from_name
 from .patch.linear import DEFAULT_CRITERION, check_criterion
 from .sources import load_source
-from .texts import calibration_tokens, leading_token, read_text, text_tokens
+from .texts import calibration_tokens, leading_token, read_text, text_tokens, with_leading
 
 PROTOCOLS = ("nonoverlap", "sliding")
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5)
@@ -211,14 +211,13 @@ def token_losses(model, tokens, *, window: int = 512, protocol: str = "nonoverla
     window's activations stay alive in a lazy graph.
     """
     check_protocol(protocol, window, stride, mode)
-    host = np.asarray(tokens, dtype=np.int32)
-    ids = mx.array(host)
+    ids = np.asarray(tokens, dtype=np.int32)
     out = []
     step = _decode_losses if mode == "decode" else _window_losses
     spans = list(windows(ids.size, window, protocol, stride))
     for start, end, first in tqdm(spans, desc="perplexity windows", unit="window", disable=not progress, leave=False):
-        lead = [] if bos is None or host[start] == bos else [bos]  # a window that starts with it keeps one
-        losses = step(model, mx.concatenate([mx.array(lead, dtype=mx.int32), ids[start:end]]), first - start + len(lead))
+        span = with_leading(ids[start:end], bos)
+        losses = step(model, mx.array(span), first - start + len(span) - (end - start))
         mx.eval(losses, also_eval())
         out.append(np.array(losses))
     return np.concatenate(out)

@@ -45,6 +45,12 @@ def leading_token(tokenizer) -> int | None:
     return full[0] if len(full) == len(bare) + 1 and full[1:] == bare else None
 
 
+def with_leading(ids, bos: int | None) -> list[int]:
+    """``ids`` as a list that starts with ``bos`` (``leading_token``): put in front unless already there."""
+    ids = [int(i) for i in ids]
+    return ids if bos is None or ids[:1] == [bos] else [bos] + ids
+
+
 def read_text(path) -> str:
     path = Path(path)
     if not path.is_file():
@@ -87,7 +93,7 @@ def self_generated_tokens(
             if getattr(tokenizer, "chat_template", None):
                 ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
             else:
-                ids = ([] if bos is None else [bos]) + text_tokens(tokenizer, prompt + "\n")
+                ids = with_leading(text_tokens(tokenizer, prompt + "\n"), bos)
             ids = list(ids)
             budget = max(n_tokens - len(tokens) - len(ids), 8)
             out = []
@@ -108,9 +114,7 @@ def calibration_tokens(model, tokenizer, *, text_file=None, n_tokens: int = 512,
     if n_tokens <= 0:
         raise ValueError(f"calibration tokens must be positive, got {n_tokens}.")
     if text_file is not None:
-        bos = leading_token(tokenizer)
-        lead = [] if bos is None else [bos]
-        tokens = lead + text_tokens(tokenizer, read_text(text_file), n_tokens)[: n_tokens - len(lead)]
+        tokens = with_leading(text_tokens(tokenizer, read_text(text_file), n_tokens), leading_token(tokenizer))[:n_tokens]
         if len(tokens) < 2:
             raise ValueError(f"{text_file} holds fewer than 2 tokens.")
         return tokens, f"{len(tokens)} tokens of {Path(text_file).name}"
