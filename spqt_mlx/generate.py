@@ -138,7 +138,7 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     from .patch.linear import DEFAULT_CRITERION
 
     t0 = time.perf_counter()
-    hessians = None
+    hessians = tokens = None
     if args.quantizer == "gptq":
         from .gptq import input_hessians
         from .texts import calibration_tokens, leading_token
@@ -156,7 +156,7 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
          f"quantizer) in {time.perf_counter() - t0:.1f} s")
     sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
     if sparsity != 0:
-        recalibrate(model, tokenizer, args, sparsity)
+        recalibrate(model, tokenizer, args, sparsity, tokens)  # GPTQ's tokens, not a second draw
     from .patch import fuse_shared_inputs
 
     groups = fuse_shared_inputs(model)
@@ -164,9 +164,10 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     return paths
 
 
-def recalibrate(model, tokenizer, args, sparsity) -> None:
+def recalibrate(model, tokenizer, args, sparsity, tokens=None) -> None:
     """Calibrate the thresholds of a patched ``model`` for ``sparsity``: a fraction (0 turns
-    sparsity off) or ``"auto"`` (the largest within the perplexity budget)."""
+    sparsity off) or ``"auto"`` (the largest within the perplexity budget), on ``tokens`` or, by
+    default, the calibration tokens ``args`` names."""
     from .calibrate import sparsify
 
     if sparsity == 0:
@@ -175,7 +176,9 @@ def recalibrate(model, tokenizer, args, sparsity) -> None:
     from .texts import calibration_tokens, leading_token
 
     t0 = time.perf_counter()
-    tokens, _ = calibration_tokens(model, tokenizer, text_file=args.calibration_text, n_tokens=args.calibration_tokens)
+    if tokens is None:
+        tokens, _ = calibration_tokens(model, tokenizer, text_file=args.calibration_text,
+                                       n_tokens=args.calibration_tokens)
     source = args.calibration_text or "self-generated text"
     if sparsity == "auto":
         from .calibrate import DEFAULT_MAX_PPL_INCREASE, choose_sparsity, describe_choice

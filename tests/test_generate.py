@@ -154,6 +154,24 @@ def test_gptq_quantizer_collects_statistics_before_patching(model_dir, tmp_path,
     assert generated_text(out.out)
 
 
+def test_gptq_and_thresholds_share_one_calibration_text(model_dir, capsys, monkeypatch):
+    from spqt_mlx import texts
+
+    drawn = []
+    original = texts.calibration_tokens
+
+    def counted(*a, **kw):
+        drawn.append(original(*a, **kw))
+        return drawn[-1]
+
+    monkeypatch.setattr(texts, "calibration_tokens", counted)
+    main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0.4", "--quantizer", "gptq",
+          "--calibration-tokens", "64"])
+    out = capsys.readouterr()
+    assert len(drawn) == 1 and "self-generated text" in out.err  # written once, by the float model
+    assert SPARSITY_LINE.search(out.out)
+
+
 def test_bad_options(model_dir, tmp_path, capsys):
     for bad in (["--sparsity", "1.5"], ["--bits", "7"], ["--calibration-text", str(tmp_path / "missing.txt")]):
         with pytest.raises(SystemExit):
