@@ -187,13 +187,3 @@ def zigzag_matmul(x: mx.array, qweight: ZigzagWeight, *, stream=None) -> mx.arra
     _single(qweight)
     return _ext.zigzag_matmul(x, qweight.weight, qweight.scales, qweight.biases, qweight.group_size, qweight.bits,
                               stream=stream)
-
-
-def _on_cuda(stream) -> bool:
-    """Whether ``stream`` (None, a Stream, a Device or a DeviceType such as ``mx.cpu``) runs on CUDA."""
-    if stream is None:
-        stream = mx.default_device()
-    if isinstance(stream, mx.Stream):
-        stream = stream.device
-    kind = stream.type if isinstance(stream, mx.Device) else stream
-    return kind == mx.gpu and mx.cuda.is_available()

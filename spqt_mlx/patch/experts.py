@@ -11,7 +11,6 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 
 from .. import _ext
 from ..layout import FLOAT_DTYPES, ZigzagWeight, check_bits_group_size, check_float_dtype, zigzag_dequantize, zigzag_quantize
-from ..ops import _on_cuda
 from .linear import GEMV_MAX_ROWS, ActiveColumnStats, check_threshold
 
 
@@ -24,6 +23,11 @@ def _expert_weight(module) -> mx.array:
     if isinstance(module, SwitchLinear):
         return module.weight
     raise TypeError(f"expected a SwitchLinear or QuantizedSwitchLinear, got {type(module).__name__}.")
+
+
+def _on_cuda() -> bool:
+    """Whether the default device runs MLX's CUDA backend (which picks some expert products)."""
+    return mx.default_device().type == mx.gpu and mx.cuda.is_available()
 
 
 class ZigzagSwitchLinear(ActiveColumnStats, nn.Module):
@@ -170,7 +174,7 @@ class ZigzagSwitchLinear(ActiveColumnStats, nn.Module):
         decode = self._threshold_value > 0 and not sorted_indices and (x.ndim < 4 or x.shape[-4] == 1)
         rows = math.prod(target)
         w, s, b = self["weight"], self["scales"], self["biases"]
-        if decode or rows <= GEMV_MAX_ROWS or _on_cuda(None):
+        if decode or rows <= GEMV_MAX_ROWS or _on_cuda():
             # On CUDA every row runs the GEMV: MLX's gathered quantized product has no fast kernel
             # there for the zigzag bands' orientation.
             y = _ext.zigzag_gather_gemv(x_rows, w, s, b, experts, self._threshold if decode else None,
@@ -273,7 +277,7 @@ class ZigzagSwitchGLU(SwitchGLU):
         # A decode step (one position per sequence) of any batch, which SwitchGLU would sort (and
         # so run dense) from 64 rows on; other calls of a few rows.
         decode = x.ndim >= 2 and x.shape[-2] == 1
-        few = indices.size < 64 and (indices.size <= GEMV_MAX_ROWS or _on_cuda(None))
+        few = indices.size < 64 and (indices.size <= GEMV_MAX_ROWS or _on_cuda())
         return ((decode or few) and x.dtype == gate["scales"].dtype
                 and gate._threshold_value == up._threshold_value and (gate.group_size, gate.bits) == (up.group_size, up.bits)
                 and "bias" not in gate and "bias" not in up)
