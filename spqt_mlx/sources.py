@@ -11,12 +11,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import assets
 from .layout import dtype_from_name
 
-from .assets import MODELS
-
 # Models known by a short name, fetched without the Hugging Face hub (see spqt_mlx.assets).
-SHORT_NAMES = tuple(MODELS)
+SHORT_NAMES = tuple(assets.MODELS)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -34,9 +33,7 @@ def resolve_short_name(model: str, *, dtype: str | None = None) -> str:
     """
     if model not in SHORT_NAMES or Path(model).exists():  # a local directory of that name comes first
         return model
-    from .assets import model_dir
-
-    return str(model_dir(model, dtype=dtype or default_dtype()))
+    return str(assets.model_dir(model, dtype=dtype or default_dtype()))
 
 
 def load_source(model: str, *, dtype: str | None = None, progress: bool = True):
