@@ -120,11 +120,14 @@ def decoded_sparsity(model, prompt, generated) -> tuple[float, int] | None:
     """
     from mlx_lm.models.cache import make_prompt_cache
 
+    from .calibrate import _token_batch
     from .patch import zigzag_layers
 
     if not any(layer.threshold > 0 for layer in zigzag_layers(model).values()):
         return None
     ids = [int(t) for t in prompt] + [int(t) for t in generated]
+    if len(ids) >= 2:
+        _token_batch(ids, model)  # ids outside the vocabulary: a clear error, not a silent lookup
     prefill = max(len(prompt) - 1, 0)
     if len(ids) == prefill:
         return None

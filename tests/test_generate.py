@@ -65,6 +65,8 @@ def test_sparsity_measured_after_generation_equals_counting_while_decoding(model
     replayed = decoded_sparsity(model, prompt, generated)
     assert replayed[1] == counted[1] == len(generated) + 1  # the prompt's last token and each generated one
     assert abs(replayed[0] - counted[0]) < 2e-3 and 0.3 < replayed[0] < 0.7
+    with pytest.raises(ValueError, match="vocabulary"):
+        decoded_sparsity(model, prompt, [10**6])
     sparsify(model, [], 0.0)
     assert decoded_sparsity(model, prompt, generated) is None
 
