@@ -261,8 +261,9 @@ def _swapped(model: nn.Module, replacements: Mapping[str, nn.Module]):
 
 
 @contextlib.contextmanager
-def _tapped_blocks(blocks: Sequence[nn.Module], calls: list, progress):
-    """Record each block's call arguments; stop the forward pass after the last block.
+def _tapped_blocks(blocks: Sequence[nn.Module], calls: list | None = None, progress=None):
+    """Record each block's call arguments (in ``calls``, a list per block, unless None); stop the
+    forward pass after the last block (the caller catches _StopForward).
 
     The blocks keep their identity and attributes (model code reads some of them), so only their
     class is swapped for the duration.
@@ -274,9 +275,11 @@ def _tapped_blocks(blocks: Sequence[nn.Module], calls: list, progress):
             base = type(block)
 
             def call(self, *args, __i=i, __base=base, **kwargs):
-                calls[__i].append((args, kwargs))
+                if calls is not None:
+                    calls[__i].append((args, kwargs))
                 out = __base.__call__(self, *args, **kwargs)
-                progress.update(1)
+                if progress is not None:
+                    progress.update(1)
                 if __i == last:
                     mx.eval(out)
                     raise _StopForward

@@ -16,6 +16,8 @@ on their calibration text.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 
 import mlx.core as mx
@@ -33,26 +35,56 @@ WINDOW = 512
 
 
 class _Moments:
-    """X^T X and the number of rows of X, summed over calls."""
+    """X^T X of one projection's inputs and the number of rows of X, summed over calls.
 
-    def __init__(self, K: int):
-        self.xtx = mx.zeros((K, K), dtype=mx.float32)
+    On the CPU the products run in NumPy, whose BLAS is much faster than MLX's CPU matmul (as in
+    calibrate.py), and sum in float64; elsewhere in MLX, in float32. Siblings that read one input
+    (q/k/v, gate/up) share a ``last`` cell: the product of an input is computed once and added to
+    each sibling that is called with that same array."""
+
+    def __init__(self, K: int, last: list):
+        self.on_cpu = mx.default_device() == mx.cpu
+        self.xtx = np.zeros((K, K)) if self.on_cpu else mx.zeros((K, K), dtype=mx.float32)
         self.rows = 0
+        self._last = last  # [input, its X^T X]
+
+    def add(self, x: mx.array) -> None:
+        if self._last[0] is not x:
+            rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+            if self.on_cpu:
+                rows = np.array(rows)
+            self._last[:] = [x, rows.T @ rows, rows.shape[0]]
+        self.xtx = self.xtx + self._last[1]
+        self.rows += self._last[2]
+
+    def hessian(self) -> np.ndarray:
+        return np.array(self.xtx, dtype=np.float64) / max(self.rows, 1)
 
 
 class _Tap(nn.Module):
-    """A projection that adds the second moment of its input to ``moments`` before running."""
+    """A projection that adds its input to ``moments`` before running.
+
+    On the CPU, where MLX's matmul is about ten times slower than NumPy's BLAS, the projection runs
+    as calibration runs it (calibrate._Probe: float32, in NumPy), its float weight made for the
+    call and dropped after it."""
 
     def __init__(self, layer: nn.Module, moments: _Moments):
         super().__init__()
+        from .calibrate import _Probe
+
         self.layer = layer
         self._moments = moments
+        self._probe = _Probe(layer, 1, None) if moments.on_cpu else None
+        if self._probe is not None:
+            self._probe.record = False
 
     def __call__(self, x, *args, **kwargs):
-        rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-        self._moments.xtx = self._moments.xtx + rows.T @ rows
-        self._moments.rows += rows.shape[0]
-        return self.layer(x, *args, **kwargs)
+        self._moments.add(x)
+        if self._probe is None or args or kwargs:
+            return self.layer(x, *args, **kwargs)
+        y = self._probe(x)
+        self._probe.release()
+        return y
 
 
 def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = None, window: int = WINDOW,
@@ -64,7 +96,8 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     does not start with it already. ``paths`` defaults to the layers ``patch_model`` replaces
     (MoE experts excluded: they keep the per-group quantizer).
     """
-    from .calibrate import _modules_at, _token_batch
+    from .calibrate import _blocks, _modules_at, _StopForward, _tapped_blocks, _token_batch
+    from .patch.fused import shared_input_groups
     from .patch.model import _expert_types, _input_dims, projections
     from .texts import with_leading
 
@@ -80,16 +113,31 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     layers = {p: m for p, m in layers.items() if not isinstance(m, _expert_types())}
     if not layers:
         raise ValueError("the model has no projections to collect input statistics for.")
-    moments = {p: _Moments(_input_dims(m)) for p, m in layers.items()}
+    last = {p: [None, None, 0] for p in layers}
+    for group in shared_input_groups(list(layers)):
+        for p in group[1:]:
+            last[p] = last[group[0]]
+    moments = {p: _Moments(_input_dims(m), last[p]) for p, m in layers.items()}
     model.update_modules(tree_unflatten([(p, _Tap(m, moments[p])) for p, m in layers.items()]))
+    try:
+        blocks = [b for _, b in _blocks(model)]
+    except ValueError:
+        blocks = []  # no `model.layers`: the forward runs to the logits
     try:
         starts = range(0, len(ids) - 1, window)
         for start in tqdm(starts, desc="input statistics", unit="window", leave=False, disable=not progress):
-            model(mx.array(with_leading(ids[start:start + window], bos))[None])
-            mx.eval([m.xtx for m in moments.values()])
+            # The statistics are complete after the last block: the logits are never computed.
+            with _tapped_blocks(blocks) if blocks else contextlib.nullcontext():
+                try:
+                    model(mx.array(with_leading(ids[start:start + window], bos))[None])
+                except _StopForward:
+                    pass
+            mx.eval([m.xtx for m in moments.values() if not m.on_cpu])
+            for cell in last.values():
+                cell[:] = [None, None, 0]  # no input is held past its window
     finally:
         model.update_modules(tree_unflatten(list(layers.items())))
-    return {p: np.array(m.xtx, dtype=np.float64) / max(m.rows, 1) for p, m in moments.items()}
+    return {p: m.hessian() for p, m in moments.items()}
 
 
 def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> None:
@@ -104,56 +152,25 @@ def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> N
             raise ValueError(f"the input statistics of {p} have shape {shape}, expected {(dims[p], dims[p])}.")
 
 
-def _rounder(dtype: mx.Dtype):
-    """Rounding of float64 values to ``dtype`` (as the format stores scales and dequantizes), in numpy."""
-    if dtype == mx.float16:
-        return lambda a: a.astype(np.float16).astype(np.float64)
-    if dtype == mx.bfloat16:
-        def to_bf16(a):
-            u = a.astype(np.float32).view(np.uint32)
-            u = (u + np.uint32(0x7FFF) + ((u >> 16) & 1)) & np.uint32(0xFFFF0000)  # nearest, ties to even
-            return u.view(np.float32).astype(np.float64)
-        return to_bf16
-    return lambda a: a.astype(np.float32).astype(np.float64)
+@functools.lru_cache(maxsize=None)
+def _column_fitter(bits: int, dtype: mx.Dtype):
+    """layout.group_fitter, compiled: one column's groups are small arrays, so its ~50 operations
+    cost about one call instead of one each."""
+    from .layout import group_fitter
 
-
-# The search's candidate scales: n + step codes over the group's range (layout.py's "search").
-_STEPS = np.linspace(-1.0, 1.0, 11)
-
-
-def _fit_groups(v: np.ndarray, bits: int, rounded) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For groups v (G, gs): codes, scale, bias and dequantized values with the lowest squared error
-    among min/max and the search's candidate scales (layout.py's "search", in numpy; all candidates
-    at once, min/max first so that it wins ties)."""
-    n = (1 << bits) - 1
-    lo = v.min(axis=1, keepdims=True)
-    span = v.max(axis=1, keepdims=True) - lo
-    mv = v.mean(axis=1, keepdims=True)
-    # Candidate codes from the range, each refitted by least squares: (steps, G, 1) scales and biases.
-    q = np.clip(np.round((v - lo) * ((n + _STEPS[:, None, None]) / np.maximum(span, 1e-30))), 0, n)
-    mq = q.mean(axis=2, keepdims=True)
-    var = np.mean(np.square(q - mq), axis=2, keepdims=True)
-    cov = np.mean((q - mq) * (v - mv), axis=2, keepdims=True)
-    s = np.where(var > 0, cov / np.maximum(var, 1e-30), 0.0)
-    s = np.concatenate([(span / n)[None], s])
-    b = np.concatenate([lo[None], mv - s[1:] * mq])
-    s, b = rounded(s), rounded(b)
-    q = np.where(s == 0, 0.0, np.clip(np.round((v - b) / np.where(s == 0, 1.0, s)), 0, n))
-    deq = rounded(rounded(s * q) + b)
-    best = np.argmin(np.sum(np.square(deq - v), axis=2), axis=0)  # (G,): the first of equal errors
-    g = np.arange(v.shape[0])
-    return q[best, g], s[best, g, 0], b[best, g, 0], deq[best, g]
+    return mx.compile(group_fitter(bits, dtype))
 
 
 def gptq_quantize(w: mx.array, hessian, group_size: int, bits: int, *, damping: float = DAMPING,
                   block: int = BLOCK):
     """The zigzag ``(codes, scales, biases)`` of ``w`` (N, K) by GPTQ with ``hessian`` (K, K): codes
-    (N/group_size, K, group_size) as uint32, scales and biases (N/group_size, K) as float64 values
-    already rounded to ``w``'s dtype. Columns that no calibration input reached (zero diagonal)
-    are quantized as they are, without error feedback from or to them."""
+    (N/group_size, K, group_size) as uint32 (numpy), scales and biases (N/group_size, K) as mx arrays
+    in ``w``'s dtype. Columns that no calibration input reached (zero diagonal) are quantized as
+    they are, without error feedback from or to them.
+
+    The column walk runs in MLX on the default device (a block of columns per graph); H's inverse
+    and its Cholesky factor in float64 on the CPU (numpy)."""
     N, K = w.shape
-    rounded = _rounder(w.dtype)
-    W = np.array(w.astype(mx.float32), dtype=np.float64)
     H = np.array(hessian, dtype=np.float64, copy=True)
     if H.shape != (K, K) or not np.all(np.isfinite(H)):
         raise ValueError(f"hessian must be a finite ({K}, {K}) array, got shape {H.shape}.")
@@ -162,27 +179,31 @@ def gptq_quantize(w: mx.array, hessian, group_size: int, bits: int, *, damping: 
     H[:, dead] = 0.0
     H[dead, dead] = 1.0
     H[np.diag_indices(K)] += damping * np.mean(np.diag(H))
-    # The upper Cholesky factor of H^-1: row j holds column j's error weights for the later columns.
-    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    # The upper Cholesky factor of H^-1: row k holds column k's error weights for the later columns.
+    U = mx.array(np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32))
+    fit = _column_fitter(bits, w.dtype)
     bands = N // group_size
-    codes = np.empty((bands, K, group_size), dtype=np.uint32)
-    scales = np.empty((bands, K))
-    biases = np.empty((bands, K))
+    rest = w.astype(mx.float32)  # the columns not quantized yet, as GPTQ has updated them
+    codes, scales, biases = [], [], []
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
-        W1 = W[:, i1:i2].copy()
-        errors = np.zeros_like(W1)
+        W1, rest = rest[:, :i2 - i1], rest[:, i2 - i1:]
+        errors = []
         for j in range(i2 - i1):
-            k = i1 + j
-            q, s, b, deq = _fit_groups(W1[:, j].reshape(bands, group_size), bits, rounded)
-            codes[:, k] = q
-            scales[:, k] = s
-            biases[:, k] = b
-            e = (W1[:, j] - deq.reshape(-1)) / U[k, k]
-            W1[:, j:] -= np.outer(e, U[k, k:i2])
-            errors[:, j] = e
-        W[:, i2:] -= errors @ U[i1:i2, i2:]
-    return codes, scales, biases
+            column = W1[:, j]
+            q, s, b, deq = fit(column.reshape(bands, group_size))
+            e = (column - deq.reshape(-1)) / U[i1 + j, i1 + j]
+            # U is upper triangular: the columns before j get nothing.
+            W1 = W1 - e[:, None] * U[i1 + j, i1:i2]
+            errors.append(e)
+            codes.append(q)
+            scales.append(s)
+            biases.append(b)
+        if i2 < K:
+            rest = rest - mx.stack(errors, axis=1) @ U[i1:i2, i2:]
+        mx.eval(rest, codes[i1:], scales[i1:], biases[i1:])
+    codes = np.stack([np.array(q) for q in codes], axis=1).astype(np.uint32)
+    return codes, mx.concatenate(scales, axis=1).astype(w.dtype), mx.concatenate(biases, axis=1).astype(w.dtype)
 
 
 __all__ = ["input_hessians", "gptq_quantize", "check_hessians"]
