@@ -33,6 +33,10 @@ from .patch.model import (_expert_types, column_scales, effective_weight, get_cr
                           zigzag_layers)
 
 METHODS = ("uniform", "greedy")
+# Greedy searches each block's allocation on this many positions of every calibration sequence and
+# judges it against uniform on as many after them (block-output error); the tokens after those
+# judge the whole model's (perplexity, in sparsify and choose_sparsity).
+GREEDY_TOKENS = 128
 
 
 class _StopForward(Exception):
@@ -402,7 +406,7 @@ def calibrate(
     method: str = "uniform",
     step: float = 0.05,
     max_sparsity: float = 0.95,
-    greedy_tokens: int = 128,
+    greedy_tokens: int = GREEDY_TOKENS,
     max_samples: int = 1 << 16,
     seed: int = 0,
     progress: bool = True,
@@ -420,7 +424,9 @@ def calibrate(
             allocation, which reaches the same parameter-weighted sparsity per block with a lower
             block-output error). Greedy keeps a block's allocation only where it beats uniform on
             calibration tokens its search did not see (the next ``greedy_tokens``, where the
-            sequences are long enough), so a block that it overfits stays uniform.
+            sequences are long enough), so a block that it overfits stays uniform. Whether the
+            whole allocation beats uniform is judged by perplexity in :func:`sparsify` and
+            :func:`choose_sparsity`, which run the patched model.
         criterion: what a threshold is compared with (``spqt_mlx.patch.CRITERIA``): ``"teal"``
             |x_j|, ``"wina"`` |x_j| * ||W[:, j]||. None: the patched model's own
             (:func:`spqt_mlx.patch.set_criterion`; "teal" for a model not patched).
@@ -448,11 +454,21 @@ def calibrate(
         raise ValueError(f"greedy_tokens must be an integer >= 2, got {greedy_tokens!r}.")
     if not isinstance(max_samples, int) or max_samples < 1:
         raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}.")
+    return _calibrate(model, tokens, sparsity, method, step=step, max_sparsity=max_sparsity,
+                      greedy_tokens=greedy_tokens, max_samples=max_samples, seed=seed, progress=progress,
+                      criterion=criterion)[0]
+
+
+def _calibrate(model, tokens, sparsity, method, *, step=0.05, max_sparsity=0.95, greedy_tokens=GREEDY_TOKENS,
+               max_samples=1 << 16, seed=0, progress=True, criterion=None):
+    """``calibrate``'s thresholds, and uniform's from the same recording (greedy is judged against
+    them)."""
     criterion = _criterion(model, criterion)
     rec = _record(model, tokens, with_blocks=method == "greedy", max_samples=max_samples, seed=seed, progress=progress,
                   criterion=criterion)
+    uniform = _uniform_thresholds(rec, sparsity)
     if method == "uniform" or sparsity == 0:
-        return _uniform_thresholds(rec, sparsity)
+        return uniform, uniform
     sparsities = {p: sparsity for p in rec.probes}  # projections outside blocks stay uniform
     for (block_path, block), calls in tqdm(
         list(zip(rec.blocks, rec.block_calls)), desc="greedy allocation", disable=not progress
@@ -463,7 +479,7 @@ def calibrate(
             sparsities.update(_greedy_block(block, block_path, search, held_out, members, sparsity, step, max_sparsity))
         for probe in members.values():
             probe.release()
-    return {p: rec.probes[p].threshold(s) for p, s in sparsities.items()}
+    return {p: rec.probes[p].threshold(s) for p, s in sparsities.items()}, uniform
 
 
 def _uniform_thresholds(rec: _Recording, sparsity: float) -> dict[str, float]:
@@ -610,11 +626,15 @@ def _use_criterion(model: nn.Module, criterion: str | None) -> None:
 
 
 def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform", *, progress: bool = True,
-             criterion: str | None = None) -> dict[str, float]:
+             criterion: str | None = None, bos: int | None = None) -> dict[str, float]:
     """Calibrate the thresholds of a patched ``model`` for ``sparsity`` on ``tokens`` and set them,
     with ``criterion`` (set on the model first; None keeps the model's).
 
-    Sparsity 0 sets every threshold to 0 (dense) without running the model. Returns the thresholds.
+    Greedy's allocation is kept only where the model's perplexity with it is no higher than with
+    uniform thresholds, scored on the calibration tokens after the ones greedy's search and its
+    per-block verdicts saw (all of them where fewer than 64 are left); ``bos``
+    (``texts.leading_token``) starts each scored window. Sparsity 0 sets every threshold to 0
+    (dense) without running the model. Returns the thresholds.
     """
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}.")
@@ -622,9 +642,28 @@ def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform",
     if _check_sparsity(sparsity) == 0.0:
         thresholds = {p: 0.0 for p in zigzag_layers(model)}
     else:
-        thresholds = calibrate(model, tokens, sparsity, method=method, progress=progress)
+        thresholds, uniform = _calibrate(model, tokens, sparsity, method, progress=progress)
+        if thresholds is not uniform:
+            judge = _judge_tokens(tokens)
+            thresholds = min((thresholds, uniform), key=lambda t: _scored(model, t, judge, bos))  # ties: greedy
     set_thresholds(model, thresholds)
     return thresholds
+
+
+def _judge_tokens(tokens, min_tokens: int = 64) -> list[int]:
+    """The calibration tokens that judge greedy against uniform: those after the positions its
+    search and per-block verdicts used, or all where fewer than ``min_tokens`` are left."""
+    ids = np.asarray(tokens).reshape(-1).tolist()
+    rest = ids[2 * GREEDY_TOKENS:]
+    return rest if len(rest) >= min_tokens else ids
+
+
+def _scored(model: nn.Module, thresholds: Mapping[str, float], tokens, bos: int | None, window: int = 256) -> float:
+    """Perplexity of the patched ``model`` on ``tokens`` with ``thresholds`` set (masked, as decode skips)."""
+    from .perplexity import perplexity
+
+    set_thresholds(model, thresholds)
+    return perplexity(model, tokens, window=min(window, len(tokens)), bos=bos, progress=False)["perplexity"]
 
 
 # ---- sparsity chosen by a quality budget ---------------------------------------------------------
@@ -648,8 +687,8 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     The first half of ``tokens`` calibrates the thresholds of each candidate sparsity (in
     ascending order), the second half is scored (masked, as decoding skips) against sparsity 0;
     the search stops at the first candidate over the budget; ``bos`` (``texts.leading_token``)
-    starts every scored window. The chosen thresholds are set on the
-    patched ``model``. Returns ``(sparsity, thresholds, rows)``, a row per sparsity tried:
+    starts every scored window. With ``method="greedy"`` each candidate keeps greedy's allocation or
+    uniform thresholds, whichever scores lower. The chosen thresholds are set on the patched ``model``. Returns ``(sparsity, thresholds, rows)``, a row per sparsity tried:
     ``{"sparsity", "perplexity", "increase"}`` (increase in percent).
     """
     check_budget(max_increase)
@@ -660,30 +699,26 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     calibration, held_out = tokens[:half], tokens[half:]
     window = min(window, len(held_out))
 
-    from .perplexity import perplexity
-
-    def score():
-        return perplexity(model, held_out, window=window, bos=bos, progress=False)["perplexity"]
+    def score(thresholds):
+        return _scored(model, thresholds, held_out, bos, window)
 
     _use_criterion(model, criterion)
     if method == "uniform":  # one recording gives every candidate's thresholds
         rec = _record(model, calibration, with_blocks=False, max_samples=1 << 16, seed=0, progress=False,
                       criterion=_criterion(model, None))
 
-        def thresholds_for(s):
-            return _uniform_thresholds(rec, s)
+        def options_for(s):
+            return (_uniform_thresholds(rec, s),)
     else:
-        def thresholds_for(s):
-            return calibrate(model, calibration, s, method=method, progress=False)
+        def options_for(s):  # greedy's allocation, kept only where it scores no worse than uniform
+            return _calibrate(model, calibration, s, method, progress=False)
 
     chosen = sparsify(model, calibration, 0.0, method, progress=False)
-    base = score()
+    base = score(chosen)
     rows = [{"sparsity": 0.0, "perplexity": base, "increase": 0.0}]
     best = 0.0
     for s in sorted(candidates):
-        thresholds = thresholds_for(s)
-        set_thresholds(model, thresholds)
-        ppl = score()
+        ppl, thresholds = min(((score(t), t) for t in options_for(s)), key=lambda pair: pair[0])
         rows.append({"sparsity": s, "perplexity": ppl, "increase": 100.0 * (ppl / base - 1.0)})
         if not rows[-1]["increase"] <= max_increase:
             break

@@ -97,7 +97,8 @@ def convert(
         source = Path(calibration_text).name if calibration_text is not None else "self-generated text"
         choice = describe_choice(sparsity, rows, max_ppl_increase, source)
     else:
-        thresholds = sparsify(net, tokens, sparsity, calibration_method, progress=progress, criterion=criterion)
+        thresholds = sparsify(net, tokens, sparsity, calibration_method, progress=progress, criterion=criterion,
+                              bos=leading_token(tokenizer))
     meta = {
         "bits": bits,
         "group_size": group_size,

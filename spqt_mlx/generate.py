@@ -191,7 +191,8 @@ def recalibrate(model, tokenizer, args, sparsity, tokens=None) -> None:
     else:
         _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of "
              f"{source}")
-        sparsify(model, tokens, sparsity, args.calibration_method, criterion=args.criterion)
+        sparsify(model, tokens, sparsity, args.calibration_method, criterion=args.criterion,
+                 bos=leading_token(tokenizer))
     _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
 
 

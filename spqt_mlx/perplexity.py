@@ -402,7 +402,7 @@ def evaluate(
             for method in (("-",) if s == 0 else methods):
                 t = time.perf_counter()
                 sparsify(net, cal_tokens, s, "uniform" if method == "-" else method,
-                         criterion=None if criterion == "-" else criterion)
+                         criterion=None if criterion == "-" else criterion, bos=run["bos"])
                 add(label, method, s, perplexity(net, tokens, **run), time.perf_counter() - t, criterion)
     if auto is not None:
         t = time.perf_counter()

@@ -222,3 +222,52 @@ def test_sparsity_auto_takes_the_largest_within_the_budget(patched, calibration_
     with pytest.raises(ValueError, match="budget"):
         choose_sparsity(patched, tokens, max_increase=-1)
     set_thresholds(patched, 0.0)  # the module's other tests start dense
+
+
+def test_greedy_is_kept_only_where_the_model_scores_no_worse_than_uniform(patched, monkeypatch):
+    """sparsify: greedy's allocation against uniform thresholds, by perplexity on the calibration
+    tokens after those greedy's search and block verdicts saw."""
+    import spqt_mlx.calibrate as calibration
+    from spqt_mlx.calibrate import GREEDY_TOKENS, sparsify
+    from spqt_mlx.patch import get_thresholds
+    from spqt_mlx.perplexity import perplexity
+
+    tokens = random_tokens(2 * GREEDY_TOKENS + 96, seed=21)[0].tolist()
+    greedy = calibrate(patched, tokens, 0.5, method="greedy", progress=False)
+    uniform = calibrate(patched, tokens, 0.5, progress=False)
+    assert greedy != uniform
+    scores = {}
+    for name, thresholds in (("greedy", greedy), ("uniform", uniform)):
+        set_thresholds(patched, thresholds)
+        scores[name] = perplexity(patched, tokens[2 * GREEDY_TOKENS:], window=96, bos=1, progress=False)["perplexity"]
+    chosen = sparsify(patched, tokens, 0.5, "greedy", bos=1, progress=False)
+    assert chosen == (greedy if scores["greedy"] <= scores["uniform"] else uniform)
+    assert get_thresholds(patched) == chosen
+
+    # Both verdicts, with the judge's scores forced; it sees the held-out tokens and the BOS.
+    seen = []
+    for winner in ("greedy", "uniform"):
+        def scored(model, thresholds, judged, bos, window=256, winner=winner):
+            seen.append((judged, bos))
+            return 1.0 if thresholds == (greedy if winner == "greedy" else uniform) else 2.0
+
+        monkeypatch.setattr(calibration, "_scored", scored)
+        assert sparsify(patched, tokens, 0.5, "greedy", bos=7, progress=False) == (
+            greedy if winner == "greedy" else uniform)
+        assert get_thresholds(patched) == (greedy if winner == "greedy" else uniform)
+    assert all(judged == tokens[2 * GREEDY_TOKENS:] and bos == 7 for judged, bos in seen)
+    # Too few tokens after the search's: the judge scores all of them.
+    seen.clear()
+    sparsify(patched, tokens[:2 * GREEDY_TOKENS + 10], 0.5, "greedy", progress=False)
+    assert seen and all(judged == tokens[:2 * GREEDY_TOKENS + 10] for judged, _ in seen)
+    # choose_sparsity keeps, per candidate, whichever of the two scores lower on its held-out half.
+    half = tokens[:len(tokens) // 2]
+    options = {"greedy": calibrate(patched, half, 0.3, method="greedy", progress=False),
+               "uniform": calibrate(patched, half, 0.3, progress=False)}
+    for winner in ("greedy", "uniform"):
+        monkeypatch.setattr(calibration, "_scored", lambda model, thresholds, judged, bos, window=256, winner=winner:
+                            1.0 if thresholds == options[winner] else 2.0)
+        chosen_sparsity, thresholds, rows = calibration.choose_sparsity(patched, tokens, max_increase=0.0,
+                                                                        method="greedy", candidates=(0.3,))
+        assert chosen_sparsity == 0.3 and thresholds == options[winner] and rows[-1]["perplexity"] == 1.0
+    set_thresholds(patched, 0.0)
