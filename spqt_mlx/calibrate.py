@@ -652,7 +652,8 @@ def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform",
 
 def _judge_tokens(tokens, min_tokens: int = 64) -> list[int]:
     """The calibration tokens that judge greedy against uniform: those after the positions its
-    search and per-block verdicts used, or all where fewer than ``min_tokens`` are left."""
+    search and per-block verdicts used, or all where fewer than ``min_tokens`` are left (several
+    sequences are judged as one, in order)."""
     ids = np.asarray(tokens).reshape(-1).tolist()
     rest = ids[2 * GREEDY_TOKENS:]
     return rest if len(rest) >= min_tokens else ids
@@ -688,7 +689,8 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     ascending order), the second half is scored (masked, as decoding skips) against sparsity 0;
     the search stops at the first candidate over the budget; ``bos`` (``texts.leading_token``)
     starts every scored window. With ``method="greedy"`` each candidate keeps greedy's allocation or
-    uniform thresholds, whichever scores lower. The chosen thresholds are set on the patched ``model``. Returns ``(sparsity, thresholds, rows)``, a row per sparsity tried:
+    uniform thresholds, whichever scores lower. The chosen thresholds are set on the patched
+    ``model``. Returns ``(sparsity, thresholds, rows)``, a row per sparsity tried:
     ``{"sparsity", "perplexity", "increase"}`` (increase in percent).
     """
     check_budget(max_increase)

@@ -38,13 +38,14 @@ class _Moments:
     """X^T X of one projection's inputs and the number of rows of X, summed over calls.
 
     On the CPU the products run in NumPy, whose BLAS is much faster than MLX's CPU matmul (as in
-    calibrate.py), and sum in float64; elsewhere in MLX, in float32. Siblings that read one input
+    calibrate.py); elsewhere in MLX. Sums are float32, as GPTQ keeps H: every projection's K x K
+    sum lives until the pass ends (about 39 GB for an 8B model). Siblings that read one input
     (q/k/v, gate/up) share a ``last`` cell: the product of an input is computed once and added to
     each sibling that is called with that same array."""
 
     def __init__(self, K: int, last: list):
         self.on_cpu = mx.default_device() == mx.cpu
-        self.xtx = np.zeros((K, K)) if self.on_cpu else mx.zeros((K, K), dtype=mx.float32)
+        self.xtx = np.zeros((K, K), np.float32) if self.on_cpu else mx.zeros((K, K), dtype=mx.float32)
         self.rows = 0
         self._last = last  # [input, its X^T X]
 
@@ -54,11 +55,11 @@ class _Moments:
             if self.on_cpu:
                 rows = np.array(rows)
             self._last[:] = [x, rows.T @ rows, rows.shape[0]]
-        self.xtx = self.xtx + self._last[1]
+        self.xtx += self._last[1]  # in place for NumPy's sums
         self.rows += self._last[2]
 
     def hessian(self) -> np.ndarray:
-        return np.array(self.xtx, dtype=np.float64) / max(self.rows, 1)
+        return np.array(self.xtx, dtype=np.float32) / np.float32(max(self.rows, 1))
 
 
 class _Tap(nn.Module):
@@ -89,7 +90,7 @@ class _Tap(nn.Module):
 
 def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = None, window: int = WINDOW,
                    bos: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
-    """``{path: H}`` with H = X^T X / rows (float64, (K, K)) of each projection's input over ``tokens``.
+    """``{path: H}`` with H = X^T X / rows (float32, (K, K)) of each projection's input over ``tokens``.
 
     ``model`` is the float model before patching; ``tokens`` token ids (a list or a 1-D array), run
     in windows of ``window`` tokens, each started with ``bos`` (``texts.leading_token``) where it
