@@ -77,7 +77,8 @@ def main():
     p.add_argument("--shapes", nargs="*", default=[], help="NxK weights to time GPTQ on, e.g. 14336x4096")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    result = {"device": mx.device_info().get("device_name", "") or str(mx.default_device()), "date": datetime.date.today().isoformat(),
+    device = mx.device_info().get("device_name", "") or str(mx.default_device())
+    result = {"device": device, "date": datetime.date.today().isoformat(),
               "models": model_rows(args) if args.model else [],
               "shapes": shape_rows(args.shapes, mx.float16)}
     if args.json:

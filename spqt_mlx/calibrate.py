@@ -33,9 +33,9 @@ from .patch.model import (_expert_types, column_scales, effective_weight, get_cr
                           zigzag_layers)
 
 METHODS = ("uniform", "greedy")
-# Greedy searches each block's allocation on this many positions of every calibration sequence and
-# judges it against uniform on as many after them (block-output error); the tokens after those
-# judge the whole model's (perplexity, in sparsify and choose_sparsity).
+# Greedy searches each block's allocation on about this many calibration tokens (a prefix of each
+# sequence, spread over the batch) and judges it against uniform on as many after them
+# (block-output error); sparsify judges the whole model on the tokens after those (perplexity).
 GREEDY_TOKENS = 128
 
 
@@ -498,7 +498,12 @@ def _uniform_thresholds(rec: _Recording, sparsity: float) -> dict[str, float]:
 
 def _prefix_length(h: mx.array, tokens: int) -> int:
     """Positions per sequence of a call's prefix of about ``tokens`` tokens in all."""
-    return min(h.shape[1], max(2, -(-tokens // h.shape[0])))
+    return _prefix_positions(h.shape[0], h.shape[1], tokens)
+
+
+def _prefix_positions(batch: int, length: int, tokens: int) -> int:
+    """Positions per sequence of a prefix of about ``tokens`` tokens over ``batch`` sequences."""
+    return min(length, max(2, -(-tokens // batch)))
 
 
 def _cut(args, kwargs, n: int):
@@ -631,8 +636,8 @@ def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform",
     with ``criterion`` (set on the model first; None keeps the model's).
 
     Greedy's allocation is kept only where the model's perplexity with it is no higher than with
-    uniform thresholds, scored on the calibration tokens after the ones greedy's search and its
-    per-block verdicts saw (all of them where fewer than 64 are left); ``bos``
+    uniform thresholds, scored on each calibration sequence's tokens after the ones greedy's search
+    and its per-block verdicts saw (whole sequences where fewer than 64 are left); ``bos``
     (``texts.leading_token``) starts each scored window. Sparsity 0 sets every threshold to 0
     (dense) without running the model. Returns the thresholds.
     """
@@ -643,28 +648,38 @@ def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform",
         thresholds = {p: 0.0 for p in zigzag_layers(model)}
     else:
         thresholds, uniform = _calibrate(model, tokens, sparsity, method, progress=progress)
-        if thresholds is not uniform:
+        if thresholds != uniform:
             judge = _judge_tokens(tokens)
             thresholds = min((thresholds, uniform), key=lambda t: _scored(model, t, judge, bos))  # ties: greedy
     set_thresholds(model, thresholds)
     return thresholds
 
 
-def _judge_tokens(tokens, min_tokens: int = 64) -> list[int]:
-    """The calibration tokens that judge greedy against uniform: those after the positions its
-    search and per-block verdicts used, or all where fewer than ``min_tokens`` are left (several
-    sequences are judged as one, in order)."""
-    ids = np.asarray(tokens).reshape(-1).tolist()
-    rest = ids[2 * GREEDY_TOKENS:]
-    return rest if len(rest) >= min_tokens else ids
+def _judge_tokens(tokens, min_tokens: int = 64) -> list[list[int]]:
+    """The calibration sequences that judge greedy against uniform: each sequence's tokens after
+    the positions greedy's search and per-block verdicts used, or the whole sequences where fewer
+    than ``min_tokens`` would be left in all."""
+    rows = np.asarray(tokens)
+    rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
+    seen = 2 * _prefix_positions(rows.shape[0], rows.shape[1], GREEDY_TOKENS)
+    rest = [row[seen:].tolist() for row in rows]
+    return rest if sum(len(r) for r in rest) >= min_tokens else [row.tolist() for row in rows]
 
 
-def _scored(model: nn.Module, thresholds: Mapping[str, float], tokens, bos: int | None, window: int = 256) -> float:
-    """Perplexity of the patched ``model`` on ``tokens`` with ``thresholds`` set (masked, as decode skips)."""
+def _scored(model: nn.Module, thresholds: Mapping[str, float], sequences, bos: int | None, window: int = 256) -> float:
+    """Perplexity of the patched ``model`` over ``sequences`` (each scored on its own, masked as
+    decode skips) with ``thresholds`` set."""
     from .perplexity import perplexity
 
     set_thresholds(model, thresholds)
-    return perplexity(model, tokens, window=min(window, len(tokens)), bos=bos, progress=False)["perplexity"]
+    loss, count = 0.0, 0
+    for seq in sequences:
+        if len(seq) < 2:
+            continue
+        result = perplexity(model, seq, window=min(window, len(seq)), bos=bos, progress=False)
+        loss += math.log(result["perplexity"]) * result["tokens"]
+        count += result["tokens"]
+    return math.exp(loss / count)
 
 
 # ---- sparsity chosen by a quality budget ---------------------------------------------------------
@@ -702,7 +717,7 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     window = min(window, len(held_out))
 
     def score(thresholds):
-        return _scored(model, thresholds, held_out, bos, window)
+        return _scored(model, thresholds, [held_out], bos, window)
 
     _use_criterion(model, criterion)
     if method == "uniform":  # one recording gives every candidate's thresholds
@@ -720,7 +735,10 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     rows = [{"sparsity": 0.0, "perplexity": base, "increase": 0.0}]
     best = 0.0
     for s in sorted(candidates):
-        ppl, thresholds = min(((score(t), t) for t in options_for(s)), key=lambda pair: pair[0])
+        options = options_for(s)
+        if len(options) == 2 and options[0] == options[1]:
+            options = options[:1]  # greedy kept uniform in every block
+        ppl, thresholds = min(((score(t), t) for t in options), key=lambda pair: pair[0])
         rows.append({"sparsity": s, "perplexity": ppl, "increase": 100.0 * (ppl / base - 1.0)})
         if not rows[-1]["increase"] <= max_increase:
             break

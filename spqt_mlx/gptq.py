@@ -37,29 +37,41 @@ WINDOW = 512
 class _Moments:
     """X^T X of one projection's inputs and the number of rows of X, summed over calls.
 
-    On the CPU the products run in NumPy, whose BLAS is much faster than MLX's CPU matmul (as in
-    calibrate.py); elsewhere in MLX. Sums are float32, as GPTQ keeps H: every projection's K x K
-    sum lives until the pass ends (about 39 GB for an 8B model). Siblings that read one input
-    (q/k/v, gate/up) share a ``last`` cell: the product of an input is computed once and added to
-    each sibling that is called with that same array."""
+    On the CPU the products run in NumPy, whose BLAS is much faster than MLX's CPU matmul (as
+    calibration's do); elsewhere in MLX. Sums are float32, as GPTQ keeps H: every projection's
+    K x K sum lives until the pass ends (about 39 GB for an 8B model). Siblings that read one input
+    (q/k/v, gate/up) share a ``cell``: the first to see an input computes its product, the others
+    called with that same array add it, and the last of them lets it go."""
 
-    def __init__(self, K: int, last: list):
-        self.on_cpu = mx.default_device() == mx.cpu
-        self.xtx = np.zeros((K, K), np.float32) if self.on_cpu else mx.zeros((K, K), dtype=mx.float32)
+    def __init__(self, K: int, on_cpu: bool, cell: dict | None = None):
+        self.on_cpu = on_cpu
+        self.xtx = np.zeros((K, K), np.float32) if on_cpu else mx.zeros((K, K), dtype=mx.float32)
         self.rows = 0
-        self._last = last  # [input, its X^T X]
+        self._cell = cell  # {"siblings": n, "x": input, "xtx": its product, "rows": its rows, "left": adds to go}
 
     def add(self, x: mx.array) -> None:
-        if self._last[0] is not x:
-            rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        cell = self._cell
+        if cell is not None and cell["x"] is x and cell["left"] > 0:
+            product, rows = cell["xtx"], cell["rows"]
+            cell["left"] -= 1
+            if cell["left"] == 0:
+                cell.update(x=None, xtx=None)
+        else:
+            a = x.reshape(-1, x.shape[-1]).astype(mx.float32)
             if self.on_cpu:
-                rows = np.array(rows)
-            self._last[:] = [x, rows.T @ rows, rows.shape[0]]
-        self.xtx += self._last[1]  # in place for NumPy's sums
-        self.rows += self._last[2]
+                a = np.array(a)
+            product, rows = a.T @ a, a.shape[0]
+            if cell is not None:
+                cell.update(x=x, xtx=product, rows=rows, left=cell["siblings"] - 1)
+        self.xtx += product  # in place for NumPy's sums
+        self.rows += rows
 
     def hessian(self) -> np.ndarray:
-        return np.array(self.xtx, dtype=np.float32) / np.float32(max(self.rows, 1))
+        """H = X^T X / rows, float32; the sum is given up (divided in place on the CPU)."""
+        xtx, self.xtx = self.xtx, None
+        h = xtx if self.on_cpu else np.array(xtx, dtype=np.float32)
+        h /= np.float32(max(self.rows, 1))
+        return h
 
 
 class _Tap(nn.Module):
@@ -97,7 +109,7 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     does not start with it already. ``paths`` defaults to the layers ``patch_model`` replaces
     (MoE experts excluded: they keep the per-group quantizer).
     """
-    from .calibrate import _blocks, _modules_at, _StopForward, _tapped_blocks, _token_batch
+    from .calibrate import _blocks, _modules_at, _StopForward, _tapped_blocks, _token_batch, _use_numpy
     from .patch.fused import shared_input_groups
     from .patch.model import _expert_types, _input_dims, projections
     from .texts import with_leading
@@ -114,31 +126,38 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     layers = {p: m for p, m in layers.items() if not isinstance(m, _expert_types())}
     if not layers:
         raise ValueError("the model has no projections to collect input statistics for.")
-    last = {p: [None, None, 0] for p in layers}
+    cells = {}
     for group in shared_input_groups(list(layers)):
-        for p in group[1:]:
-            last[p] = last[group[0]]
-    moments = {p: _Moments(_input_dims(m), last[p]) for p, m in layers.items()}
-    model.update_modules(tree_unflatten([(p, _Tap(m, moments[p])) for p, m in layers.items()]))
+        cell = {"siblings": len(group), "x": None, "xtx": None, "rows": 0, "left": 0}
+        cells.update((p, cell) for p in group)
+    on_cpu = _use_numpy()
+    moments = {p: _Moments(_input_dims(m), on_cpu, cells.get(p)) for p, m in layers.items()}
+    # The statistics are complete after the last block where every projection is inside one: the
+    # logits are never computed.
     try:
-        blocks = [b for _, b in _blocks(model)]
+        found = _blocks(model)
     except ValueError:
-        blocks = []  # no `model.layers`: the forward runs to the logits
+        found = []
+    inside = found and all(any(p.startswith(path + ".") for path, _ in found) for p in layers)
+    blocks = [block for _, block in found] if inside else []
+    model.update_modules(tree_unflatten([(p, _Tap(m, moments[p])) for p, m in layers.items()]))
     try:
         starts = range(0, len(ids) - 1, window)
         for start in tqdm(starts, desc="input statistics", unit="window", leave=False, disable=not progress):
-            # The statistics are complete after the last block: the logits are never computed.
             with _tapped_blocks(blocks) if blocks else contextlib.nullcontext():
                 try:
                     model(mx.array(with_leading(ids[start:start + window], bos))[None])
                 except _StopForward:
                     pass
             mx.eval([m.xtx for m in moments.values() if not m.on_cpu])
-            for cell in last.values():
-                cell[:] = [None, None, 0]  # no input is held past its window
+            for cell in cells.values():
+                cell.update(x=None, xtx=None, left=0)  # no input is held past its window
     finally:
         model.update_modules(tree_unflatten(list(layers.items())))
-    return {p: m.hessian() for p, m in moments.items()}
+    unreached = [p for p, m in moments.items() if m.rows == 0]
+    if unreached:
+        raise ValueError(f"no calibration input reached {unreached[0]}: its statistics cannot be collected.")
+    return {p: moments[p].hessian() for p in list(moments)}
 
 
 def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> None:

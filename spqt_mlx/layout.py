@@ -143,7 +143,8 @@ def zigzag_quantize(
     if quantizer == "gptq":
         from .gptq import gptq_quantize
 
-        codes, scales, biases = gptq_quantize(w, hessian, group_size, bits)
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            codes, scales, biases = gptq_quantize(w, hessian, group_size, bits)
         packed = _pack_codes(codes.reshape(-1, group_size), bits).reshape(N // group_size, K, -1)
         return ZigzagWeight(mx.array(packed), scales, biases, group_size, bits)
     z = w.reshape(N // group_size, group_size, K).swapaxes(1, 2)

@@ -255,11 +255,18 @@ def test_greedy_is_kept_only_where_the_model_scores_no_worse_than_uniform(patche
         assert sparsify(patched, tokens, 0.5, "greedy", bos=7, progress=False) == (
             greedy if winner == "greedy" else uniform)
         assert get_thresholds(patched) == (greedy if winner == "greedy" else uniform)
-    assert all(judged == tokens[2 * GREEDY_TOKENS:] and bos == 7 for judged, bos in seen)
+    assert seen and all(judged == [tokens[2 * GREEDY_TOKENS:]] and bos == 7 for judged, bos in seen)
     # Too few tokens after the search's: the judge scores all of them.
     seen.clear()
     sparsify(patched, tokens[:2 * GREEDY_TOKENS + 10], 0.5, "greedy", progress=False)
-    assert seen and all(judged == tokens[:2 * GREEDY_TOKENS + 10] for judged, _ in seen)
+    assert seen and all(judged == [tokens[:2 * GREEDY_TOKENS + 10]] for judged, _ in seen)
+    # Several sequences: greedy searched a prefix of each (GREEDY_TOKENS spread over the rows) and
+    # judged its blocks on as many positions after it; each sequence is scored on its own rest.
+    seen.clear()
+    batch = np.array(random_tokens(2 * 300, seed=22)).reshape(2, 300)
+    sparsify(patched, batch, 0.5, "greedy", progress=False)
+    after = 2 * (GREEDY_TOKENS // 2)
+    assert seen and all(judged == [batch[0, after:].tolist(), batch[1, after:].tolist()] for judged, _ in seen)
     # choose_sparsity keeps, per candidate, whichever of the two scores lower on its held-out half.
     half = tokens[:len(tokens) // 2]
     options = {"greedy": calibrate(patched, half, 0.3, method="greedy", progress=False),
