@@ -649,8 +649,7 @@ def sparsify(model: nn.Module, tokens, sparsity: float, method: str = "uniform",
     else:
         thresholds, uniform = _calibrate(model, tokens, sparsity, method, progress=progress)
         if thresholds != uniform:
-            judge = _judge_tokens(tokens)
-            thresholds = min((thresholds, uniform), key=lambda t: _scored(model, t, judge, bos))  # ties: greedy
+            thresholds = _lowest(model, (thresholds, uniform), _judge_tokens(tokens), bos)[1]  # ties: greedy
     set_thresholds(model, thresholds)
     return thresholds
 
@@ -664,6 +663,13 @@ def _judge_tokens(tokens, min_tokens: int = 64) -> list[list[int]]:
     seen = 2 * _prefix_positions(rows.shape[0], rows.shape[1], GREEDY_TOKENS)
     rest = [row[seen:].tolist() for row in rows]
     return rest if sum(len(r) for r in rest) >= min_tokens else [row.tolist() for row in rows]
+
+
+def _lowest(model: nn.Module, options, sequences, bos: int | None, window: int = 256):
+    """``(perplexity, thresholds)`` of the option that scores lowest (``_scored``), the first of
+    equal scores; options equal to an earlier one are not scored again."""
+    distinct = [t for i, t in enumerate(options) if t not in options[:i]]
+    return min(((_scored(model, t, sequences, bos, window), t) for t in distinct), key=lambda pair: pair[0])
 
 
 def _scored(model: nn.Module, thresholds: Mapping[str, float], sequences, bos: int | None, window: int = 256) -> float:
@@ -716,8 +722,6 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     calibration, held_out = tokens[:half], tokens[half:]
     window = min(window, len(held_out))
 
-    def score(thresholds):
-        return _scored(model, thresholds, [held_out], bos, window)
 
     _use_criterion(model, criterion)
     if method == "uniform":  # one recording gives every candidate's thresholds
@@ -731,14 +735,11 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
             return _calibrate(model, calibration, s, method, progress=False)
 
     chosen = sparsify(model, calibration, 0.0, method, progress=False)
-    base = score(chosen)
+    base = _scored(model, chosen, [held_out], bos, window)
     rows = [{"sparsity": 0.0, "perplexity": base, "increase": 0.0}]
     best = 0.0
     for s in sorted(candidates):
-        options = options_for(s)
-        if len(options) == 2 and options[0] == options[1]:
-            options = options[:1]  # greedy kept uniform in every block
-        ppl, thresholds = min(((score(t), t) for t in options), key=lambda pair: pair[0])
+        ppl, thresholds = _lowest(model, options_for(s), [held_out], bos, window)
         rows.append({"sparsity": s, "perplexity": ppl, "increase": 100.0 * (ppl / base - 1.0)})
         if not rows[-1]["increase"] <= max_increase:
             break

@@ -180,19 +180,20 @@ def recalibrate(model, tokenizer, args, sparsity, tokens=None) -> None:
         tokens, _ = calibration_tokens(model, tokenizer, text_file=args.calibration_text,
                                        n_tokens=args.calibration_tokens)
     source = args.calibration_text or "self-generated text"
+    bos = leading_token(tokenizer)
     if sparsity == "auto":
         from .calibrate import DEFAULT_MAX_PPL_INCREASE, choose_sparsity, describe_choice
 
         budget = DEFAULT_MAX_PPL_INCREASE if args.max_ppl_increase is None else args.max_ppl_increase
         _log(f"choosing the sparsity within a {budget:g} % perplexity budget on {len(tokens)} tokens of {source}")
         chosen, _, rows = choose_sparsity(model, tokens, max_increase=budget, method=args.calibration_method,
-                                          criterion=args.criterion, bos=leading_token(tokenizer))
+                                          criterion=args.criterion, bos=bos)
         _log(describe_choice(chosen, rows, budget, source))
     else:
         _log(f"calibrating {args.calibration_method} thresholds for {sparsity:.0%} sparsity on {len(tokens)} tokens of "
              f"{source}")
         sparsify(model, tokens, sparsity, args.calibration_method, criterion=args.criterion,
-                 bos=leading_token(tokenizer))
+                 bos=bos)
     _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
 
 

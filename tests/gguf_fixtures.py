@@ -64,11 +64,12 @@ GGUF_NAMES = {
 }
 
 
-def gguf_name(name):
-    if name in GGUF_NAMES:
-        return GGUF_NAMES[name]
+def gguf_name(name, names=GGUF_NAMES):
+    """The GGUF name of an mlx-lm parameter, by the table ``names`` (global names, then block ones)."""
+    if name in names:
+        return names[name]
     _, _, i, rest = name.split(".", 3)
-    return f"blk.{i}.{GGUF_NAMES[rest]}"
+    return f"blk.{i}.{names[rest]}"
 
 
 def write_tiny_gguf(path, weights, encode=None, *, arch="llama", permute=True, extra_tensors=(), add_bos=False,
@@ -203,12 +204,7 @@ def write_tiny_gemma3_gguf(path, weights):
     for name, value in weights.items():
         if name.endswith("norm.weight"):
             value = value + 1
-        if name in GEMMA_GGUF_NAMES:
-            gname = GEMMA_GGUF_NAMES[name]
-        else:
-            _, _, i, rest = name.split(".", 3)
-            gname = f"blk.{i}.{GEMMA_GGUF_NAMES[rest]}"
-        w.add_tensor(gname, np.ascontiguousarray(value, dtype=np.float32))
+        w.add_tensor(gguf_name(name, GEMMA_GGUF_NAMES), np.ascontiguousarray(value, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
