@@ -177,6 +177,9 @@ def group_fitter(bits: int, dtype: mx.Dtype):
     (scale * code rounded to ``dtype``, plus the bias, rounded), which ``dequantized`` holds. Of equal
     errors the first candidate wins, so min/max keeps its ties. The "search" quantizer fits every
     group with it, "gptq" each column's groups as GPTQ has updated them."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}.")
+    check_float_dtype(dtype, "dtype")
     n = (1 << bits) - 1
 
     def rounded(a):

@@ -97,3 +97,16 @@ def test_gptq_model_is_closer_to_the_float_model():
         assert len(patched) == len(zigzag_layers(model)) == 14
         gaps[quantizer] = mx.mean(mx.square(model(mx.array(tokens)[None]) - reference)).item()
     assert gaps["gptq"] < gaps["search"], gaps
+
+
+def test_group_fitter_refuses_what_the_format_cannot_store():
+    from spqt_mlx.layout import group_fitter
+
+    with pytest.raises(ValueError, match="bits must be one of"):
+        group_fitter(7, mx.float16)
+    with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16"):
+        group_fitter(4, mx.int32)
+    # A group the fit keeps exactly: two values, the codes 0 and 15.
+    q, s, b, deq = group_fitter(4, mx.float32)(mx.array([[0.0] * 32 + [1.5] * 32]))
+    assert np.array_equal(np.array(deq), np.array([[0.0] * 32 + [1.5] * 32]))
+    assert set(np.array(q).ravel().tolist()) == {0.0, 15.0}
