@@ -110,6 +110,42 @@ bool use_mma(int bits, int group_size, int N, int K) {
       int64_t(N) * K >= kMmaMinWeights;
 }
 
+// The parameters that both GEMV kernels (zigzag_gemv.cu, zigzag_gemv_mma.cu) take first, in their
+// order.
+struct GemvArgs {
+  void* x;
+  void* w;
+  void* scales;
+  void* biases;
+  void* active;
+  void* out;
+  void* partials;
+  void* counters;
+  int rows;
+  int cols;
+  int K;
+  int x_stride;
+  int kind;
+  int n_host;
+  int per_column;
+  float t_value;
+  int splits;
+  void* norm;
+  void* residual;
+  int residual_stride;
+  int prologue;
+  float eps;
+};
+
+// Adds a GEMV kernel node: the common parameters, then `tail` (the general kernel's experts).
+template <typename... Tail>
+void add_gemv_node(mx::cu::CommandEncoder& enc, CUfunction f, dim3 grid, GemvArgs& a, Tail&... tail) {
+  enc.add_kernel_node_ex(
+      f, grid, dim3(kThreads), {}, 0, a.x, a.w, a.scales, a.biases, a.active, a.out, a.partials, a.counters, a.rows,
+      a.cols, a.K, a.x_stride, a.kind, a.n_host, a.per_column, a.t_value, a.splits, a.norm, a.residual,
+      a.residual_stride, a.prologue, a.eps, tail...);
+}
+
 // Whether the general kernel collects the active set inside (else a collection launch first).
 bool collects_inside(bool mma, int K) {
   return mma || K <= kMaxFusedK;
@@ -270,47 +306,29 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   enc.set_input_array(scales);
   enc.set_input_array(biases);
   enc.set_output_array(out);
-  void* x_ptr = mx::gpu_ptr<void>(x);
-  void* w_ptr = mx::gpu_ptr<void>(w);
-  void* scales_ptr = mx::gpu_ptr<void>(scales);
-  void* biases_ptr = mx::gpu_ptr<void>(biases);
-  void* out_ptr = mx::gpu_ptr<void>(out);
-  int x_stride = column_stride(x);
-  int rows = M;
-  int cols = N;
-  int prologue = int(p.prologue());
-  float eps = p.eps();
-  void* norm_ptr = nullptr;
-  void* residual_ptr = nullptr;
+  GemvArgs a{mx::gpu_ptr<void>(x), mx::gpu_ptr<void>(w), mx::gpu_ptr<void>(scales), mx::gpu_ptr<void>(biases), active,
+             mx::gpu_ptr<void>(out), partials, counters, M, N, K, column_stride(x), kind, n_host, per_column, t_value,
+             splits, nullptr, nullptr, 1, int(p.prologue()), p.eps()};
   if (p.norm_input() >= 0) {
     const mx::array& nw = contiguous(inputs[p.norm_input()], "norm weight");
     enc.set_input_array(nw);
-    norm_ptr = mx::gpu_ptr<void>(nw);
+    a.norm = mx::gpu_ptr<void>(nw);
   }
-  int residual_stride = 1;
   if (p.residual_input() >= 0) {
     const mx::array& r = inputs[p.residual_input()];
-    residual_stride = column_stride(r);
+    a.residual_stride = column_stride(r);
     enc.set_input_array(r);
-    residual_ptr = mx::gpu_ptr<void>(r);
+    a.residual = mx::gpu_ptr<void>(r);
   }
   const dim3 grid(bands * splits, std::min(passes, kMaxGridY));
   if (mma) {
-    enc.add_kernel_node_ex(
-        f, grid, dim3(kThreads), {}, 0,
-        x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
-        rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits,
-        norm_ptr, residual_ptr, residual_stride, prologue, eps);
+    add_gemv_node(enc, f, grid, a);
   } else {
     void* none = nullptr;  // a plain product: one weight
     int n_experts = 1;
     int x_div = 1;
     int first_bands = bands;
-    enc.add_kernel_node_ex(
-        f, grid, dim3(kThreads), {}, 0,
-        x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
-        rows, cols, K, x_stride, kind, n_host, per_column, t_value, splits,
-        norm_ptr, residual_ptr, residual_stride, prologue, eps, none, n_experts, x_div, none, none, none, first_bands);
+    add_gemv_node(enc, f, grid, a, none, n_experts, x_div, none, none, none, first_bands);
   }
 }
 
@@ -388,20 +406,10 @@ void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& input
     enc.set_input_array(*a);
   }
   enc.set_output_array(out);
-  void* x_ptr = mx::gpu_ptr<void>(x);
-  void* w_ptr = mx::gpu_ptr<void>(w);
-  void* scales_ptr = mx::gpu_ptr<void>(scales);
-  void* biases_ptr = mx::gpu_ptr<void>(biases);
+  GemvArgs a{mx::gpu_ptr<void>(x), mx::gpu_ptr<void>(w), mx::gpu_ptr<void>(scales), mx::gpu_ptr<void>(biases), active,
+             mx::gpu_ptr<void>(out), partials, counters, rows, N, K, column_stride(x), kind, /* n_host */ 0,
+             /* per_column */ 0, /* t_value */ 0.0f, splits, nullptr, nullptr, 1, int(p.prologue()), /* eps */ 0.0f};
   void* experts_ptr = mx::gpu_ptr<void>(experts);
-  void* out_ptr = mx::gpu_ptr<void>(out);
-  int x_stride = column_stride(x);
-  int n_host = 0;
-  int per_column = 0;
-  float t_value = 0.0f;
-  void* none = nullptr;
-  int residual_stride = 1;
-  int prologue = int(p.prologue());
-  float eps = 0.0f;
   // A second set of experts: its bands follow the first's in every row.
   int first_bands = w.shape(1);
   void* w2_ptr = nullptr;
@@ -419,12 +427,8 @@ void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& input
     scales2_ptr = mx::gpu_ptr<void>(scales2);
     biases2_ptr = mx::gpu_ptr<void>(biases2);
   }
-  enc.add_kernel_node_ex(
-      f, dim3(bands * splits, std::min(rows, kMaxGridY)), dim3(kThreads), {}, 0,
-      x_ptr, w_ptr, scales_ptr, biases_ptr, active, out_ptr, partials, counters,
-      rows, N, K, x_stride, kind, n_host, per_column, t_value, splits,
-      none, none, residual_stride, prologue, eps, experts_ptr, n_experts, x_div,
-      w2_ptr, scales2_ptr, biases2_ptr, first_bands);
+  add_gemv_node(enc, f, dim3(bands * splits, std::min(rows, kMaxGridY)), a, experts_ptr, n_experts, x_div, w2_ptr,
+                scales2_ptr, biases2_ptr, first_bands);
 }
 
 } // namespace spqt::cuda
