@@ -306,29 +306,29 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
   enc.set_input_array(scales);
   enc.set_input_array(biases);
   enc.set_output_array(out);
-  GemvArgs a{mx::gpu_ptr<void>(x), mx::gpu_ptr<void>(w), mx::gpu_ptr<void>(scales), mx::gpu_ptr<void>(biases), active,
-             mx::gpu_ptr<void>(out), partials, counters, M, N, K, column_stride(x), kind, n_host, per_column, t_value,
-             splits, nullptr, nullptr, 1, int(p.prologue()), p.eps()};
+  GemvArgs args{mx::gpu_ptr<void>(x), mx::gpu_ptr<void>(w), mx::gpu_ptr<void>(scales), mx::gpu_ptr<void>(biases), active,
+                mx::gpu_ptr<void>(out), partials, counters, M, N, K, column_stride(x), kind, n_host, per_column, t_value,
+                splits, nullptr, nullptr, 1, int(p.prologue()), p.eps()};
   if (p.norm_input() >= 0) {
     const mx::array& nw = contiguous(inputs[p.norm_input()], "norm weight");
     enc.set_input_array(nw);
-    a.norm = mx::gpu_ptr<void>(nw);
+    args.norm = mx::gpu_ptr<void>(nw);
   }
   if (p.residual_input() >= 0) {
     const mx::array& r = inputs[p.residual_input()];
-    a.residual_stride = column_stride(r);
+    args.residual_stride = column_stride(r);
     enc.set_input_array(r);
-    a.residual = mx::gpu_ptr<void>(r);
+    args.residual = mx::gpu_ptr<void>(r);
   }
   const dim3 grid(bands * splits, std::min(passes, kMaxGridY));
   if (mma) {
-    add_gemv_node(enc, f, grid, a);
+    add_gemv_node(enc, f, grid, args);
   } else {
     void* none = nullptr;  // a plain product: one weight
     int n_experts = 1;
     int x_div = 1;
     int first_bands = bands;
-    add_gemv_node(enc, f, grid, a, none, n_experts, x_div, none, none, none, first_bands);
+    add_gemv_node(enc, f, grid, args, none, n_experts, x_div, none, none, none, first_bands);
   }
 }
 
@@ -406,9 +406,9 @@ void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& input
     enc.set_input_array(*a);
   }
   enc.set_output_array(out);
-  GemvArgs a{mx::gpu_ptr<void>(x), mx::gpu_ptr<void>(w), mx::gpu_ptr<void>(scales), mx::gpu_ptr<void>(biases), active,
-             mx::gpu_ptr<void>(out), partials, counters, rows, N, K, column_stride(x), kind, /* n_host */ 0,
-             /* per_column */ 0, /* t_value */ 0.0f, splits, nullptr, nullptr, 1, int(p.prologue()), /* eps */ 0.0f};
+  GemvArgs args{mx::gpu_ptr<void>(x), mx::gpu_ptr<void>(w), mx::gpu_ptr<void>(scales), mx::gpu_ptr<void>(biases), active,
+                mx::gpu_ptr<void>(out), partials, counters, rows, N, K, column_stride(x), kind, /* n_host */ 0,
+                /* per_column */ 0, /* t_value */ 0.0f, splits, nullptr, nullptr, 1, int(p.prologue()), /* eps */ 0.0f};
   void* experts_ptr = mx::gpu_ptr<void>(experts);
   // A second set of experts: its bands follow the first's in every row.
   int first_bands = w.shape(1);
@@ -427,7 +427,7 @@ void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& input
     scales2_ptr = mx::gpu_ptr<void>(scales2);
     biases2_ptr = mx::gpu_ptr<void>(biases2);
   }
-  add_gemv_node(enc, f, dim3(bands * splits, std::min(rows, kMaxGridY)), a, experts_ptr, n_experts, x_div, w2_ptr,
+  add_gemv_node(enc, f, dim3(bands * splits, std::min(rows, kMaxGridY)), args, experts_ptr, n_experts, x_div, w2_ptr,
                 scales2_ptr, biases2_ptr, first_bands);
 }
 
