@@ -167,11 +167,13 @@ def test_clis_end_to_end(real_model_dir, tmp_path, capsys):
                                "--json", str(tmp_path / "ppl.json")])
     [row] = results["rows"]
     assert row["tokens"] == 62 and 0.3 < row["achieved_sparsity"] < 0.5
-    # 40 % sparsity costs something, but far from the ~49152 of a broken model
+    # 40 % sparsity changes the scores but stays far from the ~49152 of a broken model. On 62 tokens it need
+    # not cost anything: one install scored the sparse model 0.01 % below the dense one.
     set_thresholds(model, 0.0)
     tokens = texts.text_tokens(tokenizer, TEXT, 64)
     dense = perplexity.perplexity(model, tokens, window=32)["perplexity"]
-    assert 5 < dense < row["perplexity"] < 2.5 * dense
+    assert 5 < dense and 0.9 * dense < row["perplexity"] < 2.5 * dense
+    assert row["perplexity"] != pytest.approx(dense, rel=1e-6)
     assert json.loads((tmp_path / "ppl.json").read_text())["rows"][0]["perplexity"] == row["perplexity"]
 
 
