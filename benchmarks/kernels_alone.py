@@ -10,6 +10,9 @@ launches over rotating weight copies larger than the L2, replayed 5 times; the m
 
     python benchmarks/kernels_alone.py [--json out.json]      (needs nvcc, CuPy and PyTorch)
     python benchmarks/kernels_alone.py --prologues [--json out.json]   fused prologues' cost
+    python benchmarks/kernels_alone.py --against OLD.cu [--json out.json]
+        another version of the tensor-core kernel (e.g. `git show REV:kernels/cuda/zigzag_gemv_mma.cu > OLD.cu`)
+        checked and timed beside the current one, in place of the general kernel
 """
 
 import argparse
@@ -32,10 +35,11 @@ THREADS = 256
 SMS = cp.cuda.Device(0).attributes["MultiProcessorCount"]
 
 
-def build(out_dir, only=None):
-    """{(kernel, dtype, group_size): CuPy function}, 4-bit: all, or the one ``only`` names."""
+def build(out_dir, only=None, sources=None):
+    """{(kernel, dtype, group_size): CuPy function}, 4-bit: all, or the one ``only`` names. ``sources``
+    maps kernel names to files (default: SOURCES, in kernels/cuda)."""
     fns = {}
-    for kernel, source in SOURCES.items():
+    for kernel, source in (sources or SOURCES).items():
         for dtype, ctype in CTYPES.items():
             for gs in (64, 128):
                 if only is not None and (kernel, dtype, gs) != only:
@@ -43,8 +47,9 @@ def build(out_dir, only=None):
                 name = f"k_{kernel.replace('-', '_')}_{dtype}_g{gs}"
                 cubin = Path(out_dir) / f"{name}.cubin"
                 subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90,code=sm_90",
-                                f"-DSPQT_NAME={name}", f"-DSPQT_T={ctype}", "-DSPQT_BITS=4", f"-DSPQT_GS={gs}",
-                                str(KERNELS / source), "-o", str(cubin)], check=True)
+                                f"-I{KERNELS}", f"-DSPQT_NAME={name}", f"-DSPQT_T={ctype}", "-DSPQT_BITS=4",
+                                f"-DSPQT_GS={gs}", "-DSPQT_MANY_ROWS=0", str(KERNELS / source), "-o", str(cubin)],
+                               check=True)
                 fns[kernel, dtype, gs] = cp.RawModule(path=str(cubin)).get_function(name)
     return fns
 
@@ -116,6 +121,11 @@ class Problem:
         return out, work, count
 
 
+def kernels_of(fns):
+    """The kernels ``fns`` holds, in the order they were built."""
+    return list(dict.fromkeys(kernel for kernel, _, _ in fns))
+
+
 def correctness(fns):
     worst = {}
     rng = np.random.default_rng(0)
@@ -130,7 +140,7 @@ def correctness(fns):
                      (3, p.x, 0, t, np.flatnonzero(xa > t))]
             for kind, active, n, tv, ref_idx in cases:
                 ref = p.reference(ref_idx)
-                for kernel in SOURCES:
+                for kernel in kernels_of(fns):
                     out, work, count = p.buffers()
                     tol = {"float16": 2e-3, "bfloat16": 1.5e-2, "float32": 1e-5}[dtype]
                     ys = []
@@ -214,7 +224,7 @@ def timings(fns):
         nbytes = p.w.nbytes + p.s.nbytes + p.b.nbytes
         copies = [(p.w.copy(), p.s.copy(), p.b.copy()) for _ in range(max(2, (256 << 20) // nbytes))]
         xa = np.abs(p.f64(p.x))
-        for kernel in SOURCES:
+        for kernel in kernels_of(fns):
             fn = fns[kernel, "float16", 64]
             bufs = [p.buffers() for _ in copies]
             for kind, density in [(0, 1.0), (1, 0.5), (1, 0.25), (3, 0.5), (3, 0.25)]:
@@ -276,9 +286,17 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--prologues", action="store_true",
                         help="time the tensor-core kernel with each fused prologue on decoder-block shapes instead")
+    parser.add_argument("--against", metavar="FILE",
+                        help="another version of zigzag_gemv_mma.cu, checked and timed beside the current one "
+                             "(in place of the general kernel)")
     args = parser.parse_args()
+    sources = SOURCES
+    if args.against:
+        if not Path(args.against).is_file():
+            parser.error(f"--against: no such file: {args.against}")
+        sources = {"against": Path(args.against).resolve(), "tensor-core": SOURCES["tensor-core"]}
     with tempfile.TemporaryDirectory() as tmp:
-        fns = build(tmp, only=("tensor-core", "float16", 64) if args.prologues else None)
+        fns = build(tmp, only=("tensor-core", "float16", 64) if args.prologues else None, sources=sources)
         if args.prologues:
             rows = prologue_timings(fns)
             at = {(r["shape"], r["prologue"], r["density"]): r["us"] for r in rows}
@@ -302,12 +320,13 @@ def main():
     at = {(r["shape"], r["variant"], r["density"]): r["us"] for r in rows}
     cols = [("dense", 1.0), ("given indices", 0.5), ("given indices", 0.25), ("fused collection", 0.5),
             ("fused collection", 0.25)]
-    print("| N×K | fp16 x@W.T | " + " | ".join(f"{v} d={d:g}: general / tensor-core" for v, d in cols) + " |")
+    first, second = list(sources)
+    print("| N×K | fp16 x@W.T | " + " | ".join(f"{v} d={d:g}: {first} / {second}" for v, d in cols) + " |")
     print("|---" * (2 + len(cols)) + "|")
     for N, K in SHAPES:
         s = f"{N}x{K}"
         print(f"| {s} | {at[s, 'fp16 x @ W.T (torch)', 1.0]:.1f} | " + " | ".join(
-            f"{at[s, 'general ' + v, d]:.1f} / {at[s, 'tensor-core ' + v, d]:.1f}" for v, d in cols) + " |")
+            f"{at[s, f'{first} ' + v, d]:.1f} / {at[s, f'{second} ' + v, d]:.1f}" for v, d in cols) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
