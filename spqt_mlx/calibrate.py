@@ -685,6 +685,8 @@ def _scored(model: nn.Module, thresholds: Mapping[str, float], sequences, bos: i
         result = perplexity(model, seq, window=min(window, len(seq)), bos=bos, progress=False)
         loss += math.log(result["perplexity"]) * result["tokens"]
         count += result["tokens"]
+    if count == 0:
+        raise ValueError("no calibration sequence has the two tokens a perplexity needs.")
     return math.exp(loss / count)
 
 
@@ -721,7 +723,6 @@ def choose_sparsity(model, tokens, *, max_increase: float = DEFAULT_MAX_PPL_INCR
     half = len(tokens) // 2
     calibration, held_out = tokens[:half], tokens[half:]
     window = min(window, len(held_out))
-
 
     _use_criterion(model, criterion)
     if method == "uniform":  # one recording gives every candidate's thresholds

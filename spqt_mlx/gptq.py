@@ -157,7 +157,7 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     unreached = [p for p, m in moments.items() if m.rows == 0]
     if unreached:
         raise ValueError(f"no calibration input reached {unreached[0]}: its statistics cannot be collected.")
-    return {p: moments[p].hessian() for p in list(moments)}
+    return {p: m.hessian() for p, m in moments.items()}
 
 
 def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> None:
@@ -174,8 +174,9 @@ def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> N
 
 @functools.lru_cache(maxsize=None)
 def _column_fitter(bits: int, dtype: mx.Dtype):
-    """layout.group_fitter, compiled: one column's groups are small arrays, so its ~50 operations
-    cost about one call instead of one each."""
+    """layout.group_fitter, compiled: its elementwise steps fuse. One column's groups are small
+    arrays, so the fit still costs about one MLX operation's overhead per remaining step (1 ms per
+    call on a 2-core CPU, BENCHMARKS.md): what bounds GPTQ's column walk."""
     from .layout import group_fitter
 
     return mx.compile(group_fitter(bits, dtype))

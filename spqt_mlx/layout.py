@@ -169,7 +169,7 @@ _SEARCH_STEPS = tuple(float(v) for v in np.linspace(-1.0, 1.0, 11))
 
 @functools.lru_cache(maxsize=None)
 def group_fitter(bits: int, dtype: mx.Dtype):
-    """A compiled ``fit(v) -> (codes, scales, biases, dequantized)`` for groups ``v`` (G, group_size)
+    """A ``fit(v) -> (codes, scales, biases, dequantized)`` for groups ``v`` (G, group_size)
     in float32: each group's codes (float32), scale and bias ((G, 1), rounded to ``dtype``) with the
     lowest squared error among mx.quantize's (min/max, of ``v`` in ``dtype``) and the search's
     candidate scales from (2^bits - 2)/range to 2^bits/range with the bias at the minimum, each

@@ -278,3 +278,10 @@ def test_greedy_is_kept_only_where_the_model_scores_no_worse_than_uniform(patche
                                                                         method="greedy", candidates=(0.3,))
         assert chosen_sparsity == 0.3 and thresholds == options[winner] and rows[-1]["perplexity"] == 1.0
     set_thresholds(patched, 0.0)
+
+
+def test_the_greedy_judge_refuses_sequences_too_short_to_score(patched):
+    from spqt_mlx.calibrate import _scored
+
+    with pytest.raises(ValueError, match="two tokens"):
+        _scored(patched, {}, [[5], []], None)
