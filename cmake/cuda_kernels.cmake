@@ -43,7 +43,8 @@ foreach(instance IN LISTS SPQT_CUDA_INSTANCES)
     OUTPUT "${out}"
     COMMAND "${NVCC_EXECUTABLE}" -std=c++17 -O3 -fatbin ${SPQT_CUDA_ARCH_FLAGS} ${defines}
             "${kernel_dir}/${source}" -o "${out}"
-    DEPENDS "${kernel_dir}/${source}" "${kernel_dir}/zigzag.cuh" "${CMAKE_CURRENT_SOURCE_DIR}/kernels/contract.h"
+    DEPENDS "${kernel_dir}/${source}" "${kernel_dir}/zigzag.cuh" "${kernel_dir}/tensor_core.cuh"
+            "${CMAKE_CURRENT_SOURCE_DIR}/kernels/contract.h"
     COMMENT "nvcc ${name}"
     VERBATIM)
   list(APPEND fatbins "${out}")

@@ -34,8 +34,17 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
-// Columns of x', the product's input after the prologue: rounded to T as the unfused norm or
-// activation would have written it, so the active set is decided on the same values.
+// One column of x', the product's input after the prologue, from its x (the gate half for SwiGLU)
+// and `second` (the RMSNorm weight, or the up half): rounded to T as the unfused norm or activation
+// would have written it, so the active set is decided on the same values.
+template <typename T>
+__device__ __forceinline__ float prologue_value(int prologue, float v, float second, float inv_rms) {
+  const float r = prologue == kRmsNorm ? to_float(from_float<T>(v * inv_rms)) * second
+                                       : v / (1.0f + expf(-v)) * second;
+  return to_float(from_float<T>(r));
+}
+
+// Columns of x' (prologue_value).
 template <typename T>
 struct Input {
   const T* x;     // this row of x
@@ -61,12 +70,7 @@ struct Input {
       second[j] = to_float(prologue == kRmsNorm ? norm[ks[j]] : x[int64_t(ks[j] + K) * stride]);
     }
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const float v = out[j];
-      const float r = prologue == kRmsNorm ? to_float(from_float<T>(v * inv_rms)) * second[j]
-                                           : v / (1.0f + expf(-v)) * second[j];
-      out[j] = to_float(from_float<T>(r));
-    }
+    for (int j = 0; j < N; ++j) out[j] = prologue_value<T>(prologue, out[j], second[j], inv_rms);
   }
 };
 

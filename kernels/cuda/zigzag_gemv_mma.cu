@@ -3,25 +3,10 @@
 // every other format; dispatch/cuda.cpp picks this one where it measured faster.
 //
 // Why tensor cores. Reading 4-bit weights at full bandwidth leaves an SM about four instructions
-// per code; float32 arithmetic spends three on unpacking and multiplying alone. Here a pair of
-// codes becomes a bf16x2 register {128 + q0, 128 + q1} with one PRMT/2 + LOP3 (+ SHF for odd
-// rows), and mma.sync multiplies 256 codes per warp instruction, accumulating in float32. The
-// offset 128 is not subtracted per code: it adds 128 * sum_k B[k] to every row of the band, which
-// is folded into the band's bias term.
-//
-// The product as an MMA. For one band and 16 active columns, D (16x8) = A (16x16) B (16x8) with
-//   A[m][k] = 128 + q(band, column k, row of m)   (exact integers in bf16)
-//   B[k][n] = term n of x[k] * scale[band, k]
-// x*scale is split into bf16 terms whose float32 sum is the product to 16 bits (fp16 and bf16
-// inputs: two terms) or 24 bits (float32: three), so y = D[:, 0] + D[:, 1] (+ D[:, 2]) keeps
-// float32 accuracy; the other columns of B are ignored. x[k] * bias[band, k] is the same for every
-// row and summed once per block in float32 ("bias hoist").
-//
-// Which lane holds what (mma.m16n8k16, g = lane / 4, t = lane % 4): in a 16-column tile, lane
-// (g, t) reads the words of rows [g*R, g*R + R) (R = group_size / 8) of columns t, t+4, t+8, t+12
-// (MMA k = 2t, 2t+1, 2t+8, 2t+9: conflict-free shared-memory reads). MMA j takes byte j of those
-// words: its even nibbles are row m = g, its odd nibbles row m = g + 8, i.e. band rows g*R + 2j
-// and g*R + 2j + 1. One PRMT puts byte j of two columns' words side by side.
+// per code; float32 arithmetic spends three on unpacking and multiplying alone. Here mma.sync
+// multiplies 256 codes per warp instruction, accumulating in float32 (the formulation, and which
+// lane holds what: tensor_core.cuh). x * bias is the same for every row and summed once per block
+// in float32 ("bias hoist").
 //
 // Per block: one band and one share of the work. Dense and fused-threshold launches split the
 // band's columns (each block scans only its own columns for the fused active set); index lists
@@ -37,7 +22,7 @@
 // Fused neighbours as in zigzag_gemv.cu: x' (the prologue's output) is what is staged and decided on.
 //
 // Instantiated by the build with SPQT_NAME, SPQT_T, SPQT_BITS (4), SPQT_GS and SPQT_MANY_ROWS.
-#include "zigzag.cuh"
+#include "tensor_core.cuh"
 
 namespace spqt {
 
@@ -51,32 +36,6 @@ template <int ROWS>
 constexpr int kChunk = ROWS == 1 ? 1024 : 512;
 template <int GS, int ROWS>
 constexpr int kCap = ROWS == 1 && GS == 64 ? 2 * kChunk<ROWS> : kChunk<ROWS>;
-
-// Position p of a window's entry -> its B slot: within a tile, lane t's values (columns t, t+4,
-// t+8, t+12) sit side by side.
-__device__ __forceinline__ int term_slot(int p) {
-  return (p & ~15) | ((p & 3) << 2) | ((p >> 2) & 3);
-}
-
-// The low nibbles of bytes 0 and 2 of p as bf16x2 {128 + q0, 128 + q2}: one LOP3, (p & m) | c
-// (the compiler splits the expression in two when both constants are immediates).
-__device__ __forceinline__ uint32_t codes_bf16x2(uint32_t p, uint32_t mask, uint32_t magic) {
-  uint32_t v;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(p), "r"(mask), "r"(magic));
-  return v;
-}
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint16_t bf16_bits(float v) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
 
 // 16 bytes from global to shared memory, asynchronously (no registers held while in flight).
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
@@ -109,7 +68,6 @@ __device__ __forceinline__ void zigzag_gemv(
   constexpr int kTileBytes = 16 * kGroupBytes;          // 16 columns of one band
   constexpr int kCopies = kTileBytes / (32 * 16);       // 16-byte copies per lane and tile
   constexpr int kPartsPerGroup = kGroupBytes / 16;
-  constexpr int kWordsPerLane = GS / 64;                // rows [g*GS/8, (g+1)*GS/8) of a column
   constexpr int kMmas = GS / 16;
   constexpr int kTerms = tensor_core_terms(sizeof(T));
   constexpr int kColumns = ROWS * kTerms;               // of B that are read back
@@ -139,8 +97,7 @@ __device__ __forceinline__ void zigzag_gemv(
   const int band = blockIdx.x / splits;
   const int rank = blockIdx.x % splits;
   const char* wband = reinterpret_cast<const char*>(w + int64_t(band) * K * (kGroupBytes / 4));
-  uint32_t mask = 0x000F000Fu, magic = 0x43004300u;
-  asm volatile("" : "+r"(mask), "+r"(magic));  // kept in registers for the three-input LOP3
+  const tc::Magic magic;
   const T* sb = scales + int64_t(band) * K;
   const T* bb = biases + int64_t(band) * K;
   const float* th = static_cast<const float*>(active);
@@ -199,16 +156,7 @@ __device__ __forceinline__ void zigzag_gemv(
       };
       // Entry p of row r: its x' (zero where the row leaves the column out) times scale and bias.
       auto stage_row = [&](int p, int r, float xv, float s, float b) {
-        bias_acc[r] = fmaf(xv, b, bias_acc[r]);
-        float rest = xv * s;
-#pragma unroll
-        for (int i = 0; i < kTerms; ++i) {
-          const uint16_t h = bf16_bits(rest);
-          bterm[r * kTerms + i][term_slot(p)] = h;
-          const float hv = __bfloat162float(__ushort_as_bfloat16(h));
-          rest -= hv;
-          bias_acc[r] = fmaf(-128.0f, hv, bias_acc[r]);  // the codes' offset
-        }
+        tc::stage_terms<kTerms>(xv, s, b, bterm + r * kTerms, tc::term_slot(p), bias_acc[r]);
       };
       auto pad = [&] {
         padded = (total + 15) & ~15;
@@ -216,7 +164,7 @@ __device__ __forceinline__ void zigzag_gemv(
         if (tid < padded - total) {  // the last tile's padding: column 0, zero terms
           offsets[total + tid] = 0;
 #pragma unroll
-          for (int i = 0; i < kColumns; ++i) bterm[i][term_slot(total + tid)] = 0;
+          for (int i = 0; i < kColumns; ++i) bterm[i][tc::term_slot(total + tid)] = 0;
         }
       };
       __syncthreads();  // the previous window's readers are done with the staging arrays
@@ -329,52 +277,16 @@ __device__ __forceinline__ void zigzag_gemv(
         const int tile = warp + i * kWarps;
         const uint8_t* buf = stage[warp][i % kStages];
         const uint2 b = *reinterpret_cast<const uint2*>(&bterm[column][tile * 16 + 4 * t]);
-        uint32_t words[4][kWordsPerLane];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const uint32_t* src = reinterpret_cast<const uint32_t*>(buf + (t + 4 * c) * kGroupBytes) + g * kWordsPerLane;
-#pragma unroll
-          for (int v = 0; v < kWordsPerLane; ++v) words[c][v] = src[v];
-        }
-#pragma unroll
-        for (int j = 0; j < kMmas; ++j) {
-          const int wi = j / 4;
-          const uint32_t sel = (j % 4) | ((4 + j % 4) << 8);  // byte j of the two words -> bytes 0, 2
-          const uint32_t p01 = __byte_perm(words[0][wi], words[1][wi], sel);
-          const uint32_t p23 = __byte_perm(words[2][wi], words[3][wi], sel);
-          const uint32_t a[4] = {codes_bf16x2(p01, mask, magic), codes_bf16x2(p01 >> 4, mask, magic),
-                                 codes_bf16x2(p23, mask, magic), codes_bf16x2(p23 >> 4, mask, magic)};
-          mma_bf16(acc[j], a, b.x, b.y);
-        }
+        tc::mma_tile<GS>(acc, buf, b, g, t, magic);
         __syncwarp();  // the buffer is refilled by the next issue
       }
       copy_wait<0>();
     }
 
-    // Row r's result is the sum of D's columns [r * kTerms, (r + 1) * kTerms), in that order.
-    // Lane (g, t) holds D[g][2t..2t+1] and D[g+8][2t..2t+1]: column c is element c % 2 of lane
-    // (g, c / 2).
-    constexpr int kRowsPerLane = GS / 8;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       if (r >= rows) break;
-#pragma unroll
-      for (int j = 0; j < kMmas; ++j) {
-        float even = 0.0f, odd = 0.0f;
-#pragma unroll
-        for (int i = 0; i < kTerms; ++i) {
-          const int c = r * kTerms + i;
-          const int from = (lane & ~3) | (c >> 1);
-          const float e = __shfl_sync(0xffffffffu, acc[j][c & 1], from);
-          const float o = __shfl_sync(0xffffffffu, acc[j][2 + (c & 1)], from);
-          even = i == 0 ? e : even + e;
-          odd = i == 0 ? o : odd + o;
-        }
-        if (t == 0) {
-          partial[warp][g * kRowsPerLane + 2 * j] = even;
-          partial[warp][g * kRowsPerLane + 2 * j + 1] = odd;
-        }
-      }
+      tc::store_rows<GS, kTerms>(acc, r, partial[warp], lane);
       float bias_sum = bias_acc[r];
 #pragma unroll
       for (int o = 16; o >= 1; o >>= 1) bias_sum += __shfl_xor_sync(0xffffffffu, bias_sum, o);
