@@ -1,9 +1,13 @@
 """The CUDA GEMV kernels alone, without MLX: the general kernel (kernels/cuda/zigzag_gemv.cu)
-against the tensor-core kernel (zigzag_gemv_mma.cu) on the same launches, with torch's fp16 GEMV
-and the copy bandwidth measured in the same run.
+against the tensor-core kernel (zigzag_gemv_mma.cu) and, for dense walks of 16-bit x, the bulk-copy
+kernel (zigzag_gemv_bulk.cu) on the same launches, with torch's fp16 GEMV and the copy bandwidth
+measured in the same run.
 
 Each kernel is compiled here with nvcc for sm_90, loaded with CuPy and launched as the dispatch
-launches it (dispatch/cuda.cpp: same arguments, the same split policy). Correctness: every kernel
+launches it (dispatch/cuda.cpp: same arguments, the same split policy). Beside them, the read
+ceiling: a kernel that only reads the same bytes (codes, scales, biases) in the same number of
+blocks as the tensor-core kernel's dense launch, each block a contiguous share, many 16-byte loads in
+flight per thread. No GEMV on these bytes can be faster than it. Correctness: every kernel
 against a float64 reference on fresh random inputs (fp16, bf16, float32; dense, index lists with
 duplicates and junk, fused collection; several split counts). Timing: a CUDA graph of 200 dependent
 launches over rotating weight copies larger than the L2, replayed 5 times; the median per launch.
@@ -27,7 +31,10 @@ import numpy as np
 import torch
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
-SOURCES = {"general": "zigzag_gemv.cu", "tensor-core": "zigzag_gemv_mma.cu"}
+SOURCES = {"general": "zigzag_gemv.cu", "tensor-core": "zigzag_gemv_mma.cu", "bulk copies": "zigzag_gemv_bulk.cu"}
+# The bulk-copy kernel: dense walks of 16-bit x with K a multiple of 16, 288 threads.
+BULK = "bulk copies"
+BULK_THREADS = 288
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 SHAPES = [(14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672), (8192, 8192), (4096, 4096),
           (1024, 4096), (1024, 8192)]
@@ -42,9 +49,9 @@ def build(out_dir, only=None, sources=None):
     for kernel, source in (sources or SOURCES).items():
         for dtype, ctype in CTYPES.items():
             for gs in (64, 128):
-                if only is not None and (kernel, dtype, gs) != only:
+                if only is not None and (kernel, dtype, gs) != only or kernel == BULK and dtype == "float32":
                     continue
-                name = f"k_{kernel.replace('-', '_')}_{dtype}_g{gs}"
+                name = f"k_{kernel.replace('-', '_').replace(' ', '_')}_{dtype}_g{gs}"
                 cubin = Path(out_dir) / f"{name}.cubin"
                 subprocess.run(["nvcc", "-std=c++17", "-O3", "-cubin", "-gencode=arch=compute_90,code=sm_90",
                                 f"-I{KERNELS}", f"-DSPQT_NAME={name}", f"-DSPQT_T={ctype}", "-DSPQT_BITS=4",
@@ -54,10 +61,64 @@ def build(out_dir, only=None, sources=None):
     return fns
 
 
+# Reads a block's contiguous share of the codes, then its shares of the scales and biases; the loads
+# of a thread are all in flight together (kUnroll per step). What it returns is never used: the
+# comparison only keeps the compiler from dropping the loads.
+READ_CEILING = r"""
+#include <cstdint>
+extern "C" __global__ void __launch_bounds__(256) read_ceiling(
+    const uint4* __restrict__ codes, long codes16, const uint4* __restrict__ sides, long sides16,
+    unsigned* __restrict__ sink) {
+  constexpr int kUnroll = 8;
+  uint32_t acc = 0;
+  auto walk = [&](const uint4* p, long n) {
+    for (long i = threadIdx.x; i < n; i += 256L * kUnroll) {
+      uint4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = i + u * 256 < n ? __ldcs(p + i + u * 256) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+  };
+  walk(codes + blockIdx.x * codes16, codes16);
+  walk(sides + blockIdx.x * sides16, sides16);
+  if (acc == 0x9E3779B9u) sink[0] = acc;
+}
+"""
+
+
+def build_read_ceiling(out_dir):
+    source = Path(out_dir) / "read_ceiling.cu"
+    source.write_text(READ_CEILING)
+    cubin = Path(out_dir) / "read_ceiling.cubin"
+    subprocess.run(["nvcc", "-O3", "-cubin", "-gencode=arch=compute_90,code=sm_90", str(source), "-o", str(cubin)],
+                   check=True)
+    return cp.RawModule(path=str(cubin)).get_function("read_ceiling")
+
+
+def read_ceiling_time(fn, p, copies):
+    """µs per launch of the read ceiling over ``copies`` of ``p``'s weights (codes, then scales and biases,
+    one buffer each), as many blocks as the tensor-core kernel's dense launch."""
+    blocks = p.N // p.gs * splits("tensor-core", p.N // p.gs, p.K, p.gs)
+    code_bytes = p.w.nbytes
+    side_bytes = p.s.nbytes + p.b.nbytes
+    bufs = [(w, cp.concatenate([s.view(cp.uint8).ravel(), b.view(cp.uint8).ravel()])) for w, s, b in copies]
+    sink = cp.zeros(1, cp.uint32)
+
+    def go(i):
+        w, sides = bufs[i % len(bufs)]
+        fn((blocks,), (256,), (w, np.int64(code_bytes // 16 // blocks), sides, np.int64(side_bytes // 16 // blocks), sink))
+
+    return graph_time(go)
+
+
 def splits(kernel, bands, K, gs):
     """The dispatch's split policy (dispatch/cuda.cpp)."""
     s = 1
-    if kernel == "general":
+    if kernel == BULK:
+        while s < 32 and bands * s < SMS and K // (2 * s) >= 512:
+            s *= 2
+    elif kernel == "general":
         per_step = 8 * (32 // (gs // 32))
         while s < 32 and bands * s * 2 <= 2 * SMS and K // (2 * s) >= 2 * per_step:
             s *= 2
@@ -108,11 +169,15 @@ class Problem:
         bands = self.N // self.gs
         sp = splits(kernel, bands, self.K, self.gs)
         null = np.uint64(0)
-        fn((bands * sp, 1), (THREADS,), (self.x if x is None else x, w, s, b, active, out, work, count, np.int32(1),
-                                          np.int32(self.N), np.int32(self.K), np.int32(1), np.int32(kind), np.int32(n),
-                                          np.int32(0), np.float32(t_value), np.int32(sp), null if norm is None else norm,
-                                          null if residual is None else residual, np.int32(1), np.int32(prologue),
-                                          np.float32(1e-5)))
+        args = (self.x if x is None else x, w, s, b, active, out, work, count, np.int32(1), np.int32(self.N),
+                np.int32(self.K), np.int32(1), np.int32(kind), np.int32(n), np.int32(0), np.float32(t_value),
+                np.int32(sp), null if norm is None else norm, null if residual is None else residual, np.int32(1),
+                np.int32(prologue), np.float32(1e-5))
+        if kernel == "general":
+            # The general kernel also serves the experts' products: a plain one has no expert list, one
+            # expert, x shared by every row, no second weight, and all its bands in the first.
+            args += (null, np.int32(1), np.int32(1), null, null, null, np.int32(bands))
+        fn((bands * sp, 1), (BULK_THREADS if kernel == BULK else THREADS,), args)
 
     def buffers(self):
         out = cp.empty((self.N,), {"float16": cp.float16, "bfloat16": cp.uint16, "float32": cp.float32}[self.dtype])
@@ -141,6 +206,8 @@ def correctness(fns):
             for kind, active, n, tv, ref_idx in cases:
                 ref = p.reference(ref_idx)
                 for kernel in kernels_of(fns):
+                    if (kernel, dtype, gs) not in fns or kernel == BULK and (kind != 0 or K % 16):
+                        continue
                     out, work, count = p.buffers()
                     tol = {"float16": 2e-3, "bfloat16": 1.5e-2, "float32": 1e-5}[dtype]
                     ys = []
@@ -215,7 +282,7 @@ def copy_bandwidth():
     return 2 * a.nbytes / (start.elapsed_time(end) / 1e3) / 1e9
 
 
-def timings(fns):
+def timings(fns, ceiling):
     rows = []
     rng = np.random.default_rng(1)
     for N, K in SHAPES:
@@ -223,11 +290,12 @@ def timings(fns):
         p = Problem(N, K, 64, "float16", seed=3)
         nbytes = p.w.nbytes + p.s.nbytes + p.b.nbytes
         copies = [(p.w.copy(), p.s.copy(), p.b.copy()) for _ in range(max(2, (256 << 20) // nbytes))]
+        rows.append(dict(shape=f"{N}x{K}", variant="read ceiling", density=1.0, us=read_ceiling_time(ceiling, p, copies)))
         xa = np.abs(p.f64(p.x))
         for kernel in kernels_of(fns):
             fn = fns[kernel, "float16", 64]
             bufs = [p.buffers() for _ in copies]
-            for kind, density in [(0, 1.0), (1, 0.5), (1, 0.25), (3, 0.5), (3, 0.25)]:
+            for kind, density in [(0, 1.0)] + ([] if kernel == BULK else [(1, 0.5), (1, 0.25), (3, 0.5), (3, 0.25)]):
                 lists = [cp.asarray(np.sort(rng.permutation(K)[: int(density * K)]).astype(np.int32)) for _ in range(4)]
                 t = float(np.quantile(xa, 1 - density))
 
@@ -315,18 +383,26 @@ def main():
         for (kernel, dtype), err in sorted(worst.items()):
             print(f"worst relative error vs float64: {kernel:<12} {dtype:<9} {err:.2e}")
         bw = copy_bandwidth()
-        rows = timings(fns)
+        rows = timings(fns, build_read_ceiling(tmp))
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth: {bw:.0f} GB/s")
     at = {(r["shape"], r["variant"], r["density"]): r["us"] for r in rows}
     cols = [("dense", 1.0), ("given indices", 0.5), ("given indices", 0.25), ("fused collection", 0.5),
             ("fused collection", 0.25)]
-    first, second = list(sources)
-    print("| N×K | fp16 x@W.T | " + " | ".join(f"{v} d={d:g}: {first} / {second}" for v, d in cols) + " |")
-    print("|---" * (2 + len(cols)) + "|")
+    kernels = list(sources)
+
+    def timed(v, d):  # the kernels with a row for this column
+        return [k for k in kernels if any((f"{N}x{K}", f"{k} {v}", d) in at for N, K in SHAPES)]
+
+    print("| N×K | fp16 x@W.T | read ceiling | " + " | ".join(f"{v} d={d:g}: " + " / ".join(timed(v, d)) for v, d in cols)
+        + " | read ceiling / fastest dense |")
+    print("|---" * (4 + len(cols)) + "|")
     for N, K in SHAPES:
         s = f"{N}x{K}"
-        print(f"| {s} | {at[s, 'fp16 x @ W.T (torch)', 1.0]:.1f} | " + " | ".join(
-            f"{at[s, f'{first} ' + v, d]:.1f} / {at[s, f'{second} ' + v, d]:.1f}" for v, d in cols) + " |")
+        ceiling = at[s, "read ceiling", 1.0]
+        dense = [at[s, f"{k} dense", 1.0] for k in kernels if (s, f"{k} dense", 1.0) in at]
+        print(f"| {s} | {at[s, 'fp16 x @ W.T (torch)', 1.0]:.1f} | {ceiling:.1f} | " + " | ".join(
+            " / ".join(f"{at[s, f'{k} {v}', d]:.1f}" for k in kernels if (s, f"{k} {v}", d) in at) for v, d in cols)
+            + f" | {ceiling / min(dense):.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),

@@ -3,6 +3,7 @@
 #include "cuda.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -32,6 +33,11 @@ constexpr int kMmaMinColumnsPerSplit = 256;
 // 4096x4096 up for dense walks, lists at density 0.5 and fused collection; below, where a call's
 // fixed costs dominate, it is not faster.
 constexpr int64_t kMmaMinWeights = int64_t(1) << 24;
+// The bulk-copy kernel's grid (kernels/cuda/zigzag_gemv_bulk.cu): at least one block per
+// multiprocessor, each keeping at least one stage of columns. Measured on an H200 (BENCHMARKS.md),
+// one to two blocks per multiprocessor beat more, smaller ones: each block streams its columns
+// through a ring that stays full.
+constexpr int kBulkMinColumnsPerSplit = 512;
 // Up to how many rows the zigzag matmul runs. Beyond, dequantizing the weight once and multiplying
 // with cuBLAS measured as fast on an H200: from 512 rows for 14336x4096 and 4096x14336 (4-bit g64
 // fp16), from 1024 for 4096x4096 (BENCHMARKS.md).
@@ -45,16 +51,18 @@ std::string dtype_name(mx::Dtype t) {
 }
 
 // Names of the embedded kernels, from the table the build generates (kernels/cuda/instances.py).
-const char* gemv_kernel_name(const std::string& dtype, int bits, int group_size, bool tensor_cores, bool many_rows) {
+const char* gemv_kernel_name(const std::string& dtype, int bits, int group_size, bool tensor_cores, bool many_rows,
+                             bool bulk_copies = false) {
   for (const auto& k : cuda_kernels::kGemv) {
     if (dtype == k.dtype && bits == k.bits && group_size == k.group_size && tensor_cores == k.tensor_cores &&
-        many_rows == k.many_rows) {
+        many_rows == k.many_rows && bulk_copies == k.bulk_copies) {
       return k.name;
     }
   }
   throw std::invalid_argument(
       "[zigzag_gemv] no CUDA kernel was built for " + dtype + ", " + std::to_string(bits) + " bits, group size " +
-      std::to_string(group_size) + (tensor_cores ? " (tensor cores" : " (") + (many_rows ? ", several rows)." : ")."));
+      std::to_string(group_size) + (tensor_cores ? " (tensor cores" : " (") + (many_rows ? ", several rows" : "") +
+      (bulk_copies ? ", bulk copies)." : ")."));
 }
 
 const char* matmul_kernel_name(const std::string& dtype, int bits, int group_size) {
@@ -102,6 +110,20 @@ int mma_split_count(int bands, int K, mx::cu::CommandEncoder& enc) {
   return splits;
 }
 
+// Blocks per band for the bulk-copy kernel: the fewest that give every multiprocessor a block.
+int bulk_split_count(int bands, int K, mx::cu::CommandEncoder& enc) {
+  const int target = multiprocessor_count(enc);
+  int splits = 1;
+  while (splits < kMaxSplits && bands * splits < target && K / (2 * splits) >= kBulkMinColumnsPerSplit) {
+    splits *= 2;
+  }
+  return splits;
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
 bool use_mma(int bits, int group_size, int N, int K) {
   const auto listed = [](int v, const auto& values) {
     return std::find(std::begin(values), std::end(values), v) != std::end(values);
@@ -137,11 +159,21 @@ struct GemvArgs {
   float eps;
 };
 
+// Whether a tensor-core product runs on the bulk-copy kernel (kernels/cuda/zigzag_gemv_bulk.cu): a
+// dense walk of one row of 16-bit x on sm_90 or newer, whose copied ranges (x, the norm weight,
+// codes, scales and biases) are contiguous and 16-byte aligned, and K a multiple of 16 so that
+// every split's ranges are too.
+bool use_bulk(const GemvArgs& a, mx::Dtype dtype, mx::cu::CommandEncoder& enc) {
+  return a.kind == int(ActiveKind::Dense) && a.rows == 1 && dtype.size() == 2 && a.x_stride == 1 && a.K % 16 == 0 &&
+      aligned16(a.x) && aligned16(a.w) && aligned16(a.scales) && aligned16(a.biases) &&
+      (a.norm == nullptr || aligned16(a.norm)) && compute_capability(enc) >= 90;
+}
+
 // Adds a GEMV kernel node: the common parameters, then `tail` (the general kernel's experts).
 template <typename... Tail>
-void add_gemv_node(mx::cu::CommandEncoder& enc, CUfunction f, dim3 grid, GemvArgs& a, Tail&... tail) {
+void add_gemv_node(mx::cu::CommandEncoder& enc, CUfunction f, dim3 grid, int threads, GemvArgs& a, Tail&... tail) {
   enc.add_kernel_node_ex(
-      f, grid, dim3(kThreads), {}, 0, a.x, a.w, a.scales, a.biases, a.active, a.out, a.partials, a.counters, a.rows,
+      f, grid, dim3(threads), {}, 0, a.x, a.w, a.scales, a.biases, a.active, a.out, a.partials, a.counters, a.rows,
       a.cols, a.K, a.x_stride, a.kind, a.n_host, a.per_column, a.t_value, a.splits, a.norm, a.residual,
       a.residual_stride, a.prologue, a.eps, tail...);
 }
@@ -291,24 +323,14 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     }
   }
 
-  int splits = mma ? mma_split_count(bands, K, enc) : split_count(bands, K, gs, enc);
-  void* partials = nullptr;
-  void* counters = nullptr;
-  split_workspace(enc, M, bands, splits, gs, partials, counters);
-
-  // Several rows go to the tensor-core kernel that multiplies tensor_core_rows of them per pass,
-  // reading each active group once for them all; the general kernel takes one row per pass.
-  const bool many_rows = mma && M > 1;
-  const int passes = many_rows ? (M + tensor_core_rows(x.itemsize()) - 1) / tensor_core_rows(x.itemsize()) : M;
-  CUfunction f = kernel(gemv_kernel_name(dtype_name(x.dtype()), p.bits(), gs, mma, many_rows), enc);
   enc.set_input_array(x);
   enc.set_input_array(w);
   enc.set_input_array(scales);
   enc.set_input_array(biases);
   enc.set_output_array(out);
   GemvArgs args{mx::gpu_ptr<void>(x), mx::gpu_ptr<void>(w), mx::gpu_ptr<void>(scales), mx::gpu_ptr<void>(biases), active,
-                mx::gpu_ptr<void>(out), partials, counters, M, N, K, column_stride(x), kind, n_host, per_column, t_value,
-                splits, nullptr, nullptr, 1, int(p.prologue()), p.eps()};
+                mx::gpu_ptr<void>(out), nullptr, nullptr, M, N, K, column_stride(x), kind, n_host, per_column, t_value,
+                1, nullptr, nullptr, 1, int(p.prologue()), p.eps()};
   if (p.norm_input() >= 0) {
     const mx::array& nw = contiguous(inputs[p.norm_input()], "norm weight");
     enc.set_input_array(nw);
@@ -320,15 +342,27 @@ void zigzag_gemv(ZigzagGemv& p, const std::vector<mx::array>& inputs, mx::array&
     enc.set_input_array(r);
     args.residual = mx::gpu_ptr<void>(r);
   }
-  const dim3 grid(bands * splits, std::min(passes, kMaxGridY));
+
+  const bool bulk = mma && use_bulk(args, x.dtype(), enc);
+  args.splits = bulk ? bulk_split_count(bands, K, enc)
+      : mma        ? mma_split_count(bands, K, enc)
+                   : split_count(bands, K, gs, enc);
+  split_workspace(enc, M, bands, args.splits, gs, args.partials, args.counters);
+
+  // Several rows go to the tensor-core kernel that multiplies tensor_core_rows of them per pass,
+  // reading each active group once for them all; the general kernel takes one row per pass.
+  const bool many_rows = mma && M > 1;
+  const int passes = many_rows ? (M + tensor_core_rows(x.itemsize()) - 1) / tensor_core_rows(x.itemsize()) : M;
+  CUfunction f = kernel(gemv_kernel_name(dtype_name(x.dtype()), p.bits(), gs, mma, many_rows, bulk), enc);
+  const dim3 grid(bands * args.splits, std::min(passes, kMaxGridY));
   if (mma) {
-    add_gemv_node(enc, f, grid, args);
+    add_gemv_node(enc, f, grid, bulk ? kBulkThreads : kThreads, args);
   } else {
     void* none = nullptr;  // a plain product: one weight
     int n_experts = 1;
     int x_div = 1;
     int first_bands = bands;
-    add_gemv_node(enc, f, grid, args, none, n_experts, x_div, none, none, none, first_bands);
+    add_gemv_node(enc, f, grid, kThreads, args, none, n_experts, x_div, none, none, none, first_bands);
   }
 }
 
@@ -427,7 +461,7 @@ void zigzag_gather_gemv(ZigzagGatherGemv& p, const std::vector<mx::array>& input
     scales2_ptr = mx::gpu_ptr<void>(scales2);
     biases2_ptr = mx::gpu_ptr<void>(biases2);
   }
-  add_gemv_node(enc, f, dim3(bands * splits, std::min(rows, kMaxGridY)), args, experts_ptr, n_experts, x_div, w2_ptr,
+  add_gemv_node(enc, f, dim3(bands * splits, std::min(rows, kMaxGridY)), kThreads, args, experts_ptr, n_experts, x_div, w2_ptr,
                 scales2_ptr, biases2_ptr, first_bands);
 }
 

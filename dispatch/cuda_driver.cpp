@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <unordered_map>
@@ -102,19 +103,33 @@ CUfunction kernel(const std::string& name, mx::cu::CommandEncoder& encoder) {
   return f;
 }
 
-int multiprocessor_count(mx::cu::CommandEncoder& encoder) {
+namespace {
+
+// An attribute of the encoder's device, asked of the driver once.
+int device_attribute(mx::cu::CommandEncoder& encoder, CUdevice_attribute attribute) {
   static std::mutex mutex;
-  static std::unordered_map<int, int> counts;
+  static std::map<std::pair<int, int>, int> values;
   const int dev = encoder.device().cuda_device();
   std::lock_guard lock(mutex);
-  if (auto it = counts.find(dev); it != counts.end()) {
+  const std::pair<int, int> key{dev, int(attribute)};
+  if (auto it = values.find(key); it != values.end()) {
     return it->second;
   }
-  int n = 0;
-  check(driver().device_get_attribute(&n, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
-        "cuDeviceGetAttribute");
-  counts.emplace(dev, n);
-  return n;
+  int v = 0;
+  check(driver().device_get_attribute(&v, attribute, dev), "cuDeviceGetAttribute");
+  values.emplace(key, v);
+  return v;
+}
+
+} // namespace
+
+int multiprocessor_count(mx::cu::CommandEncoder& encoder) {
+  return device_attribute(encoder, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+}
+
+int compute_capability(mx::cu::CommandEncoder& encoder) {
+  return 10 * device_attribute(encoder, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) +
+      device_attribute(encoder, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
 }
 
 void allocate(mx::array& a, size_t bytes, mx::cu::CommandEncoder& encoder, bool zeroed) {

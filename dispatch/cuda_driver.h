@@ -23,6 +23,9 @@ CUfunction kernel(const std::string& name, mx::cu::CommandEncoder& encoder);
 // Number of multiprocessors of the encoder's device.
 int multiprocessor_count(mx::cu::CommandEncoder& encoder);
 
+// The encoder's device's compute capability as 10 * major + minor (90 for Hopper).
+int compute_capability(mx::cu::CommandEncoder& encoder);
+
 // Gives `a` `bytes` of device memory (not managed memory) from the device's stream-ordered pool,
 // recycled per size once MLX drops the array, which it does after the GPU work that used it has
 // completed. With `zeroed`, the memory holds zeros and must hold zeros again when the array is

@@ -47,6 +47,10 @@ SPQT_HOST_DEVICE constexpr int tensor_core_rows(int itemsize) {
   return 8 / tensor_core_terms(itemsize);
 }
 
+// Threads per block of the CUDA bulk-copy GEMV (kernels/cuda/zigzag_gemv_bulk.cu): eight warps
+// that run the MMAs and one that issues the copies.
+constexpr int kBulkThreads = 9 * 32;
+
 // The CUDA zigzag matmul's tile (kernels/cuda/zigzag_matmul.cu): rows of x by output columns per
 // block, which the dispatch's grid follows.
 constexpr int kMatmulTileRows = 64;

@@ -2,6 +2,7 @@
 GPU and mlx[cuda13]; skipped elsewhere."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -107,6 +108,52 @@ def test_tensor_core_path(shape, gs, dtype):
         for threshold in (mx.array(t), mx.full((K,), t)):
             y = sq.zigzag_gemv(x, qw, indices=sq.collect_active(x, threshold), stream=mx.gpu)
             check(y, reference(x, qw, idx), dtype)
+
+
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=str)
+@pytest.mark.parametrize("gs", (64, 128))
+@pytest.mark.parametrize(
+    "shape", [(8192, 4096), (2048, 8208), (128, 131072), (16384, 1040)], ids=["8192x4096", "2048x8208", "128x131072", "16384x1040"]
+)
+def test_bulk_copy_path(shape, gs, dtype):
+    """Dense single-row products of 16-bit x (the bulk-copy kernel on sm_90): one stage or many, K no
+    multiple of a stage (8208, 1040), several splits per band (few bands), every prologue with and
+    without a residual, against the CPU kernels; reproducible bits; and inputs the bulk copies cannot
+    take (x or scales not 16-byte aligned, a strided x), which must give the same results through the
+    other kernel."""
+    from spqt_mlx import _ext
+    from spqt_mlx._ext import ActiveKind, Prologue
+
+    N, K = shape
+    qw = make(N, K, 4, gs, dtype, seed=N + K + gs)
+    tol = dtype
+    for prologue in (Prologue.Identity, Prologue.RmsNorm, Prologue.SwiGLU):
+        x = (mx.random.normal((1, 2 * K if prologue == Prologue.SwiGLU else K)) * 2).astype(dtype)
+        norm = mx.random.uniform(0.5, 1.5, (K,)).astype(dtype) if prologue == Prologue.RmsNorm else None
+        for res in (None, mx.random.normal((1, N)).astype(dtype)):
+            def run(stream, x=x, norm=norm, res=res):
+                return _ext.zigzag_gemv(x, qw.weight, qw.scales, qw.biases, None, ActiveKind.Dense, gs, 4, prologue,
+                                        norm, 1e-5, res, stream=stream)
+            got = run(mx.gpu)
+            check(got, np.array(run(mx.cpu).astype(mx.float32), dtype=np.float64), tol)
+            assert np.array_equal(np.array(got.astype(mx.float32)), np.array(run(mx.gpu).astype(mx.float32)))
+    x = mx.random.normal((1, K)).astype(dtype)
+    want = reference(x, qw)
+    check(sq.zigzag_gemv(x, qw, stream=mx.gpu), want, dtype)
+    # Views the bulk copies cannot take (evaluated, so that the op reads them in place): x one element
+    # into a larger buffer, x with a column stride, scales and biases one element into theirs.
+    def view(a, start, shape):
+        flat = mx.concatenate([mx.zeros((start,), a.dtype), a.reshape(-1), mx.zeros((1,), a.dtype)])
+        v = flat[start : start + a.size].reshape(shape)
+        mx.eval(v)
+        return v
+
+    check(sq.zigzag_gemv(view(x, 1, (1, K)), qw, stream=mx.gpu), want, dtype)
+    pairs = mx.stack([x, x], axis=-1).reshape(1, 2 * K)[:, ::2]
+    mx.eval(pairs)
+    check(sq.zigzag_gemv(pairs, qw, stream=mx.gpu), want, dtype)
+    shifted = dataclasses.replace(qw, scales=view(qw.scales, 1, qw.scales.shape), biases=view(qw.biases, 1, qw.biases.shape))
+    check(sq.zigzag_gemv(x, shifted, stream=mx.gpu), want, dtype)
 
 
 @pytest.mark.parametrize("K", [1, 100, 4097, 16384, 16385, 20000])
