@@ -28,8 +28,10 @@ from tqdm import tqdm
 
 # Added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned (GPTQ's 1 %).
 DAMPING = 0.01
-# Columns whose error updates are applied to the rest of the weight at once.
-BLOCK = 128
+# Columns whose error updates are applied to the rest of the weight at once; within a block every
+# column's error updates the block's columns elementwise, so a shorter block does less of that work
+# (32 measured 1.2x faster than GPTQ's usual 128 for SmolLM2 on a 2-core CPU, BENCHMARKS.md).
+BLOCK = 32
 # Calibration sequences are run in windows of this many tokens.
 WINDOW = 512
 
@@ -182,6 +184,13 @@ def _column_fitter(bits: int, dtype: mx.Dtype):
     return mx.compile(group_fitter(bits, dtype))
 
 
+# Weights walked together take at most about this much memory (the float32 weights being updated,
+# their error updates and the Cholesky factors): a batch of small layers, or one large layer alone.
+# On a 2-core CPU, 128 MB batches (4-25 of SmolLM2's layers) measured faster than 1 GB ones: there
+# the walk's operations cost by their size as well as by their number.
+BATCH_BYTES = 128 << 20
+
+
 def gptq_quantize(w: mx.array, hessian, group_size: int, bits: int, *, damping: float = DAMPING,
                   block: int = BLOCK):
     """The zigzag ``(codes, scales, biases)`` of ``w`` (N, K) by GPTQ with ``hessian`` (K, K): codes
@@ -191,7 +200,12 @@ def gptq_quantize(w: mx.array, hessian, group_size: int, bits: int, *, damping: 
 
     The column walk runs in MLX on the default device (a block of columns per graph); H's inverse
     and its Cholesky factor in float64 on the CPU (numpy)."""
-    N, K = w.shape
+    return gptq_quantize_many([w], [hessian], group_size, bits, damping=damping, block=block)[0]
+
+
+def _error_weights(hessian, K: int, damping: float) -> np.ndarray:
+    """The upper Cholesky factor of H^-1 (float32): row k holds column k's error weights for the
+    later columns. Columns no input reached (zero diagonal) get none."""
     H = np.array(hessian, dtype=np.float64, copy=True)
     if H.shape != (K, K) or not np.all(np.isfinite(H)):
         raise ValueError(f"hessian must be a finite ({K}, {K}) array, got shape {H.shape}.")
@@ -200,32 +214,70 @@ def gptq_quantize(w: mx.array, hessian, group_size: int, bits: int, *, damping: 
     H[:, dead] = 0.0
     H[dead, dead] = 1.0
     H[np.diag_indices(K)] += damping * np.mean(np.diag(H))
-    # The upper Cholesky factor of H^-1: row k holds column k's error weights for the later columns.
-    U = mx.array(np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32))
-    fit = _column_fitter(bits, w.dtype)
+    return np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)
+
+
+def gptq_quantize_many(weights: Sequence[mx.array], hessians: Sequence, group_size: int, bits: int, *,
+                       damping: float = DAMPING, block: int = BLOCK, progress: bool = False) -> list:
+    """:func:`gptq_quantize` of each ``(weights[i], hessians[i])``, in order. Weights of one shape
+    and dtype are walked together (up to :data:`BATCH_BYTES` at a time): every MLX operation of the
+    column walk then covers all of them, and on small layers, where the walk is bound by the cost
+    of an operation rather than its arithmetic, that cost is paid once for the batch. Each weight's
+    result is what it gets alone. ``progress`` shows a bar over the weights."""
+    if len(weights) != len(hessians):
+        raise ValueError(f"got {len(weights)} weights and {len(hessians)} hessians.")
+    batches: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        batches.setdefault((tuple(w.shape), w.dtype), []).append(i)
+    out = [None] * len(weights)
+    bar = tqdm(total=len(weights), desc="gptq", unit="layer", leave=False, disable=not progress)
+    for (shape, _), members in batches.items():
+        N, K = shape
+        per_weight = 4 * (3 * N * K + K * K)
+        size = max(1, BATCH_BYTES // per_weight)
+        for start in range(0, len(members), size):
+            chosen = members[start:start + size]
+            results = _walk([weights[i] for i in chosen], [hessians[i] for i in chosen], group_size, bits,
+                            damping, block)
+            for i, r in zip(chosen, results):
+                out[i] = r
+            bar.update(len(chosen))
+    bar.close()
+    return out
+
+
+def _walk(weights, hessians, group_size, bits, damping, block):
+    """GPTQ's column walk over P weights of one shape (N, K), stacked on a leading axis."""
+    P = len(weights)
+    N, K = weights[0].shape
+    dtype = weights[0].dtype
+    U = mx.array(np.stack([_error_weights(h, K, damping) for h in hessians]))  # (P, K, K)
+    fit = _column_fitter(bits, dtype)
     bands = N // group_size
-    rest = w.astype(mx.float32)  # the columns not quantized yet, as GPTQ has updated them
+    rest = mx.stack([w.astype(mx.float32) for w in weights])  # the columns not quantized yet, as updated
     codes, scales, biases = [], [], []
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
-        W1, rest = rest[:, :i2 - i1], rest[:, i2 - i1:]
+        W1, rest = rest[:, :, :i2 - i1], rest[:, :, i2 - i1:]
         errors = []
         for j in range(i2 - i1):
-            column = W1[:, j]
-            q, s, b, deq = fit(column.reshape(bands, group_size))
-            e = (column - deq.reshape(-1)) / U[i1 + j, i1 + j]
+            column = W1[:, :, j]  # (P, N)
+            q, s, b, deq = fit(column.reshape(P * bands, group_size))
+            e = (column - deq.reshape(P, N)) / U[:, i1 + j, i1 + j][:, None]
             # U is upper triangular: the columns before j get nothing.
-            W1 = W1 - e[:, None] * U[i1 + j, i1:i2]
+            W1 = W1 - e[:, :, None] * U[:, None, i1 + j, i1:i2]
             errors.append(e)
-            codes.append(q)
-            scales.append(s)
-            biases.append(b)
+            codes.append(q.reshape(P, bands, group_size))
+            scales.append(s.reshape(P, bands))
+            biases.append(b.reshape(P, bands))
         if i2 < K:
-            rest = rest - mx.stack(errors, axis=1) @ U[i1:i2, i2:]
+            rest = rest - mx.stack(errors, axis=2) @ U[:, i1:i2, i2:]
         mx.eval(rest, codes[i1:], scales[i1:], biases[i1:])
-    codes = np.stack([np.array(q) for q in codes], axis=1).astype(np.uint32)
-    return codes, mx.concatenate(scales, axis=1).astype(w.dtype), mx.concatenate(biases, axis=1).astype(w.dtype)
+    codes = np.stack([np.array(q) for q in codes], axis=2).astype(np.uint32)  # (P, bands, K, group_size)
+    scales = mx.stack(scales, axis=2).astype(dtype)
+    biases = mx.stack(biases, axis=2).astype(dtype)
+    return [(codes[p], scales[p], biases[p]) for p in range(P)]
 
 
-__all__ = ["input_hessians", "gptq_quantize", "check_hessians"]
+__all__ = ["input_hessians", "gptq_quantize", "gptq_quantize_many", "check_hessians"]
 

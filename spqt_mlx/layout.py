@@ -111,12 +111,8 @@ def zigzag_quantize(
     if (quantizer == "gptq") != (hessian is not None):
         raise ValueError("the gptq quantizer, and only it, takes the hessian of the layer's inputs "
                          "(spqt_mlx.gptq.input_hessians).")
-    if not isinstance(w, mx.array):
-        raise TypeError(f"w must be an mx.array, got {type(w).__name__}.")
     check_bits_group_size(group_size, bits)
-    check_float_dtype(w.dtype, "w")
-    if w.ndim == 3 and quantizer == "gptq":
-        raise ValueError("the gptq quantizer takes one (N, K) weight; quantize experts with 'search'.")
+    _check_array(w, quantizer)
     if w.ndim == 3:
         # Experts: the bands of each are whole (N is a multiple of group_size), so quantizing the
         # experts stacked row-wise gives every expert exactly its own groups.
@@ -127,26 +123,10 @@ def zigzag_quantize(
         return ZigzagWeight(q.weight.reshape(E, N // group_size, *q.weight.shape[1:]),
                             q.scales.reshape(E, N // group_size, K), q.biases.reshape(E, N // group_size, K),
                             group_size, bits)
-    if w.ndim != 2:
-        raise ValueError(f"w must have shape (N, K) or (E, N, K) for experts, got {tuple(w.shape)}.")
-    N, K = w.shape
-    if K == 0 or N == 0:
-        raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}.")
-    if N % group_size:
-        raise ValueError(
-            f"the zigzag layout groups output rows: N={N} must be a multiple of group_size={group_size}."
-        )
-    # mx.quantize would turn NaN and inf into finite codes and scales: a silently wrong layer.
-    evaluated = not lazy or quantizer != "minmax" or _ext.is_evaluated(w)
-    if evaluated and not mx.all(mx.isfinite(w), stream=stream).item():
-        raise ValueError("w has non-finite values (NaN or inf); they cannot be quantized.")
+    evaluated = _check_single(w, group_size, lazy=lazy, quantizer=quantizer, stream=stream)
     if quantizer == "gptq":
-        from .gptq import gptq_quantize
-
-        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
-            codes, scales, biases = gptq_quantize(w, hessian, group_size, bits)
-        packed = _pack_codes(codes.reshape(-1, group_size), bits).reshape(N // group_size, K, -1)
-        return ZigzagWeight(mx.array(packed), scales, biases, group_size, bits)
+        return _gptq_weights([w], [hessian], group_size, bits, stream)[0]
+    N, K = w.shape
     z = w.reshape(N // group_size, group_size, K).swapaxes(1, 2)
     if quantizer == "search":
         with mx.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -160,6 +140,74 @@ def zigzag_quantize(
         finite = mx.all(mx.isfinite(z, stream=stream), axis=-1, keepdims=True, stream=stream)
         scales = mx.where(finite, scales, mx.array(float("nan"), scales.dtype), stream=stream)
     return ZigzagWeight(wq, scales.squeeze(-1), biases.squeeze(-1), group_size, bits)
+
+
+def _check_array(w, quantizer: str) -> None:
+    """A TypeError or ValueError for what no quantizer takes: not an mx.array, not a float dtype,
+    or (for "gptq") the stacked weights of experts."""
+    if not isinstance(w, mx.array):
+        raise TypeError(f"w must be an mx.array, got {type(w).__name__}.")
+    check_float_dtype(w.dtype, "w")
+    if w.ndim == 3 and quantizer == "gptq":
+        raise ValueError("the gptq quantizer takes one (N, K) weight; quantize experts with 'search'.")
+
+
+def _check_single(w: mx.array, group_size: int, *, lazy: bool, quantizer: str, stream) -> bool:
+    """The checks of one (N, K) weight: a ValueError for another shape, an empty one, N not a
+    multiple of ``group_size`` or (where it is evaluated) a non-finite value. Returns whether ``w``
+    is evaluated here (a lazy "minmax" weight that is not evaluated yet stays so)."""
+    if w.ndim != 2:
+        raise ValueError(f"w must have shape (N, K) or (E, N, K) for experts, got {tuple(w.shape)}.")
+    N, K = w.shape
+    if K == 0 or N == 0:
+        raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}.")
+    if N % group_size:
+        raise ValueError(
+            f"the zigzag layout groups output rows: N={N} must be a multiple of group_size={group_size}."
+        )
+    # mx.quantize would turn NaN and inf into finite codes and scales: a silently wrong layer.
+    evaluated = not lazy or quantizer != "minmax" or _ext.is_evaluated(w)
+    if evaluated and not mx.all(mx.isfinite(w), stream=stream).item():
+        raise ValueError("w has non-finite values (NaN or inf); they cannot be quantized.")
+    return evaluated
+
+
+def _gptq_weights(weights, hessians, group_size: int, bits: int, stream, progress: bool = False) -> list[ZigzagWeight]:
+    """The checked (N, K) ``weights`` quantized by GPTQ, weights of one shape walked together."""
+    from .gptq import gptq_quantize_many
+
+    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+        results = gptq_quantize_many(weights, hessians, group_size, bits, progress=progress)
+    out = []
+    for w, (codes, scales, biases) in zip(weights, results):
+        N, K = w.shape
+        packed = _pack_codes(codes.reshape(-1, group_size), bits).reshape(N // group_size, K, -1)
+        out.append(ZigzagWeight(mx.array(packed), scales, biases, group_size, bits))
+    return out
+
+
+def zigzag_quantize_many(
+    weights, group_size: int = 64, bits: int = 4, *, quantizer: str = "minmax", hessians=None, stream=None,
+    progress: bool = False,
+) -> list[ZigzagWeight]:
+    """``zigzag_quantize`` of each (N, K) weight in ``weights`` (with ``hessians[i]`` for "gptq"),
+    in order. With "gptq", weights of one shape and dtype are quantized together: each operation
+    of GPTQ's column walk then covers all of them, which on small layers (bound by the cost of an
+    operation, not its arithmetic) divides the walk's time by about the number of weights. Every
+    weight gets what it would get alone. ``progress`` shows GPTQ's progress over the weights."""
+    check_quantizer(quantizer)
+    weights = list(weights)
+    if quantizer != "gptq":
+        if hessians is not None:
+            raise ValueError("the gptq quantizer, and only it, takes hessians (spqt_mlx.gptq.input_hessians).")
+        return [zigzag_quantize(w, group_size, bits, quantizer=quantizer, stream=stream) for w in weights]
+    if hessians is None or len(hessians) != len(weights):
+        raise ValueError("the gptq quantizer takes one hessian per weight (spqt_mlx.gptq.input_hessians).")
+    check_bits_group_size(group_size, bits)
+    for w in weights:
+        _check_array(w, quantizer)
+        _check_single(w, group_size, lazy=False, quantizer=quantizer, stream=stream)
+    return _gptq_weights(weights, list(hessians), group_size, bits, stream, progress)
 
 
 # The search's candidate scales: (2^bits - 1 + step) codes over the group's range. 21 steps measured

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 from lm_fixtures import tiny_llama
 
+from spqt_mlx import gptq as gptq_module
 from spqt_mlx import zigzag_dequantize, zigzag_quantize
 from spqt_mlx.gptq import input_hessians
-from spqt_mlx.patch import patch_model, zigzag_layers
+from spqt_mlx.layout import zigzag_quantize_many
+from spqt_mlx.patch import ZigzagLinear, patch_model, zigzag_layers
 
 
 def correlated_inputs(K, rows=2048, seed=0):
@@ -66,6 +68,43 @@ def test_dead_columns_and_bad_hessians():
         zigzag_quantize(mx.zeros((2, 64, K)), 64, 4, quantizer="gptq", hessian=np.eye(K))
 
 
+def same(a, b):
+    return all(mx.array_equal(getattr(a, n), getattr(b, n)).item() for n in ("weight", "scales", "biases"))
+
+
+@pytest.mark.parametrize("batch_bytes", [1 << 30, 1], ids=["one-batch", "one-weight-per-batch"])
+def test_weights_walked_together_get_what_each_gets_alone(batch_bytes, monkeypatch):
+    # Two shapes and two dtypes, interleaved, with different statistics: each result equals its
+    # weight's own quantization bit for bit, in order, whether the weights share a walk or not.
+    monkeypatch.setattr(gptq_module, "BATCH_BYTES", batch_bytes)
+    specs = [(128, 96, mx.float16), (64, 160, mx.float16), (128, 96, mx.float16), (128, 96, mx.bfloat16),
+             (64, 160, mx.float16), (128, 96, mx.float16)]
+    ws = [(mx.random.normal((n, k), key=mx.random.key(i)) * 0.02).astype(d) for i, (n, k, d) in enumerate(specs)]
+    hs = [(lambda X: X.T @ X / len(X))(correlated_inputs(k, rows=256, seed=i)) for i, (_, k, _) in enumerate(specs)]
+    hs[2][:, 3] = hs[2][3, :] = 0  # a column no input reached, in a weight of a shared walk
+    together = zigzag_quantize_many(ws, 64, 4, quantizer="gptq", hessians=hs)
+    alone = [zigzag_quantize(w, 64, 4, quantizer="gptq", hessian=h) for w, h in zip(ws, hs)]
+    assert len(together) == len(ws) and all(same(a, b) for a, b in zip(together, alone))
+
+
+def test_quantize_many_checks_every_weight():
+    w = mx.random.normal((64, 32), key=mx.random.key(0))
+    h = np.eye(32)
+    with pytest.raises(ValueError, match="one hessian per weight"):
+        zigzag_quantize_many([w, w], 64, 4, quantizer="gptq", hessians=[h])
+    with pytest.raises(ValueError, match="only it, takes hessians"):
+        zigzag_quantize_many([w], 64, 4, quantizer="search", hessians=[h])
+    with pytest.raises(ValueError, match="non-finite"):
+        zigzag_quantize_many([w, w.at[0, 0].add(float("nan"))], 64, 4, quantizer="gptq", hessians=[h, h])
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        zigzag_quantize_many([w[:32]], 64, 4, quantizer="gptq", hessians=[h])
+    with pytest.raises(ValueError, match="hessian must be a finite"):
+        zigzag_quantize_many([w], 64, 4, quantizer="gptq", hessians=[np.eye(33)])
+    # Other quantizers quantize each weight as zigzag_quantize does.
+    assert all(same(a, zigzag_quantize(w, 64, 4, quantizer="search"))
+               for a in zigzag_quantize_many([w, w], 64, 4, quantizer="search"))
+
+
 def test_input_hessians_of_a_model():
     model = tiny_llama()
     tokens = mx.random.randint(0, 320, (700,), key=mx.random.key(0)).tolist()
@@ -97,6 +136,20 @@ def test_gptq_model_is_closer_to_the_float_model():
         assert len(patched) == len(zigzag_layers(model)) == 14
         gaps[quantizer] = mx.mean(mx.square(model(mx.array(tokens)[None]) - reference)).item()
     assert gaps["gptq"] < gaps["search"], gaps
+
+
+def test_patched_model_gets_each_layers_own_gptq():
+    # patch_model quantizes the projections of one shape together: each layer equals its own
+    # quantization from its float layer and statistics.
+    tokens = mx.random.randint(0, 320, (400,), key=mx.random.key(4)).tolist()
+    model = tiny_llama()
+    floats = dict(model.named_modules())
+    hessians = input_hessians(model, tokens)
+    alone = {p: ZigzagLinear.from_linear(floats[p], 64, 4, "gptq", hessian=hessians[p]) for p in hessians}
+    patch_model(model, quantizer="gptq", hessians=hessians)
+    layers = zigzag_layers(model)
+    assert set(layers) == set(alone)
+    assert all(same(layers[p], alone[p]) for p in alone)
 
 
 def test_group_fitter_refuses_what_the_format_cannot_store():

@@ -176,6 +176,23 @@ class ZigzagLinear(ActiveColumnStats, nn.Module):
         return cls(zigzag_quantize(linear.weight, group_size, bits, quantizer=quantizer, lazy=True, hessian=hessian),
                    bias)
 
+    @staticmethod
+    def source_weight(module: nn.Linear | nn.QuantizedLinear) -> mx.array:
+        """The float weight that :meth:`from_linear` or :meth:`from_quantized` quantizes: an
+        ``nn.Linear``'s own, or an ``nn.QuantizedLinear``'s dequantized (float32 where the
+        dequantized dtype is not a float format the kernels take)."""
+        if not isinstance(module, nn.QuantizedLinear):
+            return module.weight
+        w = mx.dequantize(
+            module.weight,
+            module.scales,
+            module.get("biases"),
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=module.mode,
+        )
+        return w if w.dtype in (mx.float32, mx.float16, mx.bfloat16) else w.astype(mx.float32)
+
     @classmethod
     def from_quantized(
         cls, qlinear: nn.QuantizedLinear, group_size: int | None = None, bits: int | None = None,
@@ -190,16 +207,7 @@ class ZigzagLinear(ActiveColumnStats, nn.Module):
         """
         if not isinstance(qlinear, nn.QuantizedLinear):
             raise TypeError(f"expected an nn.QuantizedLinear, got {type(qlinear).__name__}.")
-        w = mx.dequantize(
-            qlinear.weight,
-            qlinear.scales,
-            qlinear.get("biases"),
-            group_size=qlinear.group_size,
-            bits=qlinear.bits,
-            mode=qlinear.mode,
-        )
-        if w.dtype not in (mx.float32, mx.float16, mx.bfloat16):
-            w = w.astype(mx.float32)
+        w = cls.source_weight(qlinear)
         group_size = qlinear.group_size if group_size is None else group_size
         bits = qlinear.bits if bits is None else bits
         bias = qlinear.bias if "bias" in qlinear else None

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 from tqdm.auto import tqdm
 
-from ..layout import check_bits_group_size, check_quantizer
+from ..layout import check_bits_group_size, check_quantizer, zigzag_quantize_many
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
 
 from .experts import ZigzagSwitchLinear, fuse_experts
@@ -215,15 +215,48 @@ def patch_model(
     bar = tqdm(desc="zigzag-quantizing", unit="layer", leave=False, disable=not progress or allocate_only,
                total=sum(1 for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if select(p, m)))
 
-    def convert(path: str, module: nn.Module):
+    def action(path: str, module: nn.Module) -> tuple[str | None, str | None]:
+        """What patching does to a leaf: ("linear" or "experts", None), or (None, why it stays
+        dense, or None where that needs no warning)."""
         if isinstance(module, nn.Embedding) or path.split(".")[-1] == "lm_head":
-            return module
+            return None, None
         if predicate is None and _own_forward(module):
-            skipped.append(f"{path} ({type(module).__name__} has its own forward)")
-            return module
+            return None, f"{path} ({type(module).__name__} has its own forward)"
         if isinstance(module, ZIGZAG_TYPES) or not select(path, module):
+            return None, None
+        kind = "experts" if isinstance(module, _expert_types()) else "linear"
+        if kind == "linear" and not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            return None, f"{path} ({type(module).__name__} is not a linear layer)"
+        reason = _why_unsupported(module, group_size)
+        return (None, f"{path} ({reason})") if reason else (kind, None)
+
+    def _hessian(path: str, module: nn.Module):
+        from ..gptq import check_hessians
+
+        check_hessians(hessians, [path], {path: _input_dims(module)})
+        return hessians[path]
+
+    ready: dict[str, ZigzagLinear] = {}  # GPTQ's layers, quantized before any is replaced
+
+    def quantize_gptq():
+        """Every projection GPTQ quantizes, layers of one shape together (layout.zigzag_quantize_many):
+        its column walk costs about as much for one small layer as for a batch of them."""
+        chosen = [(p, m) for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if action(p, m)[0] == "linear"]
+        hs = [_hessian(p, m) for p, m in chosen]
+        try:
+            qweights = zigzag_quantize_many([ZigzagLinear.source_weight(m) for _, m in chosen], group_size, bits,
+                                            quantizer="gptq", hessians=hs, progress=progress)
+        except ValueError as e:
+            raise ValueError(f"gptq: {e}") from None  # nothing was replaced yet
+        ready.update((p, ZigzagLinear(q, m.bias if "bias" in m else None)) for (p, m), q in zip(chosen, qweights))
+
+    def convert(path: str, module: nn.Module):
+        kind, reason = action(path, module)
+        if reason:
+            skipped.append(reason)
+        if kind is None:
             return module
-        if isinstance(module, _expert_types()):
+        if kind == "experts":
             return replaced(
                 path, module,
                 lambda: ZigzagSwitchLinear.empty(module.input_dims, module.output_dims, module.num_experts,
@@ -231,30 +264,15 @@ def patch_model(
                                                  dtype=_float_dtype(module)),
                 lambda: ZigzagSwitchLinear.from_switch(module, group_size, bits,
                                                        "search" if quantizer == "gptq" else quantizer))
-        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-            skipped.append(f"{path} ({type(module).__name__} is not a linear layer)")
-            return module
         from_module = ZigzagLinear.from_quantized if isinstance(module, nn.QuantizedLinear) else ZigzagLinear.from_linear
         return replaced(
             path, module,
             lambda: ZigzagLinear.empty(_input_dims(module), _output_dims(module), bias="bias" in module,
                                        group_size=group_size, bits=bits, dtype=_float_dtype(module)),
-            lambda: from_module(module, group_size, bits, quantizer, hessian=_hessian(path, module)))
-
-    def _hessian(path: str, module: nn.Module):
-        if quantizer != "gptq":
-            return None
-        from ..gptq import check_hessians
-
-        check_hessians(hessians, [path], {path: _input_dims(module)})
-        return hessians[path]
+            lambda: ready[path] if path in ready else from_module(module, group_size, bits, quantizer))
 
     def replaced(path: str, module: nn.Module, empty, build):
         """The zigzag layer for ``module``: ``empty()`` to load into, or ``build()`` quantizing it."""
-        reason = _why_unsupported(module, group_size)
-        if reason:
-            skipped.append(f"{path} ({reason})")
-            return module
         if allocate_only:
             patched.append(path)
             return empty()
@@ -269,6 +287,8 @@ def patch_model(
         return layer
 
     try:
+        if quantizer == "gptq" and not allocate_only:
+            quantize_gptq()
         model.update_modules(tree_map_with_path(convert, leaves, is_leaf=nn.Module.is_module))
     finally:
         bar.close()
