@@ -163,7 +163,7 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
 
 
 def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> None:
-    """A ValueError naming the first projection in ``paths`` whose H is missing or misshapen."""
+    """A ValueError naming the first projection in ``paths`` whose H is missing, misshapen or not finite."""
     if not isinstance(hessians, Mapping):
         raise TypeError(f"hessians must map layer paths to (K, K) arrays, got {type(hessians).__name__}.")
     for p in paths:
@@ -172,6 +172,8 @@ def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> N
         shape = tuple(np.shape(hessians[p]))
         if shape != (dims[p], dims[p]):
             raise ValueError(f"the input statistics of {p} have shape {shape}, expected {(dims[p], dims[p])}.")
+        if not np.all(np.isfinite(hessians[p])):
+            raise ValueError(f"the input statistics of {p} have non-finite values.")
 
 
 @functools.lru_cache(maxsize=None)

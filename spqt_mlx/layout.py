@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -187,27 +188,40 @@ def _gptq_weights(weights, hessians, group_size: int, bits: int, stream, progres
 
 
 def zigzag_quantize_many(
-    weights, group_size: int = 64, bits: int = 4, *, quantizer: str = "minmax", hessians=None, stream=None,
-    progress: bool = False,
-) -> list[ZigzagWeight]:
-    """``zigzag_quantize`` of each (N, K) weight in ``weights`` (with ``hessians[i]`` for "gptq"),
-    in order. With "gptq", weights of one shape and dtype are quantized together: each operation
-    of GPTQ's column walk then covers all of them, which on small layers (bound by the cost of an
-    operation, not its arithmetic) divides the walk's time by about the number of weights. Every
-    weight gets what it would get alone. ``progress`` shows GPTQ's progress over the weights."""
+    weights: Mapping[str, mx.array], group_size: int = 64, bits: int = 4, *, quantizer: str = "minmax",
+    hessians: Mapping | None = None, stream=None, progress: bool = False,
+) -> dict[str, ZigzagWeight]:
+    """``zigzag_quantize`` of each named (N, K) weight, ``{name: ZigzagWeight}``; "gptq" takes
+    ``hessians``, a mapping holding each name's (K, K) input statistics. With "gptq", weights of
+    one shape and dtype are quantized together: each operation of GPTQ's column walk then covers all
+    of them, which pays an operation's fixed cost once for the batch (what bounds the walk on small
+    layers). Every weight gets what it would get alone. A ValueError names the weight it is about.
+    ``progress`` shows GPTQ's progress over the weights."""
     check_quantizer(quantizer)
-    weights = list(weights)
-    if quantizer != "gptq":
-        if hessians is not None:
-            raise ValueError("the gptq quantizer, and only it, takes hessians (spqt_mlx.gptq.input_hessians).")
-        return [zigzag_quantize(w, group_size, bits, quantizer=quantizer, stream=stream) for w in weights]
-    if hessians is None or len(hessians) != len(weights):
-        raise ValueError("the gptq quantizer takes one hessian per weight (spqt_mlx.gptq.input_hessians).")
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must map names to arrays, got {type(weights).__name__}.")
+    if (quantizer == "gptq") != (hessians is not None):
+        raise ValueError("the gptq quantizer, and only it, takes hessians (spqt_mlx.gptq.input_hessians).")
     check_bits_group_size(group_size, bits)
-    for w in weights:
-        _check_array(w, quantizer)
-        _check_single(w, group_size, lazy=False, quantizer=quantizer, stream=stream)
-    return _gptq_weights(weights, list(hessians), group_size, bits, stream, progress)
+    out = {}
+    for name, w in weights.items():
+        try:
+            if quantizer != "gptq":
+                out[name] = zigzag_quantize(w, group_size, bits, quantizer=quantizer, stream=stream)
+                continue
+            _check_array(w, quantizer)
+            _check_single(w, group_size, lazy=False, quantizer=quantizer, stream=stream)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if quantizer != "gptq":
+        return out
+    from .gptq import check_hessians
+
+    check_hessians(hessians, list(weights), {name: w.shape[1] for name, w in weights.items()})
+    names = list(weights)
+    quantized = _gptq_weights([weights[n] for n in names], [hessians[n] for n in names], group_size, bits, stream,
+                              progress)
+    return dict(zip(names, quantized))
 
 
 # The search's candidate scales: (2^bits - 1 + step) codes over the group's range. 21 steps measured

@@ -82,7 +82,8 @@ def test_weights_walked_together_get_what_each_gets_alone(batch_bytes, monkeypat
     ws = [(mx.random.normal((n, k), key=mx.random.key(i)) * 0.02).astype(d) for i, (n, k, d) in enumerate(specs)]
     hs = [(lambda X: X.T @ X / len(X))(correlated_inputs(k, rows=256, seed=i)) for i, (_, k, _) in enumerate(specs)]
     hs[2][:, 3] = hs[2][3, :] = 0  # a column no input reached, in a weight of a shared walk
-    together = zigzag_quantize_many(ws, 64, 4, quantizer="gptq", hessians=hs)
+    together = zigzag_quantize_many(dict(enumerate(ws)), 64, 4, quantizer="gptq", hessians=dict(enumerate(hs)))
+    together = [together[i] for i in range(len(ws))]
     alone = [zigzag_quantize(w, 64, 4, quantizer="gptq", hessian=h) for w, h in zip(ws, hs)]
     assert len(together) == len(ws) and all(same(a, b) for a, b in zip(together, alone))
 
@@ -90,19 +91,24 @@ def test_weights_walked_together_get_what_each_gets_alone(batch_bytes, monkeypat
 def test_quantize_many_checks_every_weight():
     w = mx.random.normal((64, 32), key=mx.random.key(0))
     h = np.eye(32)
-    with pytest.raises(ValueError, match="one hessian per weight"):
-        zigzag_quantize_many([w, w], 64, 4, quantizer="gptq", hessians=[h])
+    with pytest.raises(ValueError, match="needs the input statistics of b"):
+        zigzag_quantize_many({"a": w, "b": w}, 64, 4, quantizer="gptq", hessians={"a": h})
     with pytest.raises(ValueError, match="only it, takes hessians"):
-        zigzag_quantize_many([w], 64, 4, quantizer="search", hessians=[h])
-    with pytest.raises(ValueError, match="non-finite"):
-        zigzag_quantize_many([w, w.at[0, 0].add(float("nan"))], 64, 4, quantizer="gptq", hessians=[h, h])
-    with pytest.raises(ValueError, match="multiple of group_size"):
-        zigzag_quantize_many([w[:32]], 64, 4, quantizer="gptq", hessians=[h])
-    with pytest.raises(ValueError, match="hessian must be a finite"):
-        zigzag_quantize_many([w], 64, 4, quantizer="gptq", hessians=[np.eye(33)])
+        zigzag_quantize_many({"a": w}, 64, 4, quantizer="search", hessians={"a": h})
+    with pytest.raises(ValueError, match="^b: w has non-finite"):
+        zigzag_quantize_many({"a": w, "b": w.at[0, 0].add(float("nan"))}, 64, 4, quantizer="gptq",
+                             hessians={"a": h, "b": h})
+    with pytest.raises(ValueError, match="^a: .*multiple of group_size"):
+        zigzag_quantize_many({"a": w[:32]}, 64, 4, quantizer="gptq", hessians={"a": h})
+    with pytest.raises(ValueError, match="statistics of a have shape"):
+        zigzag_quantize_many({"a": w}, 64, 4, quantizer="gptq", hessians={"a": np.eye(33)})
+    with pytest.raises(ValueError, match="statistics of a have non-finite"):
+        zigzag_quantize_many({"a": w}, 64, 4, quantizer="gptq", hessians={"a": h * np.nan})
+    with pytest.raises(TypeError, match="weights must map names"):
+        zigzag_quantize_many([w], 64, 4, quantizer="gptq", hessians={0: h})
     # Other quantizers quantize each weight as zigzag_quantize does.
     assert all(same(a, zigzag_quantize(w, 64, 4, quantizer="search"))
-               for a in zigzag_quantize_many([w, w], 64, 4, quantizer="search"))
+               for a in zigzag_quantize_many({"a": w, "b": w}, 64, 4, quantizer="search").values())
 
 
 def test_input_hessians_of_a_model():

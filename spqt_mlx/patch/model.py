@@ -230,25 +230,18 @@ def patch_model(
         reason = _why_unsupported(module, group_size)
         return (None, f"{path} ({reason})") if reason else (kind, None)
 
-    def _hessian(path: str, module: nn.Module):
-        from ..gptq import check_hessians
-
-        check_hessians(hessians, [path], {path: _input_dims(module)})
-        return hessians[path]
-
     ready: dict[str, ZigzagLinear] = {}  # GPTQ's layers, quantized before any is replaced
 
     def quantize_gptq():
         """Every projection GPTQ quantizes, layers of one shape together (layout.zigzag_quantize_many):
         its column walk costs about as much for one small layer as for a batch of them."""
-        chosen = [(p, m) for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if action(p, m)[0] == "linear"]
-        hs = [_hessian(p, m) for p, m in chosen]
+        chosen = {p: m for p, m in tree_flatten(leaves, is_leaf=nn.Module.is_module) if action(p, m)[0] == "linear"}
         try:
-            qweights = zigzag_quantize_many([ZigzagLinear.source_weight(m) for _, m in chosen], group_size, bits,
-                                            quantizer="gptq", hessians=hs, progress=progress)
+            qweights = zigzag_quantize_many({p: ZigzagLinear.source_weight(m) for p, m in chosen.items()}, group_size,
+                                            bits, quantizer="gptq", hessians=hessians, progress=progress)
         except ValueError as e:
             raise ValueError(f"gptq: {e}") from None  # nothing was replaced yet
-        ready.update((p, ZigzagLinear(q, m.bias if "bias" in m else None)) for (p, m), q in zip(chosen, qweights))
+        ready.update((p, ZigzagLinear(q, chosen[p].bias if "bias" in chosen[p] else None)) for p, q in qweights.items())
 
     def convert(path: str, module: nn.Module):
         kind, reason = action(path, module)
