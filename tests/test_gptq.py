@@ -1,6 +1,7 @@
 """GPTQ in zigzag order (spqt_mlx.gptq): the same format, a lower output error on the calibration inputs."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from lm_fixtures import tiny_llama
@@ -104,6 +105,8 @@ def test_quantize_many_checks_every_weight():
         zigzag_quantize_many({"a": w}, 64, 4, quantizer="gptq", hessians={"a": np.eye(33)})
     with pytest.raises(ValueError, match="statistics of a have non-finite"):
         zigzag_quantize_many({"a": w}, 64, 4, quantizer="gptq", hessians={"a": h * np.nan})
+    with pytest.raises(TypeError, match="expected an nn.Linear or nn.QuantizedLinear"):
+        ZigzagLinear.source_weight(nn.Embedding(4, 8))
     with pytest.raises(TypeError, match="weights must map names"):
         zigzag_quantize_many([w], 64, 4, quantizer="gptq", hessians={0: h})
     # Other quantizers quantize each weight as zigzag_quantize does.

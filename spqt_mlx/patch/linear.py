@@ -181,7 +181,9 @@ class ZigzagLinear(ActiveColumnStats, nn.Module):
         """The float weight that :meth:`from_linear` or :meth:`from_quantized` quantizes: an
         ``nn.Linear``'s own, or an ``nn.QuantizedLinear``'s dequantized (float32 where the
         dequantized dtype is not a float format the kernels take)."""
-        if not isinstance(module, nn.QuantizedLinear):
+        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            raise TypeError(f"expected an nn.Linear or nn.QuantizedLinear, got {type(module).__name__}.")
+        if isinstance(module, nn.Linear):
             return module.weight
         w = mx.dequantize(
             module.weight,
