@@ -7,7 +7,9 @@ Each kernel is compiled here with nvcc for sm_90, loaded with CuPy and launched 
 launches it (dispatch/cuda.cpp: same arguments, the same split policy). Beside them, the read
 ceiling: a kernel that only reads the same bytes (codes, scales, biases) in the same number of
 blocks as the tensor-core kernel's dense launch, each block a contiguous share, many 16-byte loads in
-flight per thread. No GEMV on these bytes can be faster than it. Correctness: every kernel
+flight per thread. No GEMV on these bytes can be faster than it. And its sparse counterpart: a kernel
+that reads only the groups (and scales and biases) of a sorted random column list, at densities 1,
+0.5 and 0.25, which bounds the sparse walks the same way. Correctness: every kernel
 against a float64 reference on fresh random inputs (fp16, bf16, float32; dense, index lists with
 duplicates and junk, fused collection; several split counts). Timing: a CUDA graph of 200 dependent
 launches over rotating weight copies larger than the L2, replayed 5 times; the median per launch.
@@ -87,13 +89,73 @@ extern "C" __global__ void __launch_bounds__(256) read_ceiling(
 """
 
 
+# The same for a sparse walk: reads only the groups of a sorted column list (4-bit, groups of 64: two
+# 16-byte loads each) and their 2-byte scales and biases, each block a contiguous share of one band's
+# list, eight groups per thread in flight. What a walk given those columns cannot beat.
+ACTIVE_READ_CEILING = r"""
+#include <cstdint>
+extern "C" __global__ void __launch_bounds__(256) active_read_ceiling(
+    const uint4* __restrict__ codes, const uint16_t* __restrict__ scales, const uint16_t* __restrict__ biases,
+    const int* __restrict__ list, int n, int K, int splits, unsigned* __restrict__ sink) {
+  constexpr int kUnroll = 8;
+  const int band = blockIdx.x / splits;
+  const int share = (n + splits - 1) / splits;
+  const int begin = (blockIdx.x % splits) * share;
+  const int end = min(n, begin + share);
+  const uint4* w = codes + int64_t(band) * K * 2;
+  const uint16_t* s = scales + int64_t(band) * K;
+  const uint16_t* b = biases + int64_t(band) * K;
+  uint32_t acc = 0;
+  for (int i = begin + threadIdx.x; i < end; i += 256 * kUnroll) {
+    uint4 lo[kUnroll], hi[kUnroll];
+    uint32_t side[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const bool in = i + u * 256 < end;
+      const int k = in ? list[i + u * 256] : 0;
+      lo[u] = in ? __ldcs(w + 2 * k) : make_uint4(0, 0, 0, 0);
+      hi[u] = in ? __ldcs(w + 2 * k + 1) : make_uint4(0, 0, 0, 0);
+      side[u] = in ? uint32_t(s[k]) << 16 | b[k] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) acc ^= lo[u].x ^ lo[u].w ^ hi[u].y ^ hi[u].z ^ side[u];
+  }
+  if (acc == 0x12345678u) sink[0] = acc;
+}
+"""
+
+
 def build_read_ceiling(out_dir):
-    source = Path(out_dir) / "read_ceiling.cu"
-    source.write_text(READ_CEILING)
-    cubin = Path(out_dir) / "read_ceiling.cubin"
-    subprocess.run(["nvcc", "-O3", "-cubin", "-gencode=arch=compute_90,code=sm_90", str(source), "-o", str(cubin)],
-                   check=True)
-    return cp.RawModule(path=str(cubin)).get_function("read_ceiling")
+    """The two read ceilings: (every group, the active groups of a list)."""
+    fns = []
+    for name, text in (("read_ceiling", READ_CEILING), ("active_read_ceiling", ACTIVE_READ_CEILING)):
+        source = Path(out_dir) / f"{name}.cu"
+        source.write_text(text)
+        cubin = Path(out_dir) / f"{name}.cubin"
+        subprocess.run(["nvcc", "-O3", "-cubin", "-gencode=arch=compute_90,code=sm_90", str(source), "-o", str(cubin)],
+                       check=True)
+        fns.append(cp.RawModule(path=str(cubin)).get_function(name))
+    return tuple(fns)
+
+
+def active_read_ceiling_time(fn, p, copies, lists):
+    """µs per launch of the active-groups read ceiling over ``copies`` of ``p``'s weights (group size 64),
+    the sorted column lists ``lists`` in turn: the best of two, four and eight blocks per multiprocessor."""
+    bands = p.N // p.gs
+    sink = cp.zeros(1, cp.uint32)
+    best = float("inf")
+    for per_sm in (2, 4, 8):
+        sp = 1
+        while sp < 64 and bands * sp < per_sm * SMS and p.K // (2 * sp) >= 256:
+            sp *= 2
+
+        def go(i, sp=sp):
+            w, s, b = copies[i % len(copies)]
+            cols = lists[i % len(lists)]
+            fn((bands * sp,), (256,), (w, s, b, cols, np.int32(len(cols)), np.int32(p.K), np.int32(sp), sink))
+
+        best = min(best, graph_time(go))
+    return best
 
 
 def read_ceiling_time(fn, p, copies):
@@ -282,15 +344,20 @@ def copy_bandwidth():
     return 2 * a.nbytes / (start.elapsed_time(end) / 1e3) / 1e9
 
 
-def timings(fns, ceiling):
+def timings(fns, ceilings):
     rows = []
     rng = np.random.default_rng(1)
+    ceiling, active_ceiling = ceilings
     for N, K in SHAPES:
         rows.append(dict(shape=f"{N}x{K}", variant="fp16 x @ W.T (torch)", density=1.0, us=torch_gemv_time(N, K)))
         p = Problem(N, K, 64, "float16", seed=3)
         nbytes = p.w.nbytes + p.s.nbytes + p.b.nbytes
         copies = [(p.w.copy(), p.s.copy(), p.b.copy()) for _ in range(max(2, (256 << 20) // nbytes))]
         rows.append(dict(shape=f"{N}x{K}", variant="read ceiling", density=1.0, us=read_ceiling_time(ceiling, p, copies)))
+        for density in (1.0, 0.5, 0.25):
+            lists = [cp.asarray(np.sort(rng.permutation(K)[: int(density * K)]).astype(np.int32)) for _ in range(4)]
+            rows.append(dict(shape=f"{N}x{K}", variant="read ceiling, active groups", density=density,
+                             us=active_read_ceiling_time(active_ceiling, p, copies, lists)))
         xa = np.abs(p.f64(p.x))
         for kernel in kernels_of(fns):
             fn = fns[kernel, "float16", 64]
@@ -393,14 +460,15 @@ def main():
     def timed(v, d):  # the kernels with a row for this column
         return [k for k in kernels if any((f"{N}x{K}", f"{k} {v}", d) in at for N, K in SHAPES)]
 
-    print("| N×K | fp16 x@W.T | read ceiling | " + " | ".join(f"{v} d={d:g}: " + " / ".join(timed(v, d)) for v, d in cols)
-        + " | read ceiling / fastest dense |")
-    print("|---" * (4 + len(cols)) + "|")
+    print("| N×K | fp16 x@W.T | read ceiling | active groups' read d=1 / 0.5 / 0.25 | "
+          + " | ".join(f"{v} d={d:g}: " + " / ".join(timed(v, d)) for v, d in cols) + " | read ceiling / fastest dense |")
+    print("|---" * (5 + len(cols)) + "|")
     for N, K in SHAPES:
         s = f"{N}x{K}"
         ceiling = at[s, "read ceiling", 1.0]
+        active = " / ".join(f"{at[s, 'read ceiling, active groups', d]:.1f}" for d in (1.0, 0.5, 0.25))
         dense = [at[s, f"{k} dense", 1.0] for k in kernels if (s, f"{k} dense", 1.0) in at]
-        print(f"| {s} | {at[s, 'fp16 x @ W.T (torch)', 1.0]:.1f} | {ceiling:.1f} | " + " | ".join(
+        print(f"| {s} | {at[s, 'fp16 x @ W.T (torch)', 1.0]:.1f} | {ceiling:.1f} | {active} | " + " | ".join(
             " / ".join(f"{at[s, f'{k} {v}', d]:.1f}" for k in kernels if (s, f"{k} {v}", d) in at) for v, d in cols)
             + f" | {ceiling / min(dense):.2f} |")
     if args.json:
