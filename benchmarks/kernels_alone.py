@@ -91,7 +91,7 @@ extern "C" __global__ void __launch_bounds__(256) read_ceiling(
 
 # The same for a sparse walk: reads only the groups of a sorted column list (4-bit, groups of 64: two
 # 16-byte loads each) and their 2-byte scales and biases, each block a contiguous share of one band's
-# list, eight groups per thread in flight. What a walk given those columns cannot beat.
+# list, up to eight groups per thread in flight. What a walk given those columns cannot beat.
 ACTIVE_READ_CEILING = r"""
 #include <cstdint>
 extern "C" __global__ void __launch_bounds__(256) active_read_ceiling(
@@ -141,6 +141,8 @@ def build_read_ceiling(out_dir):
 def active_read_ceiling_time(fn, p, copies, lists):
     """µs per launch of the active-groups read ceiling over ``copies`` of ``p``'s weights (group size 64),
     the sorted column lists ``lists`` in turn: the best of two, four and eight blocks per multiprocessor."""
+    if p.gs != 64:
+        raise ValueError("the active-groups read ceiling reads 4-bit groups of 64 (32 bytes)")
     bands = p.N // p.gs
     sink = cp.zeros(1, cp.uint32)
     best = float("inf")

@@ -4,9 +4,10 @@ For a model (default the quick start's, SmolLM2-135M-Instruct) and a prompt (def
 start's), greedy decoding of ``--max-tokens`` tokens from: the float model; mlx-lm's 4-bit model
 (``nn.quantize``, groups of 64, embeddings included, as the decode benchmarks build it); and the
 zigzag 4-bit model of each quantizer with sparsity off (GPTQ with its input statistics on the
-calibration text the tools use by default). Each text is checked for a sentence that occurs twice
-(issue 13's fluency check, "no sentence repeated in 128 tokens"), which separates what 4-bit weights
-cost this model's text from what sparsity costs it.
+calibration text the tools use by default; the projections run one by one, where spqt-generate
+stacks those that share an input, which changes no more than rounding). Each text is checked for a
+sentence that occurs twice (issue 13's fluency check, "no sentence repeated in 128 tokens"), which
+separates what 4-bit weights cost this model's text from what sparsity costs it.
 
     python benchmarks/quickstart_text.py [--model smollm2] [--json out.json]
 """
@@ -25,12 +26,14 @@ from mlx_lm import generate
 from spqt_mlx.layout import QUANTIZERS
 from spqt_mlx.patch import patch_model
 from spqt_mlx.sources import load_source
-
-PROMPT = "Explain why the sky is blue."
+from spqt_mlx.texts import QUICK_START_PROMPT
 
 
 def repeated_sentence(text: str) -> str | None:
-    """The first sentence (three words or more) that occurs a second time in ``text``, else None."""
+    """A sentence of ``text`` that occurs in it twice (the one whose second occurrence comes first), else
+    None. A sentence is what ends at ".", "!" or "?" followed by white space (or at the text's end,
+    so a last sentence cut off by the token limit counts as one), of three words or more, compared
+    exactly after collapsing white space."""
     seen = set()
     for sentence in re.split(r"(?<=[.!?])\s+", text):
         key = " ".join(sentence.split())
@@ -64,7 +67,7 @@ def build(model_name: str, variant: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--prompt", default=QUICK_START_PROMPT)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--json")
     args = p.parse_args()
@@ -75,17 +78,18 @@ def main():
         model, tokenizer = build(args.model, variant)
         prepared = time.perf_counter() - t
         prompt = args.prompt
-        if getattr(tokenizer, "chat_template", None):  # as mlx_lm.generate's command line does
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                   tokenize=False)
+        if tokenizer.has_chat_template:  # as mlx_lm.generate's command line does
+            messages = [{"role": "user", "content": prompt}]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         text = generate(model, tokenizer, prompt=prompt, max_tokens=args.max_tokens, verbose=False)
         repeat = repeated_sentence(text)
-        rows.append(dict(model=args.model, variant=variant, prepare_s=round(prepared, 1), text=text, repeated=repeat))
+        rows.append(dict(model=args.model, variant=variant, prepare_s=round(prepared, 1), text=text,
+                         repeated=repeat))
         print(f"== {variant} (prepared in {prepared:.0f} s): repeats {repeat!r}\n{text}\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=f"{platform.machine()}, {mx.default_device()}", date=datetime.date.today().isoformat(), prompt=args.prompt, max_tokens=args.max_tokens,
-                           rows=rows), f, indent=1)
+            json.dump(dict(device=f"{platform.machine()}, {mx.default_device()}", date=datetime.date.today().isoformat(),
+                           prompt=args.prompt, max_tokens=args.max_tokens, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

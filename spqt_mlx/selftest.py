@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import ActiveColumns, collect_active, zigzag_dequantize, zigzag_gemv, zigzag_quantize
+from .texts import QUICK_START_PROMPT
 from .layout import DTYPES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 # Largest acceptable difference, relative to the largest output magnitude.
@@ -172,7 +173,7 @@ def time_gemv(shapes=GEMV_SHAPES, repeats=200, rounds=3, bits=4, gs=64) -> list[
     return rows
 
 
-def time_decode(model="smollm2", tokens=64, prompt="Explain why the sky is blue.") -> list[dict]:
+def time_decode(model="smollm2", tokens=64, prompt=QUICK_START_PROMPT) -> list[dict]:
     """Rows ``{model, sparsity, decode_tps, prefill_tps}``: mlx-lm's 4-bit model and the zigzag
     4-bit model (sparsity 0 and 0.5, calibrated on self-generated text) of the default model."""
     import mlx.nn as nn

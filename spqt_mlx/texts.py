@@ -6,6 +6,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+# The README quick start's prompt, which the self-test and the text check (benchmarks/quickstart_text.py)
+# decode too.
+QUICK_START_PROMPT = "Explain why the sky is blue."
+
 # Prompts for self-generated calibration text: varied registers, no third-party text needed.
 CALIBRATION_PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
