@@ -3,11 +3,11 @@
 For a model (default the quick start's, SmolLM2-135M-Instruct) and a prompt (default the quick
 start's), greedy decoding of ``--max-tokens`` tokens from: the float model; mlx-lm's 4-bit model
 (``nn.quantize``, groups of 64, embeddings included, as the decode benchmarks build it); and the
-zigzag 4-bit model of each quantizer with sparsity off (GPTQ with its input statistics on the
-calibration text the tools use by default; the projections run one by one, where spqt-generate
-stacks those that share an input, which changes no more than rounding). Each text is checked for a
-sentence that occurs twice (issue 13's fluency check, "no sentence repeated in 128 tokens"), which
-separates what 4-bit weights cost this model's text from what sparsity costs it.
+zigzag 4-bit model of each quantizer with sparsity off, prepared as `spqt-generate --spqt
+--sparsity 0 --quantizer Q` prepares it (GPTQ's input statistics on its default calibration text).
+Each text is checked for a sentence that occurs twice (issue 13's fluency check, "no sentence
+repeated in 128 tokens"), which separates what 4-bit weights cost this model's text from what
+sparsity costs it.
 
     python benchmarks/quickstart_text.py [--model smollm2] [--json out.json]
 """
@@ -23,8 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm import generate
 
+from spqt_mlx.generate import add_arguments, check_arguments, convert_and_calibrate
 from spqt_mlx.layout import QUANTIZERS
-from spqt_mlx.patch import patch_model
 from spqt_mlx.sources import load_source
 from spqt_mlx.texts import QUICK_START_PROMPT
 
@@ -50,16 +50,12 @@ def build(model_name: str, variant: str):
     if variant == "mlx 4-bit":
         nn.quantize(model, group_size=64, bits=4)
     elif variant.startswith("zigzag 4-bit"):
-        quantizer = variant.split()[-1]
-        hessians = None
-        if quantizer == "gptq":
-            from spqt_mlx.gptq import input_hessians
-            from spqt_mlx.texts import calibration_tokens, leading_token
-
-            # spqt-generate's default calibration: 256 tokens of the model's own text.
-            tokens, _ = calibration_tokens(model, tokenizer, text_file=None, n_tokens=256, progress=False)
-            hessians = input_hessians(model, tokens, bos=leading_token(tokenizer))
-        patch_model(model, group_size=64, bits=4, quantizer=quantizer, hessians=hessians)
+        # What `spqt-generate --spqt --sparsity 0 --quantizer Q` does to the model, with its defaults.
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args(["--spqt", "--sparsity", "0", "--quantizer", variant.split()[-1]])
+        check_arguments(args)
+        convert_and_calibrate(model, tokenizer, args)
     mx.eval(model.parameters())
     return model, tokenizer
 
@@ -88,8 +84,9 @@ def main():
         print(f"== {variant} (prepared in {prepared:.0f} s): repeats {repeat!r}\n{text}\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=f"{platform.machine()}, {mx.default_device()}", date=datetime.date.today().isoformat(),
-                           prompt=args.prompt, max_tokens=args.max_tokens, rows=rows), f, indent=1)
+            json.dump(dict(device=f"{platform.machine()}, {mx.default_device()}",
+                           date=datetime.date.today().isoformat(), prompt=args.prompt, max_tokens=args.max_tokens,
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

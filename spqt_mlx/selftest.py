@@ -28,8 +28,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import ActiveColumns, collect_active, zigzag_dequantize, zigzag_gemv, zigzag_quantize
-from .texts import QUICK_START_PROMPT
 from .layout import DTYPES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .texts import QUICK_START_PROMPT
 
 # Largest acceptable difference, relative to the largest output magnitude.
 TOLERANCE = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}
