@@ -11,9 +11,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cd /tmp || exit 1
 python3 -c "import mlx.core as mx, spqt_mlx; print('mlx', mx.__version__, 'cuda', mx.cuda.is_available())"
 python3 -m pytest "$repo/tests/test_cuda.py" -q -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" | tail -15
-for tool in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool $tool --target-processes all python3 -m pytest "$repo/tests/test_cuda.py" -q \
-    -p no:cacheprovider -k "test_unsorted or test_deterministic or (every_format and 4-64) or (tensor_core and 8192x4096 and float16)" 2>&1 \
+for tool in memcheck racecheck synccheck; do
+  timeout 300 compute-sanitizer --tool $tool --target-processes all python3 -m pytest "$repo/tests/test_cuda.py" -q \
+    -p no:cacheprovider -k "test_unsorted or test_deterministic or (every_format and 4-64) or (tensor_core and 8192x4096 and float16) or (bulk_copy_path and 8192x4096 and float16 and 64)" 2>&1 \
     | tee "$out/sanitizer_$tool.log" | grep -E "ERROR SUMMARY|passed|failed" | tail -3
 done
 if command -v ncu >/dev/null; then

@@ -116,7 +116,7 @@ __device__ __forceinline__ void zigzag_gemv(
   if (tid == 0) {
     for (int i = 0; i < kRing; ++i) {
       barrier_init(&full[i], 1);           // the producer's arrival; then the copies' bytes
-      barrier_init(&empty[i], kConsumers);  // every consumer warp is done with the stage
+      barrier_init(&empty[i], kConsumers * 32);  // every consumer lane is done with the stage
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -179,8 +179,12 @@ __device__ __forceinline__ void zigzag_gemv(
         const uint2 b = *reinterpret_cast<const uint2*>(&bterm[warp][column][i * 16 + 4 * t]);
         tc::mma_tile<GS>(acc, tile, b, g, t, magic);
       }
-      __syncwarp();  // every lane has read the stage and the terms
-      if (lane == 0) arrive(&empty[slot]);
+      __syncwarp();  // every lane has read the terms before the next stage's overwrite them
+      // Every lane arrives after its own last read of the stage: one arrival per warp after a
+      // __syncwarp is what the PTX memory model orders too, but compute-sanitizer's racecheck counts
+      // only a thread's own arrival as ordering its reads before the next copy into the slot (a
+      // probe measured it: per-warp arrivals were reported as hazards, per-lane ones were not).
+      arrive(&empty[slot]);
     }
     tc::store_rows<GS, kTerms>(acc, 0, partial[warp], lane);
 #pragma unroll
