@@ -4,10 +4,12 @@ For a model (a short name such as ``smollm2``, a directory or a GGUF), each quan
 copy: ``gptq`` first collects its input statistics on calibration text (timed apart). Then GPTQ
 alone on weights of the given shapes (random weights, the statistics of correlated random inputs),
 which is how its cost grows to larger models: one graph per column of input, each as wide as the
-weight has rows.
+weight has rows, and one factorization of H per layer. With ``--layers``, that many weights of each
+shape are walked together, as a model's layers of one shape are, in batches of at most
+``--batch-mb``.
 
     python benchmarks/quantizer_cost.py --model smollm2 --calibration-text emma.txt \\
-        --shapes 4096x4096 14336x4096 4096x14336 --json quantizer_cost.json
+        --shapes 4096x4096 14336x4096 4096x14336 --layers 8 --batch-mb 128 4096 --json quantizer_cost.json
 """
 
 import argparse
@@ -19,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from spqt_mlx import zigzag_quantize
-from spqt_mlx.gptq import input_hessians
+from spqt_mlx.gptq import BATCH_BYTES, error_weights, gptq_quantize_many, input_hessians
 from spqt_mlx.layout import QUANTIZERS
 from spqt_mlx.patch import patch_model
 from spqt_mlx.sources import load_source
@@ -49,21 +51,37 @@ def model_rows(args) -> list[dict]:
     return rows
 
 
-def shape_rows(shapes, dtype) -> list[dict]:
+def shape_rows(shapes, dtype, layers=1, batch_mbs=(None,)) -> list[dict]:
+    """Per shape: ``search`` on one weight; GPTQ's error weights (the factorization of H, NumPy on
+    the CPU) for one H; and GPTQ on ``layers`` weights of that shape walked together in batches of
+    at most each of ``batch_mbs`` MB (None: the library's default). ``seconds`` is per layer."""
     rows = []
     rng = np.random.default_rng(0)
     for shape in shapes:
         N, K = (int(v) for v in shape.split("x"))
-        w = (mx.random.normal((N, K), key=mx.random.key(N + K)) * 0.02).astype(dtype)
+        ws = [(mx.random.normal((N, K), key=mx.random.key(N + K + i)) * 0.02).astype(dtype) for i in range(layers)]
+        mx.eval(ws)
         X = rng.standard_normal((2048, K)).astype(np.float32) @ (rng.standard_normal((K, K)).astype(np.float32)
                                                                   / np.sqrt(K))
         H = X.T.astype(np.float64) @ X / len(X)
-        for quantizer in ("search", "gptq"):
+        t = time.perf_counter()
+        q = zigzag_quantize(ws[0], 64, 4, quantizer="search")
+        mx.eval(q.weight, q.scales, q.biases)
+        rows.append({"shape": shape, "quantizer": "search", "layers": 1, "seconds": time.perf_counter() - t})
+        t = time.perf_counter()
+        error_weights(H)
+        rows.append({"shape": shape, "quantizer": "gptq: error weights (H's factorization)", "layers": 1,
+                     "seconds": time.perf_counter() - t})
+        for mb in batch_mbs:
             t = time.perf_counter()
-            q = zigzag_quantize(w, 64, 4, quantizer=quantizer, hessian=H if quantizer == "gptq" else None)
-            mx.eval(q.weight, q.scales, q.biases)
-            rows.append({"shape": shape, "quantizer": quantizer, "seconds": time.perf_counter() - t})
-            print(f"{shape} {quantizer}: {rows[-1]['seconds']:.2f} s", flush=True)
+            out = gptq_quantize_many(ws, [H] * layers, 64, 4, batch_bytes=None if mb is None else mb << 20)
+            mx.eval([r[1:] for r in out])
+            total = time.perf_counter() - t
+            rows.append({"shape": shape, "quantizer": "gptq", "layers": layers,
+                         "batch_mb": (BATCH_BYTES[mx.default_device().type] >> 20) if mb is None else mb, "seconds": total / layers})
+        for r in rows[-2 - len(batch_mbs):]:
+            print(f"{shape} {r['quantizer']}: {r['seconds']:.2f} s per layer"
+                  + (f" ({r['layers']} layers, batches <= {r['batch_mb']} MB)" if "batch_mb" in r else ""), flush=True)
     return rows
 
 
@@ -75,12 +93,15 @@ def main():
     p.add_argument("--calibration-text", default=None)
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--shapes", nargs="*", default=[], help="NxK weights to time GPTQ on, e.g. 14336x4096")
+    p.add_argument("--layers", type=int, default=1, help="weights of each shape that GPTQ walks together")
+    p.add_argument("--batch-mb", type=int, nargs="+", default=None,
+                   help="GPTQ's batch limits to time (MB); default the library's")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     device = mx.device_info().get("device_name", "") or str(mx.default_device())
     result = {"device": device, "date": datetime.date.today().isoformat(),
               "models": model_rows(args) if args.model else [],
-              "shapes": shape_rows(args.shapes, mx.float16)}
+              "shapes": shape_rows(args.shapes, mx.float16, args.layers, args.batch_mb or [None])}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

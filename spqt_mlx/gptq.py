@@ -187,10 +187,12 @@ def _column_fitter(bits: int, dtype: mx.Dtype):
 
 
 # Weights walked together take at most about this much memory (the float32 weights being updated,
-# their error updates and the Cholesky factors): a batch of small layers, or one large layer alone.
-# On a 2-core CPU, 128 MB batches (4-25 of SmolLM2's layers) measured faster than 1 GB ones: there
-# the walk's operations cost by their size as well as by their number.
-BATCH_BYTES = 128 << 20
+# their error updates and the Cholesky factors), by the device the walk runs on: a batch of small
+# layers, or one large layer alone. On a 2-core CPU, 128 MB batches (4-25 of SmolLM2's layers)
+# measured faster than 1 GB ones: there the walk's operations cost by their size as well as by their
+# number. On an H200 an operation costs about the same whatever its size, so larger batches pay off:
+# 4096x4096 layers took 2.0 s each in 4 GB batches against 12.0 s in 128 MB ones (BENCHMARKS.md).
+BATCH_BYTES = {mx.cpu: 128 << 20, mx.gpu: 4 << 30}
 
 
 def gptq_quantize(w: mx.array, hessian, group_size: int, bits: int, *, damping: float = DAMPING,
@@ -200,43 +202,69 @@ def gptq_quantize(w: mx.array, hessian, group_size: int, bits: int, *, damping: 
     in ``w``'s dtype. Columns that no calibration input reached (zero diagonal) are quantized as
     they are, without error feedback from or to them.
 
-    The column walk runs in MLX on the default device (a block of columns per graph); H's inverse
-    and its Cholesky factor in float64 on the CPU (numpy)."""
+    The column walk runs in MLX on the default device (a block of columns per graph); the error
+    weights (:func:`error_weights`) in float64 on the CPU (numpy)."""
     return gptq_quantize_many([w], [hessian], group_size, bits, damping=damping, block=block)[0]
 
 
-def _error_weights(hessian, K: int, damping: float) -> np.ndarray:
-    """The upper Cholesky factor of H^-1 (float32): row k holds column k's error weights for the
-    later columns. Columns no input reached (zero diagonal) get none."""
+def error_weights(hessian, damping: float = DAMPING) -> np.ndarray:
+    """GPTQ's error weights for inputs of ``hessian`` (K, K): the upper Cholesky factor of the
+    damped H^-1 (float32), whose row k holds column k's error weights for the later columns.
+    Columns no input reached (zero diagonal) get none."""
     H = np.array(hessian, dtype=np.float64, copy=True)
+    K = H.shape[0] if H.ndim == 2 else -1
     if H.shape != (K, K) or not np.all(np.isfinite(H)):
-        raise ValueError(f"hessian must be a finite ({K}, {K}) array, got shape {H.shape}.")
+        raise ValueError(f"hessian must be a finite square array, got shape {H.shape}.")
     dead = np.diag(H) <= 0
     H[dead, :] = 0.0
     H[:, dead] = 0.0
     H[dead, dead] = 1.0
     H[np.diag_indices(K)] += damping * np.mean(np.diag(H))
-    return np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)
+    # With J the reversal, H = U^-1 U^-T gives J H J = L L^T for L = J U^-1 J (lower): so U is
+    # J L^-1 J, one Cholesky factor and one triangular inverse, about a third of the arithmetic of
+    # inverting H and then factoring the inverse (what dominates GPTQ's cost at K = 14336).
+    L = np.linalg.cholesky(H[::-1, ::-1])
+    return _lower_inverse(L)[::-1, ::-1].astype(np.float32)
+
+
+def _lower_inverse(L: np.ndarray) -> np.ndarray:
+    """The inverse of the lower-triangular ``L``, by halves: its products run in NumPy's BLAS."""
+    n = L.shape[0]
+    if n <= 256:
+        return np.linalg.inv(L)
+    h = n // 2
+    A, D = _lower_inverse(L[:h, :h]), _lower_inverse(L[h:, h:])
+    out = np.zeros_like(L)
+    out[:h, :h] = A
+    out[h:, h:] = D
+    out[h:, :h] = -D @ (L[h:, :h] @ A)
+    return out
 
 
 def gptq_quantize_many(weights: Sequence[mx.array], hessians: Sequence, group_size: int, bits: int, *,
-                       damping: float = DAMPING, block: int = BLOCK, progress: bool = False) -> list:
+                       damping: float = DAMPING, block: int = BLOCK, batch_bytes: int | None = None,
+                       progress: bool = False) -> list:
     """:func:`gptq_quantize` of each ``(weights[i], hessians[i])``, in order. Weights of one shape
-    and dtype are walked together (up to :data:`BATCH_BYTES` at a time): every MLX operation of the
-    column walk then covers all of them, and on small layers, where the walk is bound by the cost
-    of an operation rather than its arithmetic, that cost is paid once for the batch. Each weight's
-    result is what it gets alone. ``progress`` shows a bar over the weights."""
+    and dtype are walked together, in batches of at most ``batch_bytes`` (default: the default
+    device's :data:`BATCH_BYTES`): every MLX operation of the column walk then covers the batch, and
+    where the walk is bound by the cost of an operation rather than its arithmetic, that cost is paid
+    once for the batch. Each weight's result is what it gets alone. ``progress`` shows a bar over
+    the weights."""
     if len(weights) != len(hessians):
         raise ValueError(f"got {len(weights)} weights and {len(hessians)} hessians.")
     batches: dict[tuple, list[int]] = {}
-    for i, w in enumerate(weights):
+    for i, (w, h) in enumerate(zip(weights, hessians)):
+        if np.shape(h) != (w.shape[-1],) * 2:
+            raise ValueError(f"hessian must be a finite ({w.shape[-1]}, {w.shape[-1]}) array for a weight of shape "
+                             f"{tuple(w.shape)}, got shape {np.shape(h)}.")
         batches.setdefault((tuple(w.shape), w.dtype), []).append(i)
     out = [None] * len(weights)
     bar = tqdm(total=len(weights), desc="gptq", unit="layer", leave=False, disable=not progress)
     for (shape, _), members in batches.items():
         N, K = shape
         per_weight = 4 * (3 * N * K + K * K)
-        size = max(1, BATCH_BYTES // per_weight)
+        limit = BATCH_BYTES[mx.default_device().type] if batch_bytes is None else batch_bytes
+        size = max(1, limit // per_weight)
         for start in range(0, len(members), size):
             chosen = members[start:start + size]
             results = _walk([weights[i] for i in chosen], [hessians[i] for i in chosen], group_size, bits,
@@ -253,7 +281,7 @@ def _walk(weights, hessians, group_size, bits, damping, block):
     P = len(weights)
     N, K = weights[0].shape
     dtype = weights[0].dtype
-    U = mx.array(np.stack([_error_weights(h, K, damping) for h in hessians]))  # (P, K, K)
+    U = mx.array(np.stack([error_weights(h, damping) for h in hessians]))  # (P, K, K)
     fit = _column_fitter(bits, dtype)
     bands = N // group_size
     rest = mx.stack([w.astype(mx.float32) for w in weights])  # the columns not quantized yet, as updated
@@ -281,5 +309,5 @@ def _walk(weights, hessians, group_size, bits, damping, block):
     return [(codes[p], scales[p], biases[p]) for p in range(P)]
 
 
-__all__ = ["input_hessians", "gptq_quantize", "gptq_quantize_many", "check_hessians"]
+__all__ = ["input_hessians", "gptq_quantize", "gptq_quantize_many", "check_hessians", "error_weights"]
 

@@ -77,7 +77,7 @@ def same(a, b):
 def test_weights_walked_together_get_what_each_gets_alone(batch_bytes, monkeypatch):
     # Two shapes and two dtypes, interleaved, with different statistics: each result equals its
     # weight's own quantization bit for bit, in order, whether the weights share a walk or not.
-    monkeypatch.setattr(gptq_module, "BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(gptq_module, "BATCH_BYTES", {mx.cpu: batch_bytes, mx.gpu: batch_bytes})
     specs = [(128, 96, mx.float16), (64, 160, mx.float16), (128, 96, mx.float16), (128, 96, mx.bfloat16),
              (64, 160, mx.float16), (128, 96, mx.float16)]
     ws = [(mx.random.normal((n, k), key=mx.random.key(i)) * 0.02).astype(d) for i, (n, k, d) in enumerate(specs)]
