@@ -32,13 +32,16 @@ def sparsity_value(text: str):
 
 
 def add_quantizer_argument(parser) -> None:
-    """``--quantizer`` (:data:`spqt_mlx.layout.QUANTIZERS`) on a parser or an argument group."""
-    from .layout import DEFAULT_QUANTIZER, QUANTIZERS
+    """``--quantizer`` (:data:`spqt_mlx.layout.TOOL_QUANTIZERS`) on a parser or an argument group."""
+    from .layout import DEFAULT_QUANTIZER, TOOL_QUANTIZERS
+    from .patch.model import AUTO_GPTQ_WEIGHTS
 
-    parser.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
+    parser.add_argument("--quantizer", choices=TOOL_QUANTIZERS, default=DEFAULT_QUANTIZER,
                         help="how each group's scale and bias are chosen: minmax (as mx.quantize), search (the "
-                        "lowest squared error) or gptq (search plus GPTQ's error feedback from the calibration "
-                        f"text's input statistics; slower); default {DEFAULT_QUANTIZER}")
+                        "lowest squared error), gptq (search plus GPTQ's error feedback from the calibration "
+                        "text's input statistics; the most accurate, and slower) or auto (gptq for models of at "
+                        f"most {AUTO_GPTQ_WEIGHTS / 1e9:g}B projection weights, else search); "
+                        f"default {DEFAULT_QUANTIZER}")
 
 
 _DEFAULT = object()

@@ -48,18 +48,19 @@ def convert(
     ``model`` is anything :func:`spqt_mlx.sources.load_source` takes. ``sparsity`` is a fraction
     in [0, 1) or ``"auto"``: the largest sparsity whose perplexity on held-out calibration tokens
     rises by at most ``max_ppl_increase`` percent (:func:`spqt_mlx.calibrate.choose_sparsity`).
-    ``quantizer`` chooses each group's scale and bias (:data:`spqt_mlx.layout.QUANTIZERS`),
+    ``quantizer`` chooses each group's scale and bias (:data:`spqt_mlx.layout.TOOL_QUANTIZERS`; "auto":
+    :func:`spqt_mlx.patch.choose_quantizer`),
     ``criterion`` which input columns a sparse decode step skips (:data:`spqt_mlx.patch.CRITERIA`).
     ``progress`` shows progress bars for the long steps (writing calibration text, quantizing,
     calibrating).
     """
     from .checkpoint import save
     from .layout import check_bits_group_size, check_quantizer
-    from .patch import patch_model
+    from .patch import choose_quantizer, patch_model
 
     # Argument errors surface before any loading or calibration.
     check_bits_group_size(group_size, bits)
-    check_quantizer(quantizer)
+    check_quantizer(quantizer, tool=True)
     if sparsity != "auto" and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
         raise ValueError(f"sparsity must be in [0, 1) or 'auto', got {sparsity!r}.")
     if not max_ppl_increase >= 0:
@@ -73,6 +74,7 @@ def convert(
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it.")
     start = time.perf_counter()
     net, tokenizer, config = load_source(model, dtype=dtype, progress=progress)
+    quantizer, quantizer_choice = choose_quantizer(net, quantizer)
     bos = leading_token(tokenizer)
     tokens, described = [], "none (sparsity 0)"
     if sparsity != 0 or quantizer == "gptq":
@@ -125,6 +127,7 @@ def convert(
         "criterion": criterion,
         "calibration": described,
         "sparsity_choice": choice,
+        "quantizer_choice": quantizer_choice,
         "threshold_min": float(values.min()),
         "threshold_median": float(np.median(values)),
         "threshold_max": float(values.max()),
@@ -184,6 +187,8 @@ def run(argv=None) -> dict:
     print(f"  source        {summary['source']}")
     print(f"  zigzag layers {summary['layers']} ({summary['bits']}-bit, group size {summary['group_size']}, "
           f"{summary['quantizer']} quantizer)")
+    if summary["quantizer_choice"]:
+        print(f"  {summary['quantizer_choice']}")
     print(f"  sparsity      {summary['sparsity']:.2f} ({summary['criterion']}, {summary['method']}), calibrated on "
           f"{summary['calibration']}")
     if summary["sparsity_choice"]:

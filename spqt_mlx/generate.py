@@ -134,12 +134,15 @@ def _load_converted(path, *, return_config: bool = False, lazy: bool = False, ad
 
 def convert_and_calibrate(model, tokenizer, args) -> list[str]:
     """Patch ``model`` in memory and calibrate its thresholds for ``args.sparsity``."""
-    from .patch import patch_model, set_criterion
+    from .patch import choose_quantizer, patch_model, set_criterion
     from .patch.linear import DEFAULT_CRITERION
 
     t0 = time.perf_counter()
     hessians = tokens = None
-    if args.quantizer == "gptq":
+    quantizer, why = choose_quantizer(model, args.quantizer)
+    if why:
+        _log(why)
+    if quantizer == "gptq":
         from .gptq import input_hessians
         from .texts import calibration_tokens, leading_token
 
@@ -147,12 +150,12 @@ def convert_and_calibrate(model, tokenizer, args) -> list[str]:
                                                n_tokens=args.calibration_tokens)
         _log(f"gptq: input statistics of the float model on {described}")
         hessians = input_hessians(model, tokens, bos=leading_token(tokenizer), progress=True)
-    paths = patch_model(model, group_size=args.group_size, bits=args.bits, quantizer=args.quantizer,
+    paths = patch_model(model, group_size=args.group_size, bits=args.bits, quantizer=quantizer,
                         hessians=hessians, progress=True)
     if not paths:
         raise ValueError("--spqt: the model has no attention or MLP projections that can be patched.")
     set_criterion(model, args.criterion or DEFAULT_CRITERION)
-    _log(f"{len(paths)} projections -> {args.bits}-bit zigzag (group size {args.group_size}, {args.quantizer} "
+    _log(f"{len(paths)} projections -> {args.bits}-bit zigzag (group size {args.group_size}, {quantizer} "
          f"quantizer) in {time.perf_counter() - t0:.1f} s")
     sparsity = DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
     if sparsity != 0:

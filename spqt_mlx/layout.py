@@ -25,9 +25,11 @@ FLOAT_DTYPES = tuple(DTYPES.values())
 #             rounding error spread over the later columns by the layer's input statistics
 #             (spqt_mlx.gptq; needs calibration text).
 QUANTIZERS = ("minmax", "search", "gptq")
-# What the command-line tools use (BENCHMARKS.md measures both); the library's default stays "minmax",
-# which matches mx.quantize group for group and quantizes lazily.
-DEFAULT_QUANTIZER = "search"
+# The command-line tools also take "auto" and use it by default: "gptq" for models up to a size,
+# "search" above it (spqt_mlx.patch.choose_quantizer; BENCHMARKS.md measures all three). The
+# library's default stays "minmax", which matches mx.quantize group for group and quantizes lazily.
+TOOL_QUANTIZERS = ("auto", *QUANTIZERS)
+DEFAULT_QUANTIZER = "auto"
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,12 @@ class ZigzagWeight:
         )
 
 
-def check_quantizer(quantizer) -> None:
-    if not isinstance(quantizer, str) or quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}.")
+def check_quantizer(quantizer, tool: bool = False) -> None:
+    """A ValueError unless ``quantizer`` is one of :data:`QUANTIZERS` (with ``tool``, of
+    :data:`TOOL_QUANTIZERS`, which the command-line tools take)."""
+    known = TOOL_QUANTIZERS if tool else QUANTIZERS
+    if not isinstance(quantizer, str) or quantizer not in known:
+        raise ValueError(f"quantizer must be one of {known}, got {quantizer!r}.")
 
 
 def check_bits_group_size(group_size: int, bits: int) -> None:

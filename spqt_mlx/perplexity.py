@@ -314,7 +314,7 @@ def evaluate(
     """
     from . import checkpoint
     from .layout import check_bits_group_size, check_quantizer
-    from .patch import patch_model
+    from .patch import choose_quantizer, patch_model
 
     for m in methods:
         if m not in METHODS:
@@ -334,7 +334,7 @@ def evaluate(
         stride = max(window // 2, 1)
     if not is_spqt:
         check_bits_group_size(group_size, bits)
-        check_quantizer(quantizer)
+        check_quantizer(quantizer, tool=True)
     text = read_text(text_file)
     if is_spqt:
         if baselines:
@@ -347,6 +347,9 @@ def evaluate(
             net.set_dtype(dtype_from_name(dtype))
     else:
         net, tokenizer, _ = load_source(model, dtype=dtype)
+        quantizer, why = choose_quantizer(net, quantizer)
+        if why:
+            log(why)
     tokens = text_tokens(tokenizer, text, max_tokens)
     if len(tokens) < 2:
         raise ValueError(f"{text_file} has fewer than 2 tokens.")

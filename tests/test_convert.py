@@ -37,13 +37,15 @@ def test_convert_with_calibration_text(tiny_model_dir, tmp_path, text_file, caps
                             "--calibration-text", str(text_file), "--calibration-tokens", "48",
                             "--json", str(tmp_path / "summary.json")])
     printed = capsys.readouterr().out
-    assert f"Saved {out}" in printed and "zigzag layers 14 (4-bit, group size 64, search quantizer)" in printed
+    # The default quantizer, auto, takes gptq for a model this small and says why.
+    assert f"Saved {out}" in printed and "zigzag layers 14 (4-bit, group size 64, gptq quantizer)" in printed
+    assert "quantizer auto -> gptq: the projections hold" in printed
     assert summary["layers"] == 14 and summary["calibration"] == "48 tokens of calibration.txt"
     assert json.loads((tmp_path / "summary.json").read_text())["out"] == str(out)
     model, tokenizer = checkpoint.load(out)
     spqt = json.loads((out / "config.json").read_text())["spqt"]
     assert (spqt["sparsity"], spqt["method"], spqt["source"]) == (0.5, "uniform", str(tiny_model_dir))
-    assert spqt["quantizer"] == summary["quantizer"] == "search"
+    assert spqt["quantizer"] == summary["quantizer"] == "gptq"
     assert spqt["criterion"] == summary["criterion"] == DEFAULT_CRITERION
     assert spqt["thresholds"] == get_thresholds(model) and min(spqt["thresholds"].values()) > 0
     # the saved thresholds skip about half of every projection's inputs on the calibration text

@@ -124,9 +124,11 @@ def test_runs_without_spqt_are_unchanged(model_dir, capsys):
 def test_zero_sparsity_generates_what_the_dense_patched_model_does(model_dir, capsys):
     from spqt_mlx.patch import patch_model
 
-    main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0", "--bits", "8", "--group-size", "32"])
+    main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0", "--bits", "8", "--group-size", "32",
+          "--quantizer", "search"])
     out = capsys.readouterr()
     assert "8-bit zigzag (group size 32, search quantizer)" in out.err and "calibrating" not in out.err
+    assert "quantizer auto" not in out.err
     assert "all thresholds 0: no sparse steps" in out.out
     model, tokenizer = mlx_lm.load(str(model_dir))
     patch_model(model, group_size=32, bits=8, quantizer="search")
@@ -167,9 +169,10 @@ def test_gptq_and_thresholds_share_one_calibration_text(model_dir, capsys, monke
         return drawn[-1]
 
     monkeypatch.setattr(texts, "calibration_tokens", counted)
-    main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0.4", "--quantizer", "gptq",
-          "--calibration-tokens", "64"])
+    # The default quantizer, auto, takes gptq for a model this small.
+    main(["--model", str(model_dir), *COMMON, "--spqt", "--sparsity", "0.4", "--calibration-tokens", "64"])
     out = capsys.readouterr()
+    assert "quantizer auto -> gptq: the projections hold" in out.err and "gptq quantizer)" in out.err
     assert len(drawn) == 1 and "self-generated text" in out.err  # written once, by the float model
     assert SPARSITY_LINE.search(out.out)
 

@@ -14,6 +14,7 @@ from spqt_mlx import ops as spqt_ops
 from spqt_mlx.patch import (
     ZigzagLinear,
     achieved_sparsity,
+    choose_quantizer,
     get_thresholds,
     patch_model,
     record_stats,
@@ -217,6 +218,30 @@ def test_search_quantizer_patches_with_lower_error():
     np.testing.assert_allclose(searched(tokens), dequantized_reference(searched)(tokens), rtol=1e-4, atol=1e-4)
     exact = tiny_llama()(tokens)
     assert mx.mean(mx.square(searched(tokens) - exact)).item() < mx.mean(mx.square(model(tokens) - exact)).item()
+
+
+def test_auto_quantizer_is_gptq_up_to_a_model_size(monkeypatch):
+    import spqt_mlx.patch.model as model_module
+    from mlx_lm.models import llama
+
+    small = tiny_llama()
+    chosen, why = choose_quantizer(small, "auto")
+    assert chosen == "gptq" and why.startswith("quantizer auto -> gptq: the projections hold")
+    # Counted from the shapes of the projections alone: a Llama-3-8B shape (never evaluated) is over the limit.
+    args = llama.ModelArgs(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                           num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256)
+    chosen, why = choose_quantizer(llama.Model(args), "auto")
+    assert chosen == "search" and "6,979,321,856 weights, more than" in why
+    # The limit decides; patched projections count by their own dimensions.
+    counted = int(why.split(" hold ")[1].split(" weights")[0].replace(",", ""))
+    monkeypatch.setattr(model_module, "AUTO_GPTQ_WEIGHTS", counted)
+    assert choose_quantizer(llama.Model(args), "auto")[0] == "gptq"
+    patch_model(small)
+    assert choose_quantizer(small, "auto") == choose_quantizer(tiny_llama(), "auto")
+    for named in ("minmax", "search", "gptq"):
+        assert choose_quantizer(small, named) == (named, None)
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+        choose_quantizer(small, "nearest")
 
 
 def test_stats_count_active_columns():

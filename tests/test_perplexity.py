@@ -131,7 +131,8 @@ def test_cli_with_baselines_and_methods(tiny_model_dir, tmp_path, text_file, cap
     printed = capsys.readouterr().out
     assert "Protocol: non-overlapping windows of 16 tokens" in printed
     rows = [(r["model"], r["criterion"], r["method"], r["target_sparsity"]) for r in results["rows"]]
-    spqt = "spqt 4-bit g64 search"
+    assert "quantizer auto -> gptq" in printed  # the default, for a model this small
+    spqt = "spqt 4-bit g64 gptq"
     assert rows == [("float", "-", "-", None), ("mlx 4-bit g64", "-", "-", None), (spqt, "-", "-", 0.0),
                     (spqt, "teal", "uniform", 0.5), (spqt, "teal", "greedy", 0.5),
                     (spqt, "wina", "uniform", 0.5), (spqt, "wina", "greedy", 0.5)]
@@ -176,7 +177,7 @@ def test_cli_on_a_saved_checkpoint(tiny_model_dir, tmp_path, text_file, capsys):
                                "--window", "16", "--stride", "8", "--max-tokens", "24"])
     assert "sliding windows of 16 tokens, stride 8" in capsys.readouterr().out
     [row] = results["rows"]
-    assert (row["model"], row["method"], row["target_sparsity"], row["tokens"]) == ("spqt 4-bit g64 search (saved)", "uniform", 0.3, 23)
+    assert (row["model"], row["method"], row["target_sparsity"], row["tokens"]) == ("spqt 4-bit g64 gptq (saved)", "uniform", 0.3, 23)
     model, tokenizer = checkpoint.load(out)
     tokens = tokenizer.encode(TEXT, add_special_tokens=False)[:24]
     expected = perplexity.perplexity(model, tokens, window=16, protocol="sliding", stride=8)

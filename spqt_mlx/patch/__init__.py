@@ -6,6 +6,7 @@ from .fused import fuse_shared_inputs, shared_input_groups
 from .linear import CRITERIA, ZigzagLinear
 from .model import (
     achieved_sparsity,
+    choose_quantizer,
     get_criterion,
     get_thresholds,
     is_projection,
@@ -24,6 +25,7 @@ __all__ = [
     "ZigzagLinear",
     "ZigzagSwitchLinear",
     "achieved_sparsity",
+    "choose_quantizer",
     "fuse_blocks",
     "fuse_shared_inputs",
     "get_criterion",

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 from tqdm.auto import tqdm
 
-from ..layout import check_bits_group_size, check_quantizer, zigzag_quantize_many
+from ..layout import QUANTIZERS, check_bits_group_size, check_quantizer, zigzag_quantize_many
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
 
 from .experts import ZigzagSwitchLinear, fuse_experts
@@ -108,6 +108,32 @@ def projections(model: nn.Module) -> list[str]:
         return found
     return [p for p, m in leaves if (isinstance(m, (*_LINEAR_TYPES, ZigzagLinear)) and not _own_forward(m)
             or isinstance(m, (*_expert_types(), ZigzagSwitchLinear))) and p.split(".")[-1] != "lm_head"]
+
+
+# The "auto" quantizer takes "gptq" for models whose projections hold at most this many weights and
+# "search" for larger ones. GPTQ measured the lowest perplexity (SmolLM2-135M at sparsity 0: 8.6 % below
+# MLX's 4-bit model, "search" 0.3 % above) and keeps the quick start's text fluent, but it factors each
+# layer's input statistics and walks every input column: on an H200 a Llama-3-8B shape would take about
+# 21 minutes against 5 for "search" (from its layers' times), a 1B model 2-3 (BENCHMARKS.md).
+AUTO_GPTQ_WEIGHTS = 1_500_000_000
+
+
+def choose_quantizer(model: nn.Module, quantizer: str = "auto") -> tuple[str, str | None]:
+    """``(quantizer, why)``: a quantizer of :data:`spqt_mlx.layout.QUANTIZERS` given as itself
+    (``why`` None); for ``"auto"``, ``"gptq"`` where the projections :func:`patch_model` replaces
+    (MoE experts aside, which GPTQ leaves to "search") hold at most :data:`AUTO_GPTQ_WEIGHTS`
+    weights, else ``"search"``, and the reason in a sentence."""
+    check_quantizer(quantizer, tool=True)
+    if quantizer in QUANTIZERS:
+        return quantizer, None
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    layers = [modules[p] for p in projections(model)]
+    weights = sum((m.input_dims if isinstance(m, ZigzagLinear) else _input_dims(m)) * _output_dims(m)
+                  for m in layers if not isinstance(m, (*_expert_types(), ZigzagSwitchLinear)))
+    chosen = "gptq" if weights <= AUTO_GPTQ_WEIGHTS else "search"
+    return chosen, (f"quantizer auto -> {chosen}: the projections hold {weights:,} weights, "
+                    f"{'at most' if chosen == 'gptq' else 'more than'} {AUTO_GPTQ_WEIGHTS:,}"
+                    + ("" if chosen == "gptq" else " (gptq would take long; --quantizer gptq forces it)"))
 
 
 def _check_model(model) -> None:
