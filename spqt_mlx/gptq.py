@@ -128,10 +128,11 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     layers = {p: m for p, m in layers.items() if not isinstance(m, _expert_types())}
     if not layers:
         raise ValueError("the model has no projections to collect input statistics for.")
-    cells = {}
+    cells, siblings = {}, {}
     for group in shared_input_groups(list(layers)):
         cell = {"siblings": len(group), "x": None, "xtx": None, "rows": 0, "left": 0}
         cells.update((p, cell) for p in group)
+        siblings.update((p, group) for p in group)
     on_cpu = _use_numpy()
     moments = {p: _Moments(_input_dims(m), on_cpu, cells.get(p)) for p, m in layers.items()}
     # The statistics are complete after the last block where every projection is inside one: the
@@ -159,7 +160,14 @@ def input_hessians(model: nn.Module, tokens, *, paths: Sequence[str] | None = No
     unreached = [p for p, m in moments.items() if m.rows == 0]
     if unreached:
         raise ValueError(f"no calibration input reached {unreached[0]}: its statistics cannot be collected.")
-    return {p: m.hessian() for p, m in moments.items()}
+    # Siblings that read one input (q/k/v, gate/up) summed the same products: they get one array, so
+    # that the sums are held once and GPTQ factors it once (gptq_quantize_many).
+    hessians = {}
+    for p, m in moments.items():
+        h = m.hessian()
+        hessians[p] = next((hessians[s] for s in siblings.get(p, ()) if s in hessians and np.array_equal(hessians[s], h)),
+                           h)
+    return hessians
 
 
 def check_hessians(hessians, paths: Sequence[str], dims: Mapping[str, int]) -> None:
@@ -252,6 +260,9 @@ def gptq_quantize_many(weights: Sequence[mx.array], hessians: Sequence, group_si
     the weights."""
     if len(weights) != len(hessians):
         raise ValueError(f"got {len(weights)} weights and {len(hessians)} hessians.")
+    if batch_bytes is not None and (isinstance(batch_bytes, bool) or not isinstance(batch_bytes, int)
+                                    or batch_bytes < 1):
+        raise ValueError(f"batch_bytes must be a positive integer, got {batch_bytes!r}.")
     batches: dict[tuple, list[int]] = {}
     for i, (w, h) in enumerate(zip(weights, hessians)):
         if np.shape(h) != (w.shape[-1],) * 2:
@@ -281,7 +292,12 @@ def _walk(weights, hessians, group_size, bits, damping, block):
     P = len(weights)
     N, K = weights[0].shape
     dtype = weights[0].dtype
-    U = mx.array(np.stack([error_weights(h, damping) for h in hessians]))  # (P, K, K)
+    factors = {}  # one factorization per H: siblings of one input share theirs (input_hessians)
+    for h in hessians:
+        if id(h) not in factors:
+            factors[id(h)] = error_weights(h, damping)
+    U = mx.array(np.stack([factors[id(h)] for h in hessians]))  # (P, K, K)
+    del factors
     fit = _column_fitter(bits, dtype)
     bands = N // group_size
     rest = mx.stack([w.astype(mx.float32) for w in weights])  # the columns not quantized yet, as updated

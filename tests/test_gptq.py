@@ -8,7 +8,7 @@ from lm_fixtures import tiny_llama
 
 from spqt_mlx import gptq as gptq_module
 from spqt_mlx import zigzag_dequantize, zigzag_quantize
-from spqt_mlx.gptq import input_hessians
+from spqt_mlx.gptq import DAMPING, error_weights, gptq_quantize_many, input_hessians
 from spqt_mlx.layout import zigzag_quantize_many
 from spqt_mlx.patch import ZigzagLinear, patch_model, zigzag_layers
 
@@ -89,6 +89,41 @@ def test_weights_walked_together_get_what_each_gets_alone(batch_bytes, monkeypat
     assert len(together) == len(ws) and all(same(a, b) for a, b in zip(together, alone))
 
 
+def test_error_weights_factor_the_damped_inverse():
+    K = 300  # more than one level of the triangular inverse's halves
+    X = correlated_inputs(K)
+    X[:, 7] = 0
+    H = X.T @ X / len(X)
+    U = error_weights(H)
+    D = np.array(H, dtype=np.float64)
+    D[7, :] = D[:, 7] = 0
+    D[7, 7] = 1
+    D[np.diag_indices(K)] += DAMPING * np.mean(np.diag(D))
+    expected = np.linalg.cholesky(np.linalg.inv(D)).T
+    assert U.dtype == np.float32 and np.allclose(np.triu(U), U)
+    np.testing.assert_allclose(U, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    for bad in (np.ones((3, 4)), np.full((3, 3), np.nan), np.ones(3)):
+        with pytest.raises(ValueError, match="hessian must be a finite square array"):
+            error_weights(bad)
+
+
+def test_one_factorization_per_shared_hessian(monkeypatch):
+    calls = []
+    original = gptq_module.error_weights
+    monkeypatch.setattr(gptq_module, "error_weights", lambda h, d: calls.append(id(h)) or original(h, d))
+    X = correlated_inputs(96)
+    H, G = X.T @ X / len(X), X[:, ::-1].T @ X[:, ::-1] / len(X)
+    ws = [mx.random.normal((64, 96), key=mx.random.key(i)) * 0.02 for i in range(3)]
+    shared = gptq_quantize_many(ws, [H, H, G], 64, 4)
+    assert sorted(calls) == sorted([id(H), id(G)])
+    alone = gptq_quantize_many(ws, [H.copy(), H.copy(), G], 64, 4)
+    for a, b in zip(shared, alone):
+        assert np.array_equal(a[0], b[0]) and mx.array_equal(a[1], b[1]).item()
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="batch_bytes must be a positive integer"):
+            gptq_quantize_many(ws, [H, H, G], 64, 4, batch_bytes=bad)
+
+
 def test_quantize_many_checks_every_weight():
     w = mx.random.normal((64, 32), key=mx.random.key(0))
     h = np.eye(32)
@@ -122,6 +157,7 @@ def test_input_hessians_of_a_model():
     q, k, o = (H[f"model.layers.0.self_attn.{n}_proj"] for n in "qko")
     assert q.shape == (128, 128) and H["model.layers.1.mlp.down_proj"].shape == (256, 256)
     assert np.array_equal(q, k)  # siblings read one input
+    assert q is k and H["model.layers.0.mlp.gate_proj"] is H["model.layers.0.mlp.up_proj"]  # held once
     assert not np.allclose(q, o)
     assert np.allclose(q, q.T) and np.linalg.eigvalsh(q).min() > -1e-6
     assert all(type(m).__name__ != "_Tap" for _, m in model.named_modules())  # the model is restored

@@ -128,8 +128,8 @@ def choose_quantizer(model: nn.Module, quantizer: str = "auto") -> tuple[str, st
         return quantizer, None
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     layers = [modules[p] for p in projections(model)]
-    weights = sum((m.input_dims if isinstance(m, ZigzagLinear) else _input_dims(m)) * _output_dims(m)
-                  for m in layers if not isinstance(m, (*_expert_types(), ZigzagSwitchLinear)))
+    weights = sum(_input_dims(m) * _output_dims(m) for m in layers
+                  if not isinstance(m, (*_expert_types(), ZigzagSwitchLinear)))
     chosen = "gptq" if weights <= AUTO_GPTQ_WEIGHTS else "search"
     return chosen, (f"quantizer auto -> {chosen}: the projections hold {weights:,} weights, "
                     f"{'at most' if chosen == 'gptq' else 'more than'} {AUTO_GPTQ_WEIGHTS:,}"
@@ -149,7 +149,9 @@ def _output_dims(module: nn.Module) -> int:
     return module.weight.shape[0]
 
 
-def _input_dims(module: nn.Linear | nn.QuantizedLinear) -> int:
+def _input_dims(module: nn.Linear | nn.QuantizedLinear | ZigzagLinear) -> int:
+    if isinstance(module, ZigzagLinear):
+        return module.input_dims
     if isinstance(module, nn.QuantizedLinear):
         return module.weight.shape[1] * 32 // module.bits
     return module.weight.shape[1]
