@@ -365,6 +365,33 @@ def test_fused_blocks_save_and_load_the_same_parameters(tmp_path):
     np.testing.assert_allclose(fixed_decode(loaded), fixed_decode(model), rtol=1e-5, atol=1e-5)
 
 
+def test_weights_replaced_after_fused_steps_are_used(monkeypatch):
+    # A block keeps what its fused step runs from one token to the next; new weights, a new dtype
+    # or fused blocks turned off and on between tokens must be seen at the next token.
+    from mlx.utils import tree_flatten
+
+    source = tiny("llama", seed=9)
+    patch_model(source, group_size=32, bits=4, thresholds=0.3)
+    model = tiny("llama")
+    patch_model(model, group_size=32, bits=4, thresholds=0.3)
+    runs = count_fused_steps(monkeypatch)
+    first = fixed_decode(model)
+    model.load_weights(list(tree_flatten(source.parameters())))
+    set_thresholds(model, 0.3)
+    replaced = fixed_decode(model)
+    assert len(runs) == 16  # both decodes fused
+    assert not np.allclose(replaced, first, atol=1e-2)
+    np.testing.assert_allclose(replaced, fixed_decode(source), rtol=1e-5, atol=1e-5)
+    fuse_blocks(model, enabled=False)
+    np.testing.assert_allclose(fixed_decode(model), replaced, rtol=1e-4, atol=1e-4)
+    fuse_blocks(model)
+    model.set_dtype(mx.float16)
+    half = fixed_decode(model)
+    assert len(runs) == 16 + 8 + 8  # source's decode fused too, then the float16 one
+    fuse_blocks(model, enabled=False)
+    np.testing.assert_allclose(half, fixed_decode(model), rtol=2e-2, atol=2e-2)
+
+
 def test_lora_over_fused_blocks_trains():
     from mlx_lm.tuner.utils import linear_to_lora_layers
 

@@ -26,6 +26,8 @@ forward, and with it the per-projection path.
 
 from __future__ import annotations
 
+from operator import is_
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
@@ -94,7 +96,7 @@ class _Plan:
     forward."""
 
     __slots__ = ("attn", "norms", "checks", "layers", "kinds", "group", "qkv", "o", "gate_up", "down", "qk_norms",
-                 "heads")
+                 "heads", "_seen", "_arrays", "_dtype")
 
     def __init__(self, block: nn.Module):
         attn, mlp = block["self_attn"], block["mlp"]
@@ -116,9 +118,25 @@ class _Plan:
         self.qk_norms = (attn["q_norm"], attn["k_norm"]) if "q_norm" in attn else None
         head_dim = sum(m.output_dims for m in qkv) // (attn.n_heads + 2 * attn.n_kv_heads)
         self.heads = (attn.n_heads, attn.n_kv_heads, head_dim)
+        self._seen = self._arrays = self._dtype = None
 
     def ready(self, block, dtype) -> tuple | None:
-        """The arrays of the four products if the fused step can run now, else None."""
+        """The arrays of the four products if the fused step can run now, else None.
+
+        Decode asks this once per block and token, so the answer is kept with a snapshot of every
+        object it was derived from (modules, parameters, flags, stacks), compared by identity in
+        one pass of C-level iteration. Anything replaced since sends it through the full check."""
+        if not (self._seen and all(map(is_, map(dict.get, self._seen[0], self._seen[1]), self._seen[2]))
+                and tuple(map(type, self.layers)) == self.kinds):
+            self._arrays = self._check()
+        arrays = self._arrays
+        if arrays is None or self._dtype != dtype:
+            return None  # unstackable, or a mixed-dtype call: the projections promote, per projection
+        return arrays
+
+    def _check(self) -> tuple | None:
+        """The full check behind :meth:`ready`; it records the snapshot the next calls compare."""
+        self._seen = None
         for parent, key, module in self.checks:
             if parent.get(key) is not module:
                 return None
@@ -130,8 +148,23 @@ class _Plan:
         if (attn.n_heads, attn.n_kv_heads) != self.heads[:2]:
             return None  # sharded in place: the heads were divided
         arrays = (self.qkv.arrays(), self.o.arrays(), self.gate_up.arrays(), self.down.arrays())
-        if None in arrays or any(a[1].dtype != dtype for a in arrays):
-            return None  # unstackable, or a mixed-dtype call: the projections promote, per projection
+        if None in arrays:
+            return None
+        dtypes = {a[1].dtype for a in arrays}
+        if len(dtypes) > 1:
+            arrays = None  # mixed: whatever x is, some projection promotes it
+        else:
+            self._dtype = dtypes.pop()
+        seen = [*self.checks, (attn.__dict__, "n_heads", attn.n_heads), (attn.__dict__, "n_kv_heads", attn.n_kv_heads)]
+        for m in self.layers:
+            seen += [(m, k, m[k]) for k in ("weight", "scales", "biases")]
+            seen += [(m.__dict__, k, m.__dict__.get(k)) for k in ("_stats_on", "_shared")]
+        for stack in (self.qkv, self.gate_up):
+            group = stack.layers[0]._shared
+            if len(stack.layers) > 1 and group is not None:
+                d = group.__dict__
+                seen += [(d, k, d.get(k)) for k in ("enabled", "_threshold_owner", "weight", "scales", "biases")]
+        self._seen = tuple(zip(*seen))
         return arrays
 
     def run(self, block, x, mask, cache, arrays):
@@ -146,23 +179,22 @@ class _Plan:
             qkv = qkv + self.qkv.bias()
         # One reshape and transpose for all heads, then views of q, k and v (mlx-lm splits first).
         heads = qkv.reshape(B, 1, -1, head_dim)
+        rope = attn["rope"]
+        offset = cache.offset if cache is not None else 0
         if self.qk_norms is None:
             heads = heads.transpose(0, 2, 1, 3)
-            queries = heads[:, :n_heads]
-            keys = heads[:, n_heads:n_heads + n_kv_heads]
+            # The q and k heads are adjacent, and the rotation is per head at one offset: one
+            # rotary kernel for both (a kernel less per block; decode is bound by kernels per token).
+            rotated = rope(heads[:, :n_heads + n_kv_heads], offset=offset)
+            queries, keys = rotated[:, :n_heads], rotated[:, n_heads:]
             values = heads[:, n_heads + n_kv_heads:]
         else:
             q_norm, k_norm = self.qk_norms
-            queries = q_norm(heads[:, :, :n_heads]).transpose(0, 2, 1, 3)
-            keys = k_norm(heads[:, :, n_heads:n_heads + n_kv_heads]).transpose(0, 2, 1, 3)
+            queries = rope(q_norm(heads[:, :, :n_heads]).transpose(0, 2, 1, 3), offset=offset)
+            keys = rope(k_norm(heads[:, :, n_heads:n_heads + n_kv_heads]).transpose(0, 2, 1, 3), offset=offset)
             values = heads[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3)
-        rope = attn["rope"]
         if cache is not None:
-            queries = rope(queries, offset=cache.offset)
-            keys = rope(keys, offset=cache.offset)
             keys, values = cache.update_and_fetch(keys, values)
-        else:
-            queries, keys = rope(queries), rope(keys)
         out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
         # (B, heads, 1, head_dim) to (B, 1, heads * head_dim): with one position the transpose
         # mlx-lm does first changes no element's place.
