@@ -106,11 +106,12 @@ def random_model(size):
     return model
 
 
-def decode_speed(model, prompt, tokens, repeats=3, baseline=None):
+def decode_speed(model, prompt, tokens, repeats=3, baseline=None, record=None):
     """Median (prefill tokens/s, decode tokens/s) of `repeats` greedy generations, after a warm-up
     one. Decode is host-bound, so single runs vary by tens of percent, and the host's speed drifts
     over minutes: with ``baseline`` (another model) each generation is followed by one of the
-    baseline's, and its median (prefill, decode) tokens/s come back too, from the same minutes."""
+    baseline's, and its median (prefill, decode) tokens/s come back too, from the same minutes.
+    ``record`` (a dict) gets each generation's decode tokens/s, in order."""
     def run(m):
         times = []
         t0 = time.perf_counter()
@@ -130,6 +131,9 @@ def decode_speed(model, prompt, tokens, repeats=3, baseline=None):
     for _ in range(repeats):
         for i, m in enumerate(models):
             runs[i].append(run(m))
+    if record is not None:
+        for key, model_runs in zip(("decode_tps_runs", "baseline_decode_tps_runs"), runs):
+            record[key] = [(len(times) - 1) / (times[-1] - times[0]) for _, times in model_runs]
     out = medians(runs[0])
     return out if baseline is None else (*out, *medians(runs[1]))
 
@@ -188,6 +192,7 @@ def main(argv=None):
     p.add_argument("--plot", help="with --markdown: also plot them into this PNG")
     p.add_argument("--sizes", nargs="+", default=["8b", "1b"], choices=[*SIZES, "smollm2"])
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="generations per variant (the median is reported)")
     p.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
     p.add_argument("--unstacked", type=float, nargs="*", default=UNSTACKED,
                    help="sparsities also measured with every projection run alone")
@@ -222,7 +227,7 @@ def main(argv=None):
         if interleave:
             baseline = model
         else:
-            pre, dec = decode_speed(model, prompt, args.tokens)
+            pre, dec = decode_speed(model, prompt, args.tokens, args.repeats)
             rows.append(dict(size=size, label=LABELS[size], model=BASELINE, sparsity=0.0,
                              prefill_tps=pre, decode_tps=dec, achieved=0.0))
             print(rows[-1], flush=True)
@@ -250,11 +255,12 @@ def main(argv=None):
                 row = dict(size=size, label=LABELS[size], model="zigzag 4-bit" + ("" if mode == "fused" else f" ({mode})"),
                            sparsity=s, achieved=got[0] if got else 0.0)
                 if interleave:
-                    pre, dec, base_pre, base_dec = decode_speed(model, prompt, args.tokens, baseline=baseline)
+                    pre, dec, base_pre, base_dec = decode_speed(model, prompt, args.tokens, args.repeats,
+                                                                baseline=baseline, record=row)
                     row.update(baseline_prefill_tps=base_pre, baseline_decode_tps=base_dec)
                     base_runs.append((base_pre, base_dec))
                 else:
-                    pre, dec = decode_speed(model, prompt, args.tokens)
+                    pre, dec = decode_speed(model, prompt, args.tokens, args.repeats, record=row)
                 rows.append(dict(row, prefill_tps=pre, decode_tps=dec))
                 print(rows[-1], flush=True)
         if interleave:
