@@ -409,12 +409,20 @@ def test_lora_over_fused_blocks_trains():
     fixed_decode(model)  # decodes through the adapters: the blocks' own forward
 
 
-def test_deepcopy_and_refusing_non_models():
+def test_deepcopy_and_refusing_non_models(monkeypatch):
     model = tiny("llama")
     patch_model(model, group_size=32, bits=4)
     clone = copy.deepcopy(model)
     assert all(is_fused(b) for b in clone.layers)
-    np.testing.assert_allclose(fixed_decode(clone), fixed_decode(model), rtol=1e-6, atol=1e-6)
+    expected = fixed_decode(model)
+    np.testing.assert_allclose(fixed_decode(clone), expected, rtol=1e-6, atol=1e-6)
+    # A copy made after fused steps (mlx-lm's tests copy models that have decoded) runs its own modules.
+    runs = count_fused_steps(monkeypatch)
+    later = copy.deepcopy(model)
+    later.layers[0].mlp.down_proj = nn.Linear(256, 128, bias=False)
+    np.testing.assert_allclose(fixed_decode(model), expected, rtol=1e-6, atol=1e-6)
+    fixed_decode(later)
+    assert len(runs) == 8 + 4  # the original fused at both blocks, the copy at its block 1 only
     with pytest.raises(TypeError, match="mlx.nn.Module"):
         fuse_blocks([model])
     with pytest.raises(TypeError, match="enabled must be a bool"):

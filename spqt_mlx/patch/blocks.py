@@ -96,7 +96,7 @@ class _Plan:
     forward."""
 
     __slots__ = ("attn", "norms", "checks", "layers", "kinds", "group", "qkv", "o", "gate_up", "down", "qk_norms",
-                 "heads", "_seen", "_arrays", "_dtype")
+                 "heads", "_seen", "_arrays")
 
     def __init__(self, block: nn.Module):
         attn, mlp = block["self_attn"], block["mlp"]
@@ -118,7 +118,12 @@ class _Plan:
         self.qk_norms = (attn["q_norm"], attn["k_norm"]) if "q_norm" in attn else None
         head_dim = sum(m.output_dims for m in qkv) // (attn.n_heads + 2 * attn.n_kv_heads)
         self.heads = (attn.n_heads, attn.n_kv_heads, head_dim)
-        self._seen = self._arrays = self._dtype = None
+        self._seen = self._arrays = None
+
+    def __getstate__(self):
+        # A copy (deepcopy of the model) has its own modules: it starts without the readiness cache.
+        return None, {k: getattr(self, k) for k in self.__slots__ if k not in ("_seen", "_arrays")} | dict(
+            _seen=None, _arrays=None)
 
     def ready(self, block, dtype) -> tuple | None:
         """The arrays of the four products if the fused step can run now, else None.
@@ -130,7 +135,7 @@ class _Plan:
                 and tuple(map(type, self.layers)) == self.kinds):
             self._arrays = self._check()
         arrays = self._arrays
-        if arrays is None or self._dtype != dtype:
+        if arrays is None or arrays[0][1].dtype != dtype:
             return None  # unstackable, or a mixed-dtype call: the projections promote, per projection
         return arrays
 
@@ -153,8 +158,6 @@ class _Plan:
         dtypes = {a[1].dtype for a in arrays}
         if len(dtypes) > 1:
             arrays = None  # mixed: whatever x is, some projection promotes it
-        else:
-            self._dtype = dtypes.pop()
         seen = [*self.checks, (attn.__dict__, "n_heads", attn.n_heads), (attn.__dict__, "n_kv_heads", attn.n_kv_heads)]
         for m in self.layers:
             seen += [(m, k, m[k]) for k in ("weight", "scales", "biases")]
