@@ -1,5 +1,6 @@
-"""Why decode speed varies between generations: per-step times of mlx-lm's 4-bit model and ours,
-generation by generation, with what each generation did on the host (issue 12).
+"""Why decode speed varies between generations: both models' step times, generation by generation.
+
+Per-step times of mlx-lm's 4-bit model and ours, with what each generation did on the host (issue 12).
 
     python benchmarks/decode_variance.py --size 8b --sparsity 0.5 --json decode_variance.json \\
         [--driver-calls driver_calls.so] [--config "graphs off" MLX_USE_CUDA_GRAPHS=0 ...]
